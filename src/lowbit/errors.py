@@ -1,0 +1,13 @@
+"""Errors lowbit raises for bad input: one clear line naming the thing at fault."""
+
+
+class LowbitError(Exception):
+    """Base of every user-facing error. The CLI prints ``error: <message>`` and exits 2."""
+
+
+class SchemeError(LowbitError, ValueError):
+    """A scheme string or dict that cannot be parsed."""
+
+
+class CheckpointError(LowbitError):
+    """A lowbit checkpoint that is missing, truncated, tampered with or of an unknown version."""

@@ -1,0 +1,1 @@
+"""Layer 5: loading models, the lowbit checkpoint, exporters."""

@@ -1,0 +1,76 @@
+"""The method registry and the types every method shares."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lowbit.core.qtensor import QTensor
+from lowbit.core.scheme import Scheme
+from lowbit.errors import SchemeError
+
+
+@dataclass
+class LayerStats:
+    """What calibration saw at one layer's input (all optional: data-free methods need none).
+
+    ``xtx`` — X^T X summed over tokens ``(in, in)`` (float64/float32), ``sq_mean`` — E[x²] per input
+    channel ``(in,)``, ``absmax`` — max |x| per input channel ``(in,)``, ``tokens`` — how many rows of X.
+    """
+
+    xtx: torch.Tensor | None = None
+    sq_mean: torch.Tensor | None = None
+    absmax: torch.Tensor | None = None
+    tokens: int = 0
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Options shared by methods; each method reads the ones it knows."""
+
+    observer: str = "minmax"
+    importance: bool = False  # weight the rounding error per input channel by E[x²]
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"observer": self.observer, "importance": self.importance, "options": dict(self.options)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MethodConfig:
+        return cls(d.get("observer", "minmax"), bool(d.get("importance", False)), dict(d.get("options", {})))
+
+
+@dataclass
+class QuantResult:
+    qtensor: QTensor
+    loss: float | None = None  # the method's own reconstruction loss, where it has one
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+Method = Callable[[torch.Tensor, LayerStats, Scheme, MethodConfig], QuantResult]
+_METHODS: dict[str, Method] = {}
+NEEDS_DATA: set[str] = set()
+
+
+def register_method(name: str, needs_data: bool = False) -> Callable[[Method], Method]:
+    def deco(fn: Method) -> Method:
+        _METHODS[name] = fn
+        if needs_data:
+            NEEDS_DATA.add(name)
+        return fn
+
+    return deco
+
+
+def get_method(name: str) -> Method:
+    try:
+        return _METHODS[name]
+    except KeyError:
+        raise SchemeError(f"unknown method {name!r} (known: {', '.join(sorted(_METHODS))})") from None
+
+
+def method_names() -> list[str]:
+    return sorted(_METHODS)

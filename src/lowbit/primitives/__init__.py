@@ -1,0 +1,1 @@
+"""Layer 1: pure functions on tensors (number formats, packing, quantize/dequantize, observers)."""

@@ -1,0 +1,181 @@
+"""Observers: choose the clipping range [lo, hi] of every group.
+
+Weight observers are pure functions ``(xg, grid, importance) -> (lo, hi)`` on a grouped view
+``xg`` of shape ``(R, G, g)``, returning ranges of shape ``(R, G, 1)``. ``importance`` (optional,
+broadcastable to ``xg``) weights the error per element, e.g. E[x²] of the layer's input channels.
+
+Activation observers are small stateful classes that see batches one at a time
+(:class:`MinMaxObserver`, :class:`HistogramObserver` for percentile and entropy calibration).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from lowbit.errors import SchemeError
+from lowbit.primitives.quant import Grid
+
+WeightObserver = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+_OBSERVERS: dict[str, WeightObserver] = {}
+
+
+def register_observer(name: str) -> Callable[[WeightObserver], WeightObserver]:
+    def deco(fn: WeightObserver) -> WeightObserver:
+        _OBSERVERS[name] = fn
+        return fn
+
+    return deco
+
+
+def get_observer(name: str) -> WeightObserver:
+    try:
+        return _OBSERVERS[name]
+    except KeyError:
+        raise SchemeError(f"unknown observer {name!r} (known: {', '.join(sorted(_OBSERVERS))})") from None
+
+
+def observer_names() -> list[str]:
+    return sorted(_OBSERVERS)
+
+
+@register_observer("minmax")
+def minmax(xg: torch.Tensor, grid: Grid, importance: torch.Tensor | None = None):
+    """The group's own minimum and maximum: nothing is clipped."""
+    lo, hi = torch.aminmax(xg, dim=-1, keepdim=True)
+    return lo, hi
+
+
+@register_observer("percentile")
+def percentile(xg: torch.Tensor, grid: Grid, importance: torch.Tensor | None = None, q: float = 99.9):
+    """Clip to the q-th / (100-q)-th percentile of each group (outliers saturate)."""
+    g = xg.shape[-1]
+    k_hi = max(1, min(g, round(g * q / 100)))
+    k_lo = max(1, min(g, g - k_hi + 1))
+    lo = torch.kthvalue(xg, k_lo, dim=-1, keepdim=True).values
+    hi = torch.kthvalue(xg, k_hi, dim=-1, keepdim=True).values
+    return lo, hi
+
+
+MSE_SHRINKS = (1.0, 0.96, 0.92, 0.88, 0.84, 0.8, 0.76, 0.72, 0.66, 0.6)
+
+
+@register_observer("mse")
+def mse(
+    xg: torch.Tensor,
+    grid: Grid,
+    importance: torch.Tensor | None = None,
+    shrinks: tuple[float, ...] = MSE_SHRINKS,
+    chunk_rows: int = 256,
+):
+    """MSE-optimal clipping: per group, the shrink of the min-max range with the least (weighted) error.
+
+    The min-max range (shrink 1.0) is always a candidate and wins ties, so the error is never larger
+    than :func:`minmax`'s. Rows are processed in chunks to stay in cache.
+    """
+    lo0, hi0 = minmax(xg, grid)
+    best_lo, best_hi = lo0.clone(), hi0.clone()
+    for r0 in range(0, xg.shape[0], chunk_rows):
+        x = xg[r0 : r0 + chunk_rows]
+        w = None
+        if importance is not None:
+            w = importance if importance.shape[0] == 1 else importance[r0 : r0 + chunk_rows]
+        l0, h0 = lo0[r0 : r0 + chunk_rows], hi0[r0 : r0 + chunk_rows]
+        best_err = None
+        bl, bh = best_lo[r0 : r0 + chunk_rows], best_hi[r0 : r0 + chunk_rows]
+        for a in shrinks:
+            lo, hi = l0 * a, h0 * a
+            s, z = grid.qparams(lo, hi)
+            d = grid.fake(x, s, z).sub_(x).square_()
+            if w is not None:
+                d.mul_(w)
+            err = d.sum(dim=-1, keepdim=True)
+            if best_err is None:
+                best_err = err
+                continue
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            bl.copy_(torch.where(better, lo, bl))
+            bh.copy_(torch.where(better, hi, bh))
+    return best_lo, best_hi
+
+
+class MinMaxObserver:
+    """Running min / max of activations (static per-tensor ranges)."""
+
+    def __init__(self) -> None:
+        self.lo = float("inf")
+        self.hi = float("-inf")
+
+    def update(self, x: torch.Tensor) -> None:
+        self.lo = min(self.lo, float(x.min()))
+        self.hi = max(self.hi, float(x.max()))
+
+    def range(self) -> tuple[float, float]:
+        if self.lo > self.hi:
+            raise ValueError("observer saw no data: run calibration first")
+        return self.lo, self.hi
+
+
+class HistogramObserver:
+    """Histogram of |x| over all batches; gives percentile or KL-optimal (entropy) symmetric ranges.
+
+    The entropy threshold follows TensorRT's calibration: for each candidate threshold T the clipped
+    histogram P (outliers folded into the last bin) is compared with its requantization Q onto
+    ``levels`` bins, and the T with the least KL(P || Q) wins.
+    """
+
+    def __init__(self, bins: int = 2048) -> None:
+        self.bins = bins
+        self.hist = torch.zeros(bins, dtype=torch.float64)
+        self.amax = 0.0
+
+    def update(self, x: torch.Tensor) -> None:
+        a = x.detach().abs().float().reshape(-1)
+        m = float(a.max()) if a.numel() else 0.0
+        if m > self.amax:
+            if self.amax > 0:
+                # Re-bin the old histogram onto the wider range.
+                centers = (torch.arange(self.bins, dtype=torch.float64) + 0.5) * (self.amax / self.bins)
+                idx = (centers / m * self.bins).long().clamp(max=self.bins - 1)
+                new = torch.zeros_like(self.hist)
+                new.index_add_(0, idx, self.hist)
+                self.hist = new
+            self.amax = m
+        if self.amax == 0:
+            self.hist[0] += a.numel()
+            return
+        self.hist += torch.histc(a, bins=self.bins, min=0, max=self.amax).double()
+
+    def percentile(self, q: float = 99.99) -> float:
+        c = torch.cumsum(self.hist, 0)
+        if c[-1] <= 0:
+            raise ValueError("observer saw no data: run calibration first")
+        i = int(torch.searchsorted(c, c[-1] * q / 100))
+        return (i + 1) * self.amax / self.bins
+
+    def entropy(self, levels: int = 128) -> float:
+        """KL-optimal clipping threshold for a symmetric grid with ``levels`` positive levels."""
+        hist = self.hist
+        if hist.sum() <= 0:
+            raise ValueError("observer saw no data: run calibration first")
+        best_t, best_kl = self.bins, float("inf")
+        for t in range(levels, self.bins + 1, max(1, (self.bins - levels) // 256)):
+            p = hist[:t].clone()
+            p[-1] += hist[t:].sum()
+            # Merge t bins into `levels` groups, spread each group's mass over its nonzero bins.
+            src = hist[:t]
+            gid = (torch.arange(t) * levels) // t  # (t,) group of each bin
+            nz = (src > 0).double()
+            mass = torch.zeros(levels, dtype=torch.float64).index_add_(0, gid, src)
+            count = torch.zeros(levels, dtype=torch.float64).index_add_(0, gid, nz)
+            q = nz * (mass / count.clamp(min=1))[gid]
+            mask = p > 0
+            if (q[mask] <= 0).any():
+                continue
+            pn, qn = p / p.sum(), q / q.sum()
+            kl = float((pn[mask] * (pn[mask] / qn[mask]).log()).sum())
+            if kl < best_kl:
+                best_kl, best_t = kl, t
+        return best_t * self.amax / self.bins
