@@ -158,7 +158,8 @@ def _load_entry(f, stored: set[str], name: str, entry: dict[str, Any]) -> QTenso
         have = 0 if t is None else t.numel() * t.element_size()
         if have != nbytes:
             raise CheckpointError(
-                f"tensor {name!r}: {part} has {have} bytes, scheme {scheme.name} with shape {list(shape)} needs {nbytes}"
+                f"tensor {name!r}: {part} has {have} bytes, "
+                f"scheme {scheme.name} with shape {list(shape)} needs {nbytes}"
             )
     for part in PARTS:
         if parts[part] is not None and part not in q.expected_nbytes():
