@@ -18,13 +18,15 @@ class LayerStats:
     """What calibration saw at one layer's input (all optional: data-free methods need none).
 
     ``xtx`` — X^T X summed over tokens ``(in, in)`` (float64/float32), ``sq_mean`` — E[x²] per input
-    channel ``(in,)``, ``absmax`` — max |x| per input channel ``(in,)``, ``tokens`` — how many rows of X.
+    channel ``(in,)``, ``absmax`` — max |x| per input channel ``(in,)``, ``tokens`` — how many rows of X,
+    ``sample`` — a subsample of the input rows ``(n, in)`` for searches that need real activations (AWQ).
     """
 
     xtx: torch.Tensor | None = None
     sq_mean: torch.Tensor | None = None
     absmax: torch.Tensor | None = None
     tokens: int = 0
+    sample: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
