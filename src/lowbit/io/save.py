@@ -1,0 +1,169 @@
+"""The lowbit output directory: a quantized model that ``lowbit.load`` gives back bit-identically.
+
+Layout::
+
+    out/
+      model.safetensors     QTensors of quantized layers ("<layer>.weight") + every float tensor
+      quantization.json     format version, per-layer schemes/methods, tied layers, the Plan, a report summary
+      config.json ...       the transformers config (and generation config)
+      tokenizer files       when a tokenizer is given
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.core.qtensor import QTensor
+from lowbit.errors import CheckpointError, LowbitError
+from lowbit.io.atomic import atomic_dir
+from lowbit.io.checkpoint import load_tensors, save_tensors
+from lowbit.model.qmodules import QEmbedding, QLinear
+
+FORMAT_VERSION = 1
+QUANT_FILE = "quantization.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def is_lowbit_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / QUANT_FILE).is_file()
+
+
+def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None, plan: Any = None,
+         report: Any = None, force: bool = False) -> Path:
+    """Write a quantized model to ``out_dir`` atomically; refuses an existing directory unless ``force``.
+
+    >>> lowbit.save(qmodel, "smollm2-int4", tokenizer=tok)
+    """
+    out = Path(out_dir)
+    if out.exists() and not force:
+        raise LowbitError(f"{out}: already exists (pass force=True / --force to replace it)")
+    tensors: dict[str, QTensor | torch.Tensor] = {}
+    layers: dict[str, dict[str, Any]] = {}
+    tied: dict[str, str] = {}
+    seen: dict[int, str] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, QLinear | QEmbedding):
+            key = f"{name}.weight"
+            kind = "linear" if isinstance(mod, QLinear) else "embedding"
+            layers[name] = {"kind": kind, "scheme": mod.qweight.scheme.name}
+            if kind == "linear" and mod.act_scheme:
+                layers[name]["act_scheme"] = mod.act_scheme
+            if isinstance(mod, QEmbedding) and mod.padding_idx is not None:
+                layers[name]["padding_idx"] = mod.padding_idx
+            if id(mod.qweight) in seen:
+                tied[name] = seen[id(mod.qweight)]
+            else:
+                seen[id(mod.qweight)] = name
+                tensors[key] = mod.qweight
+            if isinstance(mod, QLinear) and mod.input_scale is not None:
+                tensors[f"{name}.input_scale"] = mod.input_scale
+    ptrs: set[int] = set()
+    for k, v in model.state_dict().items():
+        if k in tensors:
+            continue
+        t = v.detach()
+        if t.data_ptr() in ptrs:
+            t = t.clone()  # safetensors refuses shared storage
+        ptrs.add(t.data_ptr())
+        tensors[k] = t.contiguous()
+    doc = {
+        "format": "lowbit", "version": FORMAT_VERSION, "layers": layers, "tied": tied,
+        "plan": None if plan is None else plan.to_dict(),
+        "report": None if report is None else _summary(report),
+    }
+    with atomic_dir(out, force=force) as tmp:
+        save_tensors(tmp / WEIGHTS_FILE, tensors)
+        config = getattr(model, "config", None)
+        if config is not None:
+            import copy
+
+            config = copy.deepcopy(config)
+            config.architectures = [type(model).__name__]
+            config.save_pretrained(tmp)
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            try:
+                gen.save_pretrained(tmp)
+            except Exception:  # a generation config transformers itself considers invalid: not ours to fix
+                pass
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / QUANT_FILE).write_text(json.dumps(doc, indent=2) + "\n")
+    return out
+
+
+def _summary(report: Any) -> dict[str, Any]:
+    return {"bpw": report.bpw, "quantized_bytes": report.quantized_bytes, "quantized_numel": report.quantized_numel,
+            "seconds": report.seconds, "calib_windows": report.calib_windows, "kept": report.kept,
+            "warnings": report.warnings}
+
+
+def _model_class(config):
+    import transformers
+
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModel
+
+
+def load_quantized(path: str | os.PathLike) -> tuple[nn.Module, Any]:
+    """Rebuild a model saved by :func:`save`: QLinear/QEmbedding layers hold the stored QTensors."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    p = Path(path)
+    try:
+        doc = json.loads((p / QUANT_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{p / QUANT_FILE}: unreadable ({e})") from None
+    if doc.get("format") != "lowbit" or doc.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"{p / QUANT_FILE}: not a lowbit model of format version {FORMAT_VERSION}")
+    tensors = load_tensors(p / WEIGHTS_FILE)
+    try:
+        config = AutoConfig.from_pretrained(p)
+    except Exception as e:
+        raise CheckpointError(f"{p}: unreadable config.json ({e})") from None
+    cls = _model_class(config)
+    model = cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)
+    model.to(torch.float32)
+    model.eval()
+    layers: dict[str, dict[str, Any]] = doc.get("layers", {})
+    tied: dict[str, str] = doc.get("tied", {})
+    qts: dict[str, QTensor] = {}
+    for name, entry in layers.items():
+        src = tied.get(name, name)
+        q = tensors.get(f"{src}.weight")
+        if not isinstance(q, QTensor):
+            raise CheckpointError(f"{p / WEIGHTS_FILE}: layer {name!r} has no quantized weight")
+        qts[name] = q
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"{p}: layer {name!r} does not exist in the {type(model).__name__} config") from None
+        if entry["kind"] == "linear":
+            new: nn.Module = QLinear(q, None if getattr(old, "bias", None) is None else old.bias)
+            new.act_scheme = entry.get("act_scheme")
+            new.input_scale = tensors.get(f"{name}.input_scale")  # type: ignore[assignment]
+        else:
+            new = QEmbedding(q, entry.get("padding_idx"))
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+    float_state = {k: v for k, v in tensors.items() if isinstance(v, torch.Tensor) and not k.endswith(".input_scale")}
+    missing, unexpected = model.load_state_dict(float_state, strict=False)
+    if unexpected:
+        raise CheckpointError(f"{p / WEIGHTS_FILE}: tensors not in the model: {', '.join(unexpected[:5])}")
+    if missing:
+        raise CheckpointError(f"{p / WEIGHTS_FILE}: missing tensors: {', '.join(missing[:5])}")
+    for prm in model.parameters():
+        prm.requires_grad_(False)
+    tokenizer = None
+    if any((p / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
+        tokenizer = AutoTokenizer.from_pretrained(p)
+    return model, tokenizer

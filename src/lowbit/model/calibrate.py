@@ -1,0 +1,159 @@
+"""The calibration runner: capture block 0's inputs, then walk the blocks one at a time.
+
+Per block: hooks observe each layer's input statistics (X^T X, E[x²], absmax, a row sample) →
+the caller quantizes the layers → the block's outputs are recomputed with the quantized weights and
+become the next block's inputs. Only one block's statistics and the calibration activations
+(``windows × tokens × hidden`` floats) are held at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.errors import LowbitError
+from lowbit.methods.registry import LayerStats
+
+
+class _StopForward(Exception):
+    """Raised from a hook to end a forward pass early (we have what we came for)."""
+
+
+@dataclass
+class BlockInput:
+    hidden: torch.Tensor  # (B, T, H)
+    kwargs: dict[str, Any]
+    first_window: int  # index of the batch's first calibration window, for error messages
+
+
+def capture_block_inputs(model: nn.Module, block: nn.Module, windows: torch.Tensor,
+                         batch_size: int = 8) -> list[BlockInput]:
+    """Run ``model`` on ``windows`` (N, T) up to ``block`` and return what ``block`` was called with."""
+    captured: list[BlockInput] = []
+    state = {"start": 0}
+
+    def pre_hook(mod, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kw = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "use_cache",
+                                                            "layer_past", "cache_position")}
+        captured.append(BlockInput(hidden.detach(), kw, state["start"]))
+        raise _StopForward
+
+    handle = block.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for start in range(0, windows.shape[0], batch_size):
+                state["start"] = start
+                batch = windows[start : start + batch_size]
+                try:
+                    model(input_ids=batch, attention_mask=torch.ones_like(batch), use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
+    if len(captured) != -(-windows.shape[0] // batch_size):
+        raise LowbitError("calibration: the first block was not reached by the model's forward pass")
+    return captured
+
+
+def _block_out(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple | list) else out
+
+
+def run_block(block: nn.Module, inputs: list[BlockInput]) -> list[BlockInput]:
+    """The block's outputs for every batch: the next block's inputs."""
+    outs = []
+    with torch.no_grad():
+        for bi in inputs:
+            h = _block_out(block(bi.hidden, **bi.kwargs))
+            outs.append(BlockInput(h.detach(), bi.kwargs, bi.first_window))
+    return outs
+
+
+@dataclass
+class StatsCollector:
+    """Accumulates one layer's input statistics from a forward hook."""
+
+    name: str
+    want_xtx: bool
+    sample_rows: int = 0
+    xtx: torch.Tensor | None = None
+    sq_sum: torch.Tensor | None = None
+    absmax: torch.Tensor | None = None
+    tokens: int = 0
+    samples: list[torch.Tensor] = field(default_factory=list)
+    window: int = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)  # (tokens, in)
+        amax = x.abs().amax(dim=0)
+        if not torch.isfinite(amax).all():
+            raise LowbitError(f"layer {self.name}: NaN/Inf in its input activations "
+                              f"(calibration batch starting at window {self.window})")
+        if self.sq_sum is None:
+            self.sq_sum = torch.zeros(x.shape[1], dtype=torch.float64)
+            self.absmax = torch.zeros(x.shape[1])
+            if self.want_xtx:
+                self.xtx = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+        self.sq_sum += x.square().sum(dim=0, dtype=torch.float64)
+        self.absmax = torch.maximum(self.absmax, amax)
+        if self.xtx is not None:
+            self.xtx += (x.T @ x).double()
+        if self.sample_rows:
+            g = torch.Generator().manual_seed(self.tokens)
+            k = min(x.shape[0], max(1, self.sample_rows // 16))
+            self.samples.append(x[torch.randperm(x.shape[0], generator=g)[:k]].clone())
+        self.tokens += x.shape[0]
+
+    def stats(self) -> LayerStats:
+        if self.tokens == 0:
+            return LayerStats()
+        assert self.sq_sum is not None
+        sample = torch.cat(self.samples)[: self.sample_rows] if self.samples else None
+        return LayerStats(
+            xtx=None if self.xtx is None else self.xtx.to(torch.float32),
+            sq_mean=(self.sq_sum / self.tokens).to(torch.float32),
+            absmax=self.absmax,
+            tokens=self.tokens,
+            sample=sample,
+        )
+
+
+def collect_stats(block: nn.Module, inputs: list[BlockInput], layers: dict[str, nn.Module],
+                  want_xtx: set[str], sample_rows: int = 0, stop_after: Iterable[str] = ()) -> dict[str, LayerStats]:
+    """Run the block over ``inputs`` with hooks on ``layers`` (block-relative names -> modules).
+
+    The forward stops early once every layer in ``stop_after`` has seen its input.
+    """
+    collectors = {n: StatsCollector(n, n in want_xtx, sample_rows) for n in layers}
+    stop = set(stop_after)
+    seen: set[str] = set()
+
+    def make_hook(n: str):
+        def hook(mod, args):
+            collectors[n].update(args[0])
+            seen.add(n)
+            if stop and stop <= seen:
+                raise _StopForward
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in layers.items()]
+    try:
+        with torch.no_grad():
+            for bi in inputs:
+                seen.clear()
+                for c in collectors.values():
+                    c.window = bi.first_window
+                try:
+                    block(bi.hidden, **bi.kwargs)
+                except _StopForward:
+                    pass
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: c.stats() for n, c in collectors.items()}

@@ -1,0 +1,133 @@
+"""Runtime modules holding QTensors: ``QLinear`` and ``QEmbedding``.
+
+The quantized model stays a normal transformers model: only leaf layers are swapped. Forward goes
+through a kernel chosen from a registry (``@register_kernel``); the fallback dequantizes the weight
+into the activation dtype and runs the float op. A kernel is ``(module, x) -> y`` plus a predicate
+saying whether it can serve a module; the first registered kernel that can, wins (newest first).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.core.qtensor import QTensor
+from lowbit.primitives.numformats import FloatFormat
+from lowbit.primitives.quant import ungroup
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    can_run: Callable[[nn.Module, torch.Tensor], bool]
+    run: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+
+_LINEAR_KERNELS: list[Kernel] = []
+
+
+def register_kernel(name: str, can_run: Callable[[nn.Module, torch.Tensor], bool]):
+    """Register a QLinear kernel; later registrations are tried first."""
+
+    def deco(fn: Callable[[nn.Module, torch.Tensor], torch.Tensor]):
+        _LINEAR_KERNELS.insert(0, Kernel(name, can_run, fn))
+        return fn
+
+    return deco
+
+
+def kernel_names() -> list[str]:
+    return [k.name for k in _LINEAR_KERNELS]
+
+
+class QLinear(nn.Module):
+    """``y = x Ŵᵀ + b`` with Ŵ stored as a QTensor of shape (out_features, in_features)."""
+
+    def __init__(self, qweight: QTensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.qweight = qweight
+        self.out_features, self.in_features = qweight.shape
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.act_scheme: str | None = None  # activation quantization, set by W8A8 methods
+        self.input_scale: torch.Tensor | None = None  # per-input-channel divisor folded from SmoothQuant
+        self._kernel: Kernel | None = None
+
+    @classmethod
+    def from_linear(cls, layer: nn.Module, qweight: QTensor) -> QLinear:
+        bias = getattr(layer, "bias", None)
+        return cls(qweight, bias)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Dequantized weight (float32), for code that reads ``.weight`` (e.g. tied heads, inspection)."""
+        return self.qweight.dequantize(torch.float32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = self._kernel
+        if k is None or not k.can_run(self, x):
+            k = next(k for k in _LINEAR_KERNELS if k.can_run(self, x))
+            self._kernel = k
+        return k.run(self, x)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"scheme={self.qweight.scheme.name}, bias={self.bias is not None}")
+
+
+@register_kernel("dequantize", lambda m, x: True)
+def _dequant_linear(m: QLinear, x: torch.Tensor) -> torch.Tensor:
+    w = m.qweight.dequantize(x.dtype)
+    return F.linear(x, w, None if m.bias is None else m.bias.to(x.dtype))
+
+
+class QEmbedding(nn.Module):
+    """Embedding lookup from a QTensor of shape (num_embeddings, embedding_dim).
+
+    Only the looked-up rows are dequantized when a row's codes fill whole bytes (e.g. 576 × 3 bits).
+    """
+
+    def __init__(self, qweight: QTensor, padding_idx: int | None = None):
+        super().__init__()
+        self.qweight = qweight
+        self.num_embeddings, self.embedding_dim = qweight.shape
+        self.padding_idx = padding_idx
+
+    @classmethod
+    def from_embedding(cls, layer: nn.Embedding, qweight: QTensor) -> QEmbedding:
+        return cls(qweight, layer.padding_idx)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.qweight.dequantize(torch.float32)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        q = self.qweight
+        rows = rows_of(q, ids.reshape(-1).unique())
+        if rows is None:
+            return F.embedding(ids, q.dequantize(torch.float32), self.padding_idx)
+        uniq, table = rows
+        # map ids -> position in the unique table
+        pos = torch.searchsorted(uniq, ids)
+        return table[pos]
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, scheme={self.qweight.scheme.name}"
+
+
+def rows_of(q: QTensor, uniq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Dequantize only rows ``uniq`` (sorted) of a row-grouped QTensor; None when rows are not byte-aligned."""
+    scheme = q.scheme
+    fmt = scheme.number_format
+    rows, cols = q.shape
+    if scheme.granularity not in ("channel", "group") or (cols * fmt.bits) % 8 or isinstance(fmt, FloatFormat):
+        return None
+    row_bytes = cols * fmt.bits // 8
+    codes = q.codes.view(rows, row_bytes)[uniq]  # (n, row_bytes)
+    s, z = q.qparams()
+    sub = QTensor(codes.reshape(-1), None, None, (len(uniq), cols), q.dtype, scheme)
+    values = scheme.grid.decode(sub.codes_grouped(), s[uniq], None if z is None else z[uniq])
+    return uniq, ungroup(values, (len(uniq), cols))

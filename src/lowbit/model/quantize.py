@@ -1,0 +1,217 @@
+"""Quantize a whole model following a resolved Plan, block by block.
+
+``quantize_model(model, plan, calib)`` swaps every planned layer for a ``QLinear``/``QEmbedding``
+and returns a :class:`QuantReport` (one row per layer). Data-free methods quantize a layer straight
+from its weight; calibrated methods (GPTQ, AWQ, importance-weighted RTN) get their statistics from the
+block-by-block runner in :mod:`lowbit.model.calibrate`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowbit.core.qtensor import QTensor
+from lowbit.errors import LowbitError
+from lowbit.methods.registry import NEEDS_DATA, LayerStats, get_method, method_names
+from lowbit.model.arch import ArchInfo, arch_for, blocks_of
+from lowbit.model.calibrate import capture_block_inputs, collect_stats, run_block
+from lowbit.model.plan import LayerPlan, Plan, unsupported_leaf
+from lowbit.model.qmodules import QEmbedding, QLinear
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerReport:
+    name: str
+    scheme: str
+    method: str
+    bpw: float
+    numel: int
+    nbytes: int
+    rel_error: float  # ‖W − Ŵ‖ / ‖W‖
+    loss: float | None = None  # the method's own (e.g. output reconstruction) loss
+    seconds: float = 0.0
+    note: str = ""
+
+
+@dataclass
+class QuantReport:
+    layers: list[LayerReport] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)  # layers left in float
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    calib_windows: int = 0
+    calib_tokens: int = 0
+
+    @property
+    def quantized_numel(self) -> int:
+        return sum(r.numel for r in self.layers if r.note != "tied")
+
+    @property
+    def quantized_bytes(self) -> int:
+        return sum(r.nbytes for r in self.layers if r.note != "tied")
+
+    @property
+    def bpw(self) -> float:
+        n = self.quantized_numel
+        return 8 * self.quantized_bytes / n if n else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["bpw"] = self.bpw
+        return d
+
+
+def needs_data(lp: LayerPlan) -> bool:
+    return lp.scheme is not None and (lp.method in NEEDS_DATA or lp.config.importance)
+
+
+def _weight_matrix(mod: nn.Module) -> torch.Tensor:
+    """(out, in) float32 weight; transformers' Conv1D stores (in, out)."""
+    from transformers.pytorch_utils import Conv1D
+
+    w = mod.weight.detach()
+    return w.T.contiguous() if isinstance(mod, Conv1D) else w
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def check_finite_weights(model: nn.Module, names: list[str]) -> None:
+    for n in names:
+        w = model.get_submodule(n).weight
+        if not torch.isfinite(w).all():
+            raise LowbitError(f"layer {n}: its weights hold NaN or Inf values; refusing to quantize")
+
+
+class _Quantizer:
+    def __init__(self, model: nn.Module, resolved: dict[str, LayerPlan], report: QuantReport):
+        self.model = model
+        self.resolved = resolved
+        self.report = report
+        self.by_param: dict[int, tuple[str, QTensor, LayerPlan]] = {}
+        for n, lp in resolved.items():
+            if lp.scheme is not None:
+                continue
+            report.kept.append(n)
+
+    def quantize_layer(self, name: str, stats: LayerStats) -> None:
+        lp = self.resolved[name]
+        assert lp.scheme is not None
+        mod = self.model.get_submodule(name)
+        pid = id(mod.weight)
+        tied = self.by_param.get(pid)
+        t0 = time.perf_counter()
+        note = ""
+        if tied is not None and tied[2].scheme == lp.scheme and tied[2].method == lp.method:
+            q, res, note = tied[1], None, "tied"
+        else:
+            w = _weight_matrix(mod)
+            method = lp.method
+            if lp.method in NEEDS_DATA and stats.tokens == 0:
+                method = "hqq" if "hqq" in method_names() else "rtn"
+                note = f"saw no calibration tokens: {method} instead of {lp.method}"
+                self.report.warnings.append(f"{name}: {note}")
+            try:
+                res = get_method(method)(w, stats, lp.scheme, lp.config)
+            except LowbitError as e:
+                raise LowbitError(f"layer {name}: {e}") from None
+            q = res.qtensor
+            if res.info.get("damp_raised"):
+                msg = f"ill-conditioned Hessian, dampening raised to {res.info.get('damp')}"
+                note = f"{note}; {msg}" if note else msg
+                self.report.warnings.append(f"{name}: {msg}")
+            if tied is not None:
+                note = "untied (different scheme from its tied twin)"
+            self.by_param.setdefault(pid, (name, q, lp))
+        new = QLinear.from_linear(mod, q) if lp.kind == "linear" else QEmbedding.from_embedding(mod, q)
+        rel = 0.0
+        if note != "tied":
+            w = _weight_matrix(mod).float()
+            rel = float((q.dequantize(torch.float32) - w).norm() / w.norm().clamp(min=1e-30))
+        _set_module(self.model, name, new)
+        self.report.layers.append(LayerReport(
+            name, lp.scheme.name, lp.method, q.bits_per_weight, q.numel, q.nbytes, rel,
+            None if res is None else res.loss, time.perf_counter() - t0, note))
+
+
+def quantize_model(model: nn.Module, plan: Plan, calib: torch.Tensor | None = None, *, batch_size: int = 8,
+                   sample_rows: int = 4096, progress: bool | None = None,
+                   on_block: Callable[[int, int], None] | None = None) -> QuantReport:
+    """Quantize ``model`` in place following ``plan``; ``calib`` is a LongTensor of token windows (N, T).
+
+    >>> report = quantize_model(model, Plan.default("int4-g128", "gptq", embeddings=..., head=...), windows)
+    """
+    t_start = time.perf_counter()
+    resolved = plan.resolve(model)
+    report = QuantReport()
+    for n, m in model.named_modules():
+        if unsupported_leaf(m):
+            report.kept.append(n)
+            report.warnings.append(f"{n}: {type(m).__name__} is not supported; kept in float")
+    planned = [n for n, lp in resolved.items() if lp.scheme is not None]
+    check_finite_weights(model, planned)
+    q = _Quantizer(model, resolved, report)
+    data_layers = [n for n in planned if needs_data(resolved[n])]
+    if data_layers:
+        if calib is None:
+            raise LowbitError(f"method {resolved[data_layers[0]].method} (layer {data_layers[0]}) needs calibration "
+                              f"data: pass calibration text (--calib FILE)")
+        info = arch_for(model)
+        _quantize_blocks(model, info, resolved, q, calib, batch_size, sample_rows, progress, on_block)
+        report.calib_windows, report.calib_tokens = int(calib.shape[0]), int(calib.numel())
+    # Everything not handled block by block: data-free layers, and layers outside the blocks.
+    done = {r.name for r in report.layers}
+    rest = [n for n in planned if n not in done]
+    for n in tqdm(rest, desc="quantize", disable=_no_bar(progress), leave=False):
+        if needs_data(resolved[n]):
+            report.warnings.append(f"{n}: outside the transformer blocks, no calibration statistics; "
+                                   f"quantized data-free")
+            q.resolved[n] = replace(resolved[n], method="rtn")
+        q.quantize_layer(n, LayerStats())
+    order = {n: i for i, n in enumerate(resolved)}
+    report.layers.sort(key=lambda r: order[r.name])
+    report.seconds = time.perf_counter() - t_start
+    return report
+
+
+def _no_bar(progress: bool | None) -> bool | None:
+    return None if progress is None else not progress
+
+
+def _quantize_blocks(model, info: ArchInfo, resolved, q: _Quantizer, calib, batch_size, sample_rows,
+                     progress, on_block) -> None:
+    blocks_name, blocks = blocks_of(model, info)
+    inputs = capture_block_inputs(model, blocks[0], calib, batch_size)
+    bar = tqdm(range(len(blocks)), desc="blocks", disable=_no_bar(progress))
+    for i in bar:
+        block = blocks[i]
+        prefix = f"{blocks_name}.{i}."
+        mine = {n[len(prefix):]: n for n in resolved if n.startswith(prefix) and resolved[n].scheme is not None}
+        groups = [tuple(g for g in grp if g in mine) for grp in info.sequential]
+        leftover = tuple(r for r in mine if not any(r in grp for grp in groups))
+        for grp in [g for g in groups if g] + ([leftover] if leftover else []):
+            data = [r for r in grp if needs_data(resolved[mine[r]])]
+            stats: dict[str, LayerStats] = {}
+            if data:
+                want_xtx = {r for r in data if resolved[mine[r]].method in NEEDS_DATA}
+                layers = {mine[r]: block.get_submodule(r) for r in data}
+                stats = collect_stats(block, inputs, layers, {mine[r] for r in want_xtx}, sample_rows,
+                                      stop_after=layers)
+            for r in grp:
+                q.quantize_layer(mine[r], stats.get(mine[r], LayerStats()))
+        inputs = run_block(block, inputs)
+        if on_block:
+            on_block(i + 1, len(blocks))
