@@ -70,3 +70,12 @@ def test_activation_observers():
     assert 1.0 < t_ent < 50.0  # the entropy threshold clips the lone outlier
     with pytest.raises(ValueError, match="calibration"):
         MinMaxObserver().range()
+
+
+@pytest.mark.parametrize("scheme", ["int4-g128", "int3-g64-sym", "int8", "int4-g32-zf16", "fp8", "nf4-g64", "bf16"])
+def test_fake_equals_encode_decode_bit_exact(scheme):
+    s = parse_scheme(scheme)
+    x = group_view(torch.randn(16, 200) * 3, s.granularity, s.group_size)
+    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    sc, z = s.grid.qparams(lo, hi)
+    assert torch.equal(s.grid.fake(x, sc, z), s.grid.decode(s.grid.encode(x, sc, z), sc, z))

@@ -67,7 +67,7 @@ def mse(
     grid: Grid,
     importance: torch.Tensor | None = None,
     shrinks: tuple[float, ...] = MSE_SHRINKS,
-    chunk_rows: int = 256,
+    chunk_rows: int = 32,
 ):
     """MSE-optimal clipping: per group, the shrink of the min-max range with the least (weighted) error.
 
@@ -87,10 +87,7 @@ def mse(
         for a in shrinks:
             lo, hi = l0 * a, h0 * a
             s, z = grid.qparams(lo, hi)
-            d = grid.fake(x, s, z).sub_(x).square_()
-            if w is not None:
-                d.mul_(w)
-            err = d.sum(dim=-1, keepdim=True)
+            err = grid.sq_error(x, s, z, w)
             if best_err is None:
                 best_err = err
                 continue

@@ -102,7 +102,8 @@ class Grid:
             # Round the scale *up* to its storage dtype so the stored grid still spans [lo, hi]:
             # rounding down would clip the extremes by up to qmax * eps(dtype) steps.
             r = s.clamp(max=float(torch.finfo(dt).max)).to(dt)
-            up = torch.nextafter(r, torch.tensor(float("inf"), dtype=dt))
+            # next representable value up: for positive 16-bit floats, the bit pattern + 1
+            up = (r.view(torch.int16) + 1).view(dt)
             s = torch.where(r.to(torch.float32) < s, up, r).to(torch.float32)
         # A scale that rounds to 0 (an all-zero group) would divide by zero; any scale encodes 0 exactly.
         return torch.where(s > 0, s, torch.ones_like(s))
@@ -133,7 +134,22 @@ class Grid:
 
     def fake(self, xg: torch.Tensor, s: torch.Tensor | None, z: torch.Tensor | None) -> torch.Tensor:
         """Quantize then dequantize (no gradient trick; see :func:`fake_quantize`)."""
+        fmt = self.fmt
+        if isinstance(fmt, IntFormat) and s is not None:
+            # Same arithmetic as encode→decode, in float and in place (no uint8 round trip).
+            offset = -fmt.qmin if z is None else z - fmt.qmin
+            q = torch.addcdiv(torch.as_tensor(offset, dtype=torch.float32), xg, s)
+            q.round_().clamp_(0, fmt.levels - 1).sub_(offset)
+            return q.mul_(s)
         return self.decode(self.encode(xg, s, z), s, z)
+
+    def sq_error(self, xg: torch.Tensor, s: torch.Tensor | None, z: torch.Tensor | None,
+                 weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-group sum of (weighted) squared rounding error ``(R, G, 1)``."""
+        d = self.fake(xg, s, z).sub_(xg).square_()
+        if weight is not None:
+            d.mul_(weight)
+        return d.sum(dim=-1, keepdim=True)
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:

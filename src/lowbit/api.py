@@ -1,0 +1,96 @@
+"""The public model-level API: ``load``, ``quantize``, ``save``, ``evaluate``.
+
+>>> model, tok = lowbit.load("HuggingFaceTB/SmolLM2-135M-Instruct")       # or a dir, or a .gguf
+>>> qmodel, report = lowbit.quantize(model, tok, scheme="int4-g128", method="gptq", calib="calib.txt")
+>>> lowbit.save(qmodel, "smollm2-int4", tokenizer=tok, report=report)
+>>> lowbit.evaluate(qmodel, reference=model, tokenizer=tok, text="held_out.txt").kl_mean
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.errors import LowbitError
+from lowbit.io.save import is_lowbit_dir, load_quantized
+from lowbit.io.save import save as _save
+from lowbit.methods.registry import MethodConfig
+from lowbit.model.arch import ARCHITECTURES, resolve_path
+from lowbit.model.plan import Plan
+from lowbit.model.quantize import QuantReport, quantize_model
+
+
+def load(source: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
+    """Load ``source`` as ``(model, tokenizer)``: a lowbit output dir (the quantized model), a Hugging Face
+    model dir or hub id, or a ``.gguf`` file (dequantized to float).
+    """
+    if is_lowbit_dir(source):
+        return load_quantized(source)
+    from lowbit.io.loaders import load_float
+
+    return load_float(source, dtype=dtype)
+
+
+def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None, plan: Plan | None = None,
+         report: QuantReport | None = None, force: bool = False) -> Path:
+    """Write a quantized model (lowbit checkpoint + config + tokenizer + plan) atomically to ``out_dir``."""
+    return _save(model, out_dir, tokenizer=tokenizer, plan=plan, report=report, force=force)
+
+
+def default_plan(model: nn.Module, scheme: str, method: str = "rtn", config: MethodConfig | None = None) -> Plan:
+    """Every linear layer at ``scheme`` with ``method``; the family's embeddings and head at 8 bits."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    info = next((a for a in ARCHITECTURES if model_type in a.model_types), None)
+    if info is None:
+        return Plan.default(scheme, method, config=config)
+    emb = tuple(p for p in (resolve_path(model, e) for e in info.embeddings) if p)
+    head = resolve_path(model, info.head) if info.head else None
+    return Plan.default(scheme, method, family=info.family, config=config, embeddings=emb, head=head)
+
+
+def calibration_windows(tokenizer: Any, calib: str | os.PathLike | Sequence[str] | torch.Tensor,
+                        windows: int = 128, window_len: int = 512) -> torch.Tensor:
+    """Token windows ``(windows, window_len)`` from a text file, a string, a list of strings or token ids."""
+    from lowbit.eval.windows import read_text, token_windows
+
+    if isinstance(calib, torch.Tensor):
+        return calib.long()
+    if tokenizer is None:
+        raise LowbitError("calibration text needs the model's tokenizer")
+    if isinstance(calib, os.PathLike) or (isinstance(calib, str) and len(calib) < 4096 and "\n" not in calib
+                                          and Path(calib).suffix in (".txt", ".md", ".raw", ".text")):
+        calib = read_text(calib)
+    return token_windows(tokenizer, calib, windows, window_len)
+
+
+def quantize(model: nn.Module, tokenizer: Any = None, scheme: str = "int4-g128", method: str = "rtn",
+             calib: str | os.PathLike | Sequence[str] | torch.Tensor | None = None, windows: int = 128,
+             window_len: int = 512, plan: Plan | None = None, rules: Sequence[str] = (), keep: Sequence[str] = (),
+             config: MethodConfig | None = None, inplace: bool = False, progress: bool | None = None,
+             batch_size: int = 8) -> tuple[nn.Module, QuantReport]:
+    """Quantize ``model`` (a copy unless ``inplace``) and return ``(qmodel, report)``.
+
+    ``plan`` overrides ``scheme``/``method``; ``rules`` (``"mlp.down_proj=int8"``) and ``keep`` patterns are
+    appended to it. Calibrated methods (``gptq``, ``awq``, importance-weighted ``rtn``) need ``calib``.
+    """
+    cfg = config or MethodConfig()
+    base = plan or default_plan(model, scheme, method, cfg)
+    full = base.with_rules(list(rules), list(keep), method=method, config=cfg)
+    target = model if inplace else copy.deepcopy(model)
+    win = None if calib is None else calibration_windows(tokenizer, calib, windows, window_len)
+    report = quantize_model(target, full, win, batch_size=batch_size, progress=progress)
+    target.lowbit_plan = full  # type: ignore[attr-defined]
+    return target, report
+
+
+def evaluate(model: nn.Module, reference: nn.Module | None = None, **kwargs: Any):
+    """Perplexity, KL and top-1 vs ``reference`` (LMs) or embedding cosine (encoders); see lowbit.eval."""
+    from lowbit.eval import evaluate as _evaluate
+
+    return _evaluate(model, reference=reference, **kwargs)

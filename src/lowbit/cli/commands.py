@@ -1,0 +1,183 @@
+"""The CLI verbs. Each returns a JSON-able dict (printed with --json) and prints its tables otherwise."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+import lowbit
+from lowbit.errors import LowbitError
+from lowbit.methods.registry import NEEDS_DATA, MethodConfig
+from lowbit.model.plan import Plan
+from lowbit.model.quantize import QuantReport
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def _config(args: argparse.Namespace) -> MethodConfig:
+    return MethodConfig(observer=args.observer, importance=args.importance)
+
+
+def _plan(args: argparse.Namespace, model) -> Plan | None:
+    return Plan.from_json(args.plan) if args.plan else None
+
+
+def _check_out(path: str, force: bool, source: str) -> None:
+    o, s = Path(path).resolve(), Path(source).resolve()
+    if o == s or s.is_relative_to(o):
+        raise LowbitError(f"{path}: the output would overwrite the source model; choose another -o")
+    if o.exists() and not force:
+        raise LowbitError(f"{path}: already exists (pass --force to replace it)")
+
+
+def _needs_calib(args: argparse.Namespace) -> bool:
+    return args.method in NEEDS_DATA or args.importance
+
+
+def layer_table(report: QuantReport, limit: int = 12) -> Table:
+    t = Table(title=None, box=None, pad_edge=False)
+    for c in ("layer", "scheme", "method", "bpw", "rel. error", "loss", "note"):
+        t.add_column(c, justify="right" if c in ("bpw", "rel. error", "loss") else "left")
+    rows = report.layers
+    shown = rows if len(rows) <= limit else rows[: limit // 2] + rows[-limit // 2 :]
+    for i, r in enumerate(shown):
+        if len(rows) > limit and i == limit // 2:
+            t.add_row(f"… {len(rows) - limit} more layers", "", "", "", "", "", "")
+        t.add_row(r.name, r.scheme, r.method, f"{r.bpw:.2f}", f"{r.rel_error:.4f}",
+                  "" if r.loss is None else f"{r.loss:.3g}", r.note)
+    return t
+
+
+def _quantize(args: argparse.Namespace, model, tok) -> tuple[Any, QuantReport]:
+    if _needs_calib(args) and not args.calib:
+        raise LowbitError(f"--method {args.method}{' --importance' if args.importance else ''} needs calibration "
+                          f"text: pass --calib FILE")
+    if args.calib and not args.json:
+        err.print(f"calibration   {args.calib_windows} windows × {args.window_len} tokens from {args.calib}")
+    return lowbit.quantize(model, tok, scheme=args.scheme, method=args.method, calib=args.calib,
+                           windows=args.calib_windows, window_len=args.window_len, plan=_plan(args, model),
+                           rules=args.rule, keep=args.keep, config=_config(args), inplace=True,
+                           progress=None if not args.json else False)
+
+
+def cmd_quantize(args: argparse.Namespace) -> dict[str, Any] | None:
+    lowbit.parse_scheme(args.scheme)
+    _check_out(args.out, args.force, args.source)
+    if args.plan:
+        Plan.from_json(args.plan)
+    t0 = time.perf_counter()
+    model, tok = lowbit.load(args.source)
+    qmodel, report = _quantize(args, model, tok)
+    saved = lowbit.save(qmodel, args.out, tokenizer=tok, plan=qmodel.lowbit_plan, report=report, force=args.force)
+    size = sum(f.stat().st_size for f in saved.iterdir())
+    result = {"out": str(saved), "bytes_on_disk": size, "bpw": report.bpw, "seconds": time.perf_counter() - t0,
+              "report": report.to_dict()}
+    if args.json:
+        return result
+    out.print(layer_table(report))
+    for w in report.warnings:
+        out.print(f"[yellow]warning[/]: {w}")
+    if report.kept:
+        out.print(f"kept in float: {', '.join(report.kept[:8])}{' …' if len(report.kept) > 8 else ''}")
+    out.print(f"saved {saved} ({_mb(size)}, {report.bpw:.2f} bpw over quantized layers, "
+              f"plan in {saved / 'quantization.json'})")
+    out.print(f"next: lowbit eval {saved} --reference {args.source} --data held_out.txt")
+    return None
+
+
+def cmd_eval(args: argparse.Namespace) -> dict[str, Any] | None:
+    from lowbit.eval import format_table, read_text, write_report
+
+    text = read_text(args.data)
+    model, tok = lowbit.load(args.model)
+    reference = None
+    if args.reference:
+        reference, rtok = lowbit.load(args.reference)
+        tok = tok or rtok
+    if tok is None:
+        raise LowbitError(f"{args.model}: no tokenizer found (and no --reference to take one from)")
+    res = lowbit.evaluate(model, reference=reference, tokenizer=tok, text=text, windows=args.windows,
+                          window_len=args.window_len, speed=not args.no_speed, label=Path(args.model).name,
+                          worst=max(args.show_worst, 2), progress=None if not args.json else False)
+    if args.report:
+        write_report([res], args.report)
+    if args.json:
+        return res.to_dict()
+    out.print(format_table([res], worst=bool(args.show_worst)))
+    if args.report:
+        out.print(f"report: {args.report}")
+    return None
+
+
+def cmd_inspect(args: argparse.Namespace) -> dict[str, Any] | None:
+    from lowbit.io.inspect import inspect_path, summarize
+
+    rows = inspect_path(args.path)
+    total_params, total_bytes, mean_bpw = summarize(rows)
+    if args.json:
+        return {"tensors": [r.__dict__ | {"shape": list(r.shape)} for r in rows], "params": total_params,
+                "bytes": total_bytes, "bpw": mean_bpw}
+    t = Table(box=None, pad_edge=False)
+    for c in ("name", "shape", "format", "bpw", "bytes"):
+        t.add_column(c, justify="right" if c in ("bpw", "bytes") else "left")
+    shown = rows if args.all or len(rows) <= 40 else rows[:40]
+    for r in shown:
+        t.add_row(r.name, "×".join(map(str, r.shape)), r.format, f"{r.bpw:.2f}", f"{r.nbytes:,}")
+    out.print(t)
+    if len(shown) < len(rows):
+        out.print(f"… {len(rows) - len(shown)} more tensors (--all to list them)")
+    out.print(f"{len(rows)} tensors · {total_params / 1e6:.2f} M weights · {_mb(total_bytes)} · "
+              f"{mean_bpw:.2f} bpw on average")
+    return None
+
+
+def cmd_size(args: argparse.Namespace) -> dict[str, Any] | None:
+    from lowbit.model import sizecalc
+
+    report = sizecalc.size_report(args.source, context=args.context)
+    if args.json:
+        return report.to_dict()
+    out.print(sizecalc.format_report(report))
+    return None
+
+
+def cmd_plan(args: argparse.Namespace) -> dict[str, Any] | None:
+    model, _ = lowbit.load(args.source)
+    base = _plan(args, model) or lowbit.default_plan(model, args.scheme, args.method, _config(args))
+    plan = base.with_rules(args.rule, args.keep, method=args.method, config=_config(args))
+    for pat in plan.unmatched_patterns(model):
+        err.print(f"[yellow]warning[/]: rule pattern {pat!r} matches no layer")
+    resolved = {n: lp.to_dict() for n, lp in plan.resolve(model).items()}
+    doc = plan.to_dict() | {"resolved": resolved}
+    if args.out:
+        from lowbit.io.atomic import atomic_file
+
+        with atomic_file(args.out) as tmp:
+            tmp.write_text(plan.to_json() + "\n")
+        err.print(f"wrote {args.out} ({len(plan.rules)} rules, {len(resolved)} layers)")
+        return None
+    if args.json:
+        return doc
+    t = Table(box=None, pad_edge=False)
+    for c in ("layer", "kind", "scheme", "method"):
+        t.add_column(c)
+    for n, lp in resolved.items():
+        t.add_row(n, lp["kind"], lp["scheme"] or "keep (float)", lp["method"])
+    out.print(t)
+    return None
+
+
+def cmd_demo(args: argparse.Namespace) -> dict[str, Any] | None:
+    from lowbit.cli.demo import run_demo
+
+    return run_demo(args, out, err)

