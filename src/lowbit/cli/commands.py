@@ -16,8 +16,8 @@ from lowbit.methods.registry import NEEDS_DATA, MethodConfig
 from lowbit.model.plan import Plan
 from lowbit.model.quantize import QuantReport
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def _mb(n: float) -> str:
@@ -80,7 +80,8 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any] | None:
     qmodel, report = _quantize(args, model, tok)
     saved = lowbit.save(qmodel, args.out, tokenizer=tok, plan=qmodel.lowbit_plan, report=report, force=args.force)
     size = sum(f.stat().st_size for f in saved.iterdir())
-    result = {"out": str(saved), "bytes_on_disk": size, "bpw": report.bpw, "seconds": time.perf_counter() - t0,
+    result = {"out": str(saved), "bytes_on_disk": size, "bpw": report.linear_bpw, "bpw_with_embeddings": report.bpw,
+              "seconds": time.perf_counter() - t0,
               "report": report.to_dict()}
     if args.json:
         return result
@@ -89,8 +90,8 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any] | None:
         out.print(f"[yellow]warning[/]: {w}")
     if report.kept:
         out.print(f"kept in float: {', '.join(report.kept[:8])}{' …' if len(report.kept) > 8 else ''}")
-    out.print(f"saved {saved} ({_mb(size)}, {report.bpw:.2f} bpw over quantized layers, "
-              f"plan in {saved / 'quantization.json'})")
+    out.print(f"saved {saved} ({_mb(size)}; {report.linear_bpw:.2f} bpw in linear layers, {report.bpw:.2f} "
+              f"with embeddings; plan in {saved / 'quantization.json'})")
     out.print(f"next: lowbit eval {saved} --reference {args.source} --data held_out.txt")
     return None
 

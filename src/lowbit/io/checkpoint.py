@@ -34,7 +34,7 @@ PARTS = ("codes", "scales", "zeros")
 
 
 def _crc(t: torch.Tensor) -> int:
-    return zlib.crc32(t.contiguous().view(torch.uint8).reshape(-1).numpy().tobytes())
+    return zlib.crc32(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
 def _dtype_name(dt: torch.dtype) -> str:

@@ -28,6 +28,7 @@ from lowbit.model.qmodules import QEmbedding, QLinear
 FORMAT_VERSION = 1
 QUANT_FILE = "quantization.json"
 WEIGHTS_FILE = "model.safetensors"
+EXTRAS = ("input_scale", "act_scale")  # QLinear's activation-quantization tensors
 
 
 def is_lowbit_dir(path: str | os.PathLike) -> bool:
@@ -61,8 +62,9 @@ def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None, pl
             else:
                 seen[id(mod.qweight)] = name
                 tensors[key] = mod.qweight
-            if isinstance(mod, QLinear) and mod.input_scale is not None:
-                tensors[f"{name}.input_scale"] = mod.input_scale
+            for extra in EXTRAS:
+                if getattr(mod, extra, None) is not None:
+                    tensors[f"{name}.{extra}"] = getattr(mod, extra)
     ptrs: set[int] = set()
     for k, v in model.state_dict().items():
         if k in tensors:
@@ -99,7 +101,8 @@ def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None, pl
 
 
 def _summary(report: Any) -> dict[str, Any]:
-    return {"bpw": report.bpw, "quantized_bytes": report.quantized_bytes, "quantized_numel": report.quantized_numel,
+    return {"bpw": report.bpw, "linear_bpw": report.linear_bpw, "quantized_bytes": report.quantized_bytes,
+            "quantized_numel": report.quantized_numel,
             "seconds": report.seconds, "calib_windows": report.calib_windows, "kept": report.kept,
             "warnings": report.warnings}
 
@@ -150,12 +153,14 @@ def load_quantized(path: str | os.PathLike) -> tuple[nn.Module, Any]:
         if entry["kind"] == "linear":
             new: nn.Module = QLinear(q, None if getattr(old, "bias", None) is None else old.bias)
             new.act_scheme = entry.get("act_scheme")
-            new.input_scale = tensors.get(f"{name}.input_scale")  # type: ignore[assignment]
+            for extra in EXTRAS:
+                setattr(new, extra, tensors.get(f"{name}.{extra}"))
         else:
             new = QEmbedding(q, entry.get("padding_idx"))
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
-    float_state = {k: v for k, v in tensors.items() if isinstance(v, torch.Tensor) and not k.endswith(".input_scale")}
+    float_state = {k: v for k, v in tensors.items()
+                   if isinstance(v, torch.Tensor) and not k.endswith(tuple(f".{e}" for e in EXTRAS))}
     missing, unexpected = model.load_state_dict(float_state, strict=False)
     if unexpected:
         raise CheckpointError(f"{p / WEIGHTS_FILE}: tensors not in the model: {', '.join(unexpected[:5])}")

@@ -27,6 +27,7 @@ class LayerStats:
     absmax: torch.Tensor | None = None
     tokens: int = 0
     sample: torch.Tensor | None = None
+    act_range: float | None = None  # per-tensor activation range for static activation quantization
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.methods.registry import LayerStats
+from lowbit.primitives.observers import HistogramObserver
 
 
 class _StopForward(Exception):
@@ -87,6 +88,8 @@ class StatsCollector:
     tokens: int = 0
     samples: list[torch.Tensor] = field(default_factory=list)
     window: int = 0
+    act_observer: str | None = None  # minmax | percentile | entropy: per-tensor range for static activations
+    hist: HistogramObserver | None = None
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)  # (tokens, in)
@@ -99,6 +102,9 @@ class StatsCollector:
             self.absmax = torch.zeros(x.shape[1])
             if self.want_xtx:
                 self.xtx = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+        if self.act_observer in ("percentile", "entropy"):
+            self.hist = self.hist or HistogramObserver()
+            self.hist.update(x)
         self.sq_sum += x.square().sum(dim=0, dtype=torch.float64)
         self.absmax = torch.maximum(self.absmax, amax)
         if self.xtx is not None:
@@ -114,7 +120,15 @@ class StatsCollector:
             return LayerStats()
         assert self.sq_sum is not None
         sample = torch.cat(self.samples)[: self.sample_rows] if self.samples else None
+        act_range = None
+        if self.act_observer == "minmax":
+            act_range = float(self.absmax.max())
+        elif self.act_observer == "percentile" and self.hist is not None:
+            act_range = self.hist.percentile(99.99)
+        elif self.act_observer == "entropy" and self.hist is not None:
+            act_range = self.hist.entropy()
         return LayerStats(
+            act_range=act_range,
             xtx=None if self.xtx is None else self.xtx.to(torch.float32),
             sq_mean=(self.sq_sum / self.tokens).to(torch.float32),
             absmax=self.absmax,
@@ -124,12 +138,14 @@ class StatsCollector:
 
 
 def collect_stats(block: nn.Module, inputs: list[BlockInput], layers: dict[str, nn.Module],
-                  want_xtx: set[str], sample_rows: int = 0, stop_after: Iterable[str] = ()) -> dict[str, LayerStats]:
+                  want_xtx: set[str], sample_rows: int = 0, stop_after: Iterable[str] = (),
+                  act_observers: dict[str, str] | None = None) -> dict[str, LayerStats]:
     """Run the block over ``inputs`` with hooks on ``layers`` (block-relative names -> modules).
 
     The forward stops early once every layer in ``stop_after`` has seen its input.
     """
-    collectors = {n: StatsCollector(n, n in want_xtx, sample_rows) for n in layers}
+    obs = act_observers or {}
+    collectors = {n: StatsCollector(n, n in want_xtx, sample_rows, act_observer=obs.get(n)) for n in layers}
     stop = set(stop_after)
     seen: set[str] = set()
 

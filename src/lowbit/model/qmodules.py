@@ -53,7 +53,8 @@ class QLinear(nn.Module):
         self.out_features, self.in_features = qweight.shape
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.act_scheme: str | None = None  # activation quantization, set by W8A8 methods
-        self.input_scale: torch.Tensor | None = None  # per-input-channel divisor folded from SmoothQuant
+        self.input_scale: torch.Tensor | None = None  # per-input-channel divisor (SmoothQuant, unfoldable pairs)
+        self.act_scale: torch.Tensor | None = None  # static per-tensor activation scale
         self._kernel: Kernel | None = None
 
     @classmethod
@@ -131,3 +132,65 @@ def rows_of(q: QTensor, uniq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     sub = QTensor(codes.reshape(-1), None, None, (len(uniq), cols), q.dtype, scheme)
     values = scheme.grid.decode(sub.codes_grouped(), s[uniq], None if z is None else z[uniq])
     return uniq, ungroup(values, (len(uniq), cols))
+
+
+# -- activation quantization (W8A8) -------------------------------------------------------------
+ACT_SCHEMES = ("int8-dynamic", "int8-static", "fp8-dynamic")
+
+
+def quantize_activation(x: torch.Tensor, act_scheme: str, static_scale: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes and scales of activations ``x`` (..., in): per token (dynamic) or one scale (static).
+
+    int8: symmetric, codes in [-127, 127] as int8; fp8: e4m3fn values. Returns (codes, scale (..., 1)).
+    """
+    if act_scheme == "int8-static":
+        if static_scale is None:
+            raise ValueError("int8-static activations need a calibrated scale: run calibration first")
+        s = static_scale.to(x.dtype).reshape(*([1] * x.dim()))
+        return torch.clamp(torch.round(x / s), -127, 127).to(torch.int8), s
+    amax = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8)
+    if act_scheme == "int8-dynamic":
+        s = amax / 127
+        return torch.clamp(torch.round(x / s), -127, 127).to(torch.int8), s
+    if act_scheme == "fp8-dynamic":
+        s = amax / 448.0
+        return (x / s).clamp(-448, 448).to(torch.float8_e4m3fn), s
+    raise ValueError(f"unknown activation scheme {act_scheme!r} (known: {', '.join(ACT_SCHEMES)})")
+
+
+def _w8_int(m: QLinear) -> bool:
+    sch = m.qweight.scheme
+    return sch.format == "int8" and sch.symmetric and sch.granularity == "channel"
+
+
+@register_kernel("fake-act", lambda m, x: m.act_scheme is not None)
+def _fake_act_linear(m: QLinear, x: torch.Tensor) -> torch.Tensor:
+    """Any weight scheme with quantized activations: quantize→dequantize x, then the float matmul."""
+    if m.input_scale is not None:
+        x = x / m.input_scale.to(x.dtype)
+    codes, s = quantize_activation(x, m.act_scheme, m.act_scale)
+    xq = codes.to(x.dtype) * s
+    return F.linear(xq, m.qweight.dequantize(x.dtype), None if m.bias is None else m.bias.to(x.dtype))
+
+
+@register_kernel("int8-int8", lambda m, x: m.act_scheme in ("int8-dynamic", "int8-static") and _w8_int(m))
+def _int8_linear(m: QLinear, x: torch.Tensor) -> torch.Tensor:
+    """int8 activations × int8 weights with int32 accumulation (torch._int_mm), rescaled per token/channel."""
+    if m.input_scale is not None:
+        x = x / m.input_scale.to(x.dtype)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    codes, s = quantize_activation(x2, m.act_scheme, m.act_scale)
+    w_int8 = getattr(m, "_w_int8", None)
+    if w_int8 is None:
+        # stored codes are offset by 128 (unsigned); the signed grid is codes - 128
+        grouped = m.qweight.codes_grouped().reshape(m.out_features, -1)[:, : m.in_features]
+        w_int8 = (grouped.to(torch.int16) - 128).to(torch.int8).T.contiguous()  # (in, out)
+        m._w_int8 = w_int8
+        m._w_scale = m.qweight.qparams()[0].reshape(1, -1)
+    acc = torch._int_mm(codes, w_int8)  # (tokens, out) int32
+    y = acc.to(torch.float32) * s.to(torch.float32) * m._w_scale
+    if m.bias is not None:
+        y = y + m.bias
+    return y.to(x.dtype).reshape(*lead, m.out_features)

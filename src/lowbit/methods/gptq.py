@@ -1,0 +1,254 @@
+"""GPTQ (Frantar et al. 2022): quantize a layer column by column, pushing each column's rounding error onto
+the columns not yet quantized through the inverse Hessian of the layer's reconstruction loss.
+
+For a linear layer ``y = x W^T`` with calibration inputs X ``(tokens, in)``, the loss of a quantized Ŵ is
+``||X W^T - X Ŵ^T||² / tokens = trace((W-Ŵ) XtX (W-Ŵ)^T) / tokens``. Its Hessian w.r.t. one row of W is
+``H = 2 XtX / tokens`` (the same for every row). Quantizing column j with error ``e_j = w_j - q_j`` is best
+compensated by moving the later columns by ``-e_j Hinv[j, j:] / Hinv[j, j]``; with ``U`` the upper Cholesky
+factor of ``Hinv`` the remaining-column inverses the paper needs are exactly the rows of ``U``.
+
+>>> x = torch.randn(512, 64); w = torch.randn(32, 64)
+>>> stats = LayerStats(xtx=x.T @ x, tokens=512)
+>>> r = gptq(w, stats, parse_scheme("int4-g32"), MethodConfig())
+>>> r.loss < r.info["rtn_loss"]
+True
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from lowbit.core.qtensor import QTensor
+from lowbit.core.scheme import Scheme
+from lowbit.errors import LowbitError
+from lowbit.methods.registry import LayerStats, MethodConfig, QuantResult, register_method
+from lowbit.methods.rtn import importance_view, quantize_rtn
+from lowbit.primitives.observers import get_observer
+from lowbit.primitives.quant import Grid, as_matrix, group_view
+
+__all__ = ["gptq", "gptq_quantize", "hessian_inverse_factor", "reconstruction_loss"]
+
+log = logging.getLogger(__name__)
+
+# A Cholesky pivot² below this fraction of the largest diagonal entry counts as numerically singular.
+MIN_PIVOT = 1e-8
+
+
+def hessian_inverse_factor(
+    h: torch.Tensor, damp: float = 0.01, damp_max: float = 1.0
+) -> tuple[torch.Tensor, float, bool]:
+    """Upper Cholesky factor U of ``(H + δ·mean(diag H)·I)^-1`` (float64), raising δ ×10 until it works.
+
+    Returns ``(U, δ used, whether δ had to be raised)``; raises LowbitError if δ would exceed ``damp_max``.
+
+    >>> h = torch.tensor([[2.0, 2.0], [2.0, 2.0]], dtype=torch.float64)  # singular
+    >>> u, d, raised = hessian_inverse_factor(h, damp=0.0)
+    >>> d > 0 and raised
+    True
+    """
+    n = h.shape[0]
+    mean_diag = float(h.diagonal().mean())
+    max_diag = float(h.diagonal().max())
+    ratio, raised = float(damp), False
+    while True:
+        hd = h.clone()
+        hd.diagonal().add_(ratio * mean_diag)
+        lower, info = torch.linalg.cholesky_ex(hd)  # (n, n)
+        if int(info) == 0 and float(lower.diagonal().min()) ** 2 >= MIN_PIVOT * max_diag:
+            u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)  # (n, n) upper
+            if int(info) == 0 and bool(torch.isfinite(u).all()):
+                return u, ratio, raised
+        nxt = ratio * 10 if ratio > 0 else 1e-4
+        if nxt > damp_max * (1 + 1e-9):
+            raise LowbitError(
+                f"gptq: the Hessian ({n}x{n}) is not positive definite even with dampening {ratio:g} "
+                f"(option 'damp_max' = {damp_max:g}): the calibration statistics (xtx) look broken"
+            )
+        ratio, raised = nxt, True
+
+
+def reconstruction_loss(w: torch.Tensor, w_hat: torch.Tensor, xtx: torch.Tensor, tokens: int) -> float:
+    """``||X W^T - X Ŵ^T||² / tokens`` from ``XtX`` ``(in, in)``: ``trace(D XtX D^T) / tokens``, D = W - Ŵ."""
+    d = (w.reshape(w.shape[0], -1).float() - w_hat.reshape(w.shape[0], -1).float())  # (out, in)
+    return float(((d @ xtx.float()).double() * d.double()).sum()) / max(tokens, 1)
+
+
+def _qparams(xg: torch.Tensor, grid: Grid, observer: str, imp: torch.Tensor | None):
+    """Scale and zero ``(R, G, 1)`` of a grouped view ``(R, G, g)`` with the named observer."""
+    lo, hi = get_observer(observer)(xg, grid, imp)
+    return grid.qparams(lo, hi)
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    xtx: torch.Tensor,
+    tokens: int,
+    scheme: Scheme,
+    observer: str = "minmax",
+    importance: torch.Tensor | None = None,
+    block_size: int = 128,
+    damp: float = 0.01,
+    damp_max: float = 1.0,
+    act_order: bool = False,
+    static_groups: bool | None = None,
+) -> tuple[QTensor, torch.Tensor, dict]:
+    """GPTQ of ``weight`` ``(out, in)`` given ``xtx`` = Σ x xᵀ ``(in, in)`` over ``tokens`` inputs.
+
+    Returns ``(qtensor, Ŵ float32 (out, in), info)``. ``act_order`` quantizes columns by decreasing H_ii and
+    implies static groups (each group's qparams from the original weights), so the layout stays the plain
+    ``(R, G, g)`` one. ``importance`` (``(in,)``, e.g. E[x²]) weights the observer's error.
+
+    >>> x = torch.randn(256, 48); w = torch.randn(16, 48)
+    >>> q, w_hat, info = gptq_quantize(w, x.T @ x, 256, parse_scheme("int3-g16"))
+    >>> torch.equal(q.dequantize(), w_hat)
+    True
+    """
+    t0 = time.perf_counter()
+    rows, n = as_matrix(tuple(weight.shape))
+    if xtx.shape != (n, n):
+        raise LowbitError(
+            f"gptq: xtx has shape {tuple(xtx.shape)}, expected ({n}, {n}) for a weight {tuple(weight.shape)}"
+        )
+    if tokens <= 0:
+        raise LowbitError("gptq: the statistics saw no tokens: run calibration first")
+    if block_size < 1:
+        raise LowbitError(f"gptq: option 'block_size' must be positive, got {block_size}")
+    w0 = weight.detach().reshape(rows, n).to(torch.float32)
+    if not bool(torch.isfinite(w0).all()):
+        raise LowbitError("gptq: the weight holds NaN or Inf values")
+    h = xtx.detach().to(torch.float64) * (2.0 / tokens)  # (n, n) Hessian of the reconstruction loss
+    if not bool(torch.isfinite(h).all()):
+        raise LowbitError("gptq: xtx holds NaN or Inf values")
+    if bool((h.diagonal() < 0).any()):
+        raise LowbitError("gptq: xtx has negative diagonal entries (it is not a sum of x xᵀ)")
+
+    # Inputs that never fire: their weights cannot matter, quantize them as exact zeros.
+    dead = h.diagonal() == 0  # (n,)
+    h.diagonal()[dead] = 1.0
+    w = w0.clone()
+    w[:, dead] = 0.0
+
+    grid = scheme.grid
+    gran = scheme.granularity
+    R, G, g = scheme.group_dims((rows, n))
+    if gran != "group":
+        g = n  # one group of columns: per-channel / per-tensor qparams come from the whole matrix at once
+    static = bool(static_groups) or act_order
+    dynamic = gran == "group" and not static and grid.has_scale
+    s_all = torch.ones(R, G, 1, device=w.device) if grid.has_scale else None  # (R, G, 1)
+    z_all = torch.zeros(R, G, 1, device=w.device) if grid.has_zero else None
+    if grid.has_scale and not dynamic:
+        imp = None if importance is None else importance_view(importance, (rows, n), scheme)
+        s_all, z_all = _qparams(group_view(w, gran, scheme.group_size), grid, observer, imp)
+
+    perm = None
+    if act_order:
+        perm = torch.argsort(h.diagonal(), descending=True, stable=True)  # (n,)
+        w = w[:, perm]
+        h = h[perm][:, perm]
+    u64, damp_used, raised = hessian_inverse_factor(h, damp, damp_max)
+    u = u64.to(torch.float32)  # (n, n) upper
+    col_group = ((perm if perm is not None else torch.arange(n)) // g).tolist()  # group of each processed column
+
+    # Work on Wᵀ (n, rows) so a column of W is a contiguous row.
+    wt = w.t().contiguous()  # (n, rows)
+    qt = torch.empty_like(wt)  # (n, rows) quantized columns
+    bs = block_size
+    if dynamic and g <= bs:
+        bs = (bs // g) * g  # whole groups per block: a group's current values all live in the block
+    i1 = 0
+    while i1 < n:
+        i2 = min(i1 + bs, n)
+        if dynamic and g > bs:
+            i2 = min(i2, (i1 // g + 1) * g)  # blocks never straddle a group start
+        w1 = wt[i1:i2].clone()  # (b, rows) current weights of the block's columns
+        e1 = torch.empty_like(w1)  # (b, rows) scaled errors
+        u1 = u[i1:i2, i1:i2]  # (b, b)
+        for i in range(i2 - i1):
+            j = i1 + i
+            k = col_group[j]
+            if dynamic and j % g == 0:
+                # Group qparams from the error-updated weights (rows, gk) of the group's columns.
+                end = min(j + g, n)  # the last group may be ragged
+                src = w1[i : i + end - j] if end <= i2 else wt[j:end]  # (gk, rows); wt is current at i == 0
+                xg = src.t().unsqueeze(1)  # (rows, 1, gk)
+                imp = None if importance is None else importance[j:end].float().reshape(1, 1, -1)
+                sk, zk = _qparams(xg, grid, observer, imp)
+                s_all[:, k : k + 1] = sk
+                if z_all is not None:
+                    z_all[:, k : k + 1] = zk
+            col = w1[i]  # (rows,)
+            sk = None if s_all is None else s_all[:, k : k + 1]  # (R, 1, 1)
+            zk = None if z_all is None else z_all[:, k : k + 1]
+            q = grid.fake(col.reshape(rows, 1, 1), sk, zk).reshape(rows)
+            qt[j] = q
+            err = (col - q).div_(u1[i, i])  # (rows,)
+            e1[i] = err
+            w1[i:].addr_(u1[i, i:], err, alpha=-1.0)  # (b-i, rows) -= Hinv row ⊗ error
+        if i2 < n:
+            wt[i2:].addmm_(u[i1:i2, i2:].t(), e1, alpha=-1.0)  # lazy update of the later columns
+        i1 = i2
+
+    w_hat = qt.t()  # (rows, n)
+    if perm is not None:
+        w_hat = w_hat[:, torch.argsort(perm)]
+    w_hat = w_hat.contiguous()
+    # Ŵ lies on the grid: re-encoding it with the same qparams gives the codes back exactly.
+    xg_hat = group_view(w_hat, gran, scheme.group_size)
+    qtensor = QTensor.from_grouped(grid.encode(xg_hat, s_all, z_all), s_all, z_all, tuple(weight.shape),
+                                   weight.dtype, scheme)
+    info = {
+        "damp": damp_used,
+        "damp_raised": raised,
+        "dead_columns": int(dead.sum()),
+        "act_order": bool(act_order),
+        "static_groups": bool(static),
+        "seconds": time.perf_counter() - t0,
+    }
+    if raised:
+        log.warning("gptq: Hessian dampening raised to %g of the mean diagonal", damp_used)
+    return qtensor, w_hat, info
+
+
+@register_method("gptq", needs_data=True)
+def gptq(weight: torch.Tensor, stats: LayerStats, scheme: Scheme, config: MethodConfig) -> QuantResult:
+    """GPTQ as a registered method. Options: ``damp`` (0.01), ``damp_max`` (1.0), ``block_size`` (128),
+    ``act_order`` (False), ``static_groups`` (default: = act_order). ``loss`` is the output reconstruction
+    loss ``||XWᵀ - XŴᵀ||²/tokens``; ``info["rtn_loss"]`` the same for min-max RTN.
+
+    >>> x = torch.randn(256, 64)
+    >>> r = gptq(torch.randn(8, 64), LayerStats(xtx=x.T @ x, tokens=256), parse_scheme("int4-g32"),
+    ...          MethodConfig(options={"act_order": True}))
+    >>> r.info["act_order"], r.qtensor.shape
+    (True, (8, 64))
+    """
+    if stats.xtx is None:
+        raise LowbitError("gptq needs calibration statistics (xtx): run calibration first")
+    opts = dict(config.options)
+    known = {"damp", "damp_max", "block_size", "act_order", "static_groups"}
+    unknown = set(opts) - known
+    if unknown:
+        raise LowbitError(f"gptq: unknown option(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
+    imp = None
+    if config.importance:
+        if stats.sq_mean is None:
+            raise LowbitError("gptq: importance weighting needs sq_mean statistics: run calibration first")
+        imp = stats.sq_mean.detach().float()
+    q, w_hat, info = gptq_quantize(
+        weight, stats.xtx, stats.tokens, scheme,
+        observer=config.observer,
+        importance=imp,
+        block_size=int(opts.get("block_size", 128)),
+        damp=float(opts.get("damp", 0.01)),
+        damp_max=float(opts.get("damp_max", 1.0)),
+        act_order=bool(opts.get("act_order", False)),
+        static_groups=opts.get("static_groups"),
+    )
+    w2 = weight.detach().reshape(w_hat.shape)
+    loss = reconstruction_loss(w2, w_hat, stats.xtx, stats.tokens)
+    rtn_hat = quantize_rtn(weight.detach(), scheme, "minmax").dequantize(torch.float32).reshape(w_hat.shape)
+    info["rtn_loss"] = reconstruction_loss(w2, rtn_hat, stats.xtx, stats.tokens)
+    return QuantResult(q, loss, info)
