@@ -58,10 +58,27 @@ def layer_table(report: QuantReport, limit: int = 12) -> Table:
     return t
 
 
-def _quantize(args: argparse.Namespace, model, tok) -> tuple[Any, QuantReport]:
+def _validate(args: argparse.Namespace) -> None:
+    """Everything that can be checked before the (slow) model load."""
+    from lowbit.methods.registry import get_method
+    from lowbit.primitives.observers import get_observer
+
+    lowbit.parse_scheme(args.scheme)
+    get_method(args.method)
+    get_observer(args.observer)
+    if args.plan:
+        Plan.from_json(args.plan)
+    Plan.default(args.scheme).with_rules(args.rule, args.keep)
     if _needs_calib(args) and not args.calib:
         raise LowbitError(f"--method {args.method}{' --importance' if args.importance else ''} needs calibration "
                           f"text: pass --calib FILE")
+    if args.calib:
+        from lowbit.eval.windows import read_text
+
+        read_text(args.calib)
+
+
+def _quantize(args: argparse.Namespace, model, tok) -> tuple[Any, QuantReport]:
     if args.calib and not args.json:
         err.print(f"calibration   {args.calib_windows} windows × {args.window_len} tokens from {args.calib}")
     return lowbit.quantize(model, tok, scheme=args.scheme, method=args.method, calib=args.calib,
@@ -71,10 +88,8 @@ def _quantize(args: argparse.Namespace, model, tok) -> tuple[Any, QuantReport]:
 
 
 def cmd_quantize(args: argparse.Namespace) -> dict[str, Any] | None:
-    lowbit.parse_scheme(args.scheme)
+    _validate(args)
     _check_out(args.out, args.force, args.source)
-    if args.plan:
-        Plan.from_json(args.plan)
     t0 = time.perf_counter()
     model, tok = lowbit.load(args.source)
     qmodel, report = _quantize(args, model, tok)
@@ -153,6 +168,7 @@ def cmd_size(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def cmd_plan(args: argparse.Namespace) -> dict[str, Any] | None:
+    _validate(args)
     model, _ = lowbit.load(args.source)
     base = _plan(args, model) or lowbit.default_plan(model, args.scheme, args.method, _config(args))
     plan = base.with_rules(args.rule, args.keep, method=args.method, config=_config(args))

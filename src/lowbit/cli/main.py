@@ -101,10 +101,22 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _quiet_transformers() -> None:
+    """lowbit draws its own progress bars; transformers' weight-loading bars would interleave with them."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    _quiet_transformers()
     try:
         result = args.func(args)
     except LowbitError as e:

@@ -1,0 +1,142 @@
+"""SmolLM2-135M quality per bit (protocol of shared/BENCHMARK.md).
+
+    .venv/bin/python bench/quality.py rtn:int4-g128 mse:int4-g128 gptq:int4-g64 ... [--windows 40]
+        [--gguf Q4_K_M=/path/model.gguf ...] [--json bench/results/quality.json]
+
+Each config ``METHOD[+mse|+imp]:SCHEME`` is quantized by the real CLI in a child process
+(``lowbit quantize … --json``), whose wall time and peak RSS come from ``os.wait4``. Then every
+model (and any GGUF made by another tool, loaded and dequantized by lowbit) is evaluated on the same
+windows of the WikiText-2 test split; the float reference runs once per window and every model is
+compared with it there (KL from float64 log-softmax, exact). Calibration: WikiText-2 validation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import lowbit
+from lowbit.assets import smollm2_gguf, wikitext
+from lowbit.eval import metrics
+from lowbit.eval.windows import read_text, token_windows
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "bench" / ".work"
+
+
+def run_quantize(name: str, method: str, scheme: str, calib_windows: int) -> dict:
+    base, _, flavour = method.partition("+")
+    out = WORK / name
+    cmd = [str(ROOT / ".venv" / "bin" / "lowbit"), "quantize", str(smollm2_gguf()), "-o", str(out), "--scheme",
+           scheme, "--method", base, "--force", "--json", "--calib-windows", str(calib_windows)]
+    if flavour == "mse":
+        cmd += ["--observer", "mse"]
+    if flavour == "imp":
+        cmd += ["--observer", "mse", "--importance"]
+    if base != "rtn" or flavour == "imp":
+        cmd += ["--calib", str(wikitext("valid"))]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    stdout = proc.stdout.read() if proc.stdout else ""
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    if status != 0:
+        raise SystemExit(f"{name}: `{' '.join(cmd)}` failed")
+    rep = json.loads(stdout)
+    return {"name": name, "method": method, "scheme": scheme, "path": str(out), "wall_s": wall,
+            "peak_rss_gb": usage.ru_maxrss / 1e6, "bpw": rep["bpw"], "bytes_on_disk": rep["bytes_on_disk"],
+            "command": " ".join(cmd[1:]).replace(str(ROOT) + "/", "")}
+
+
+@torch.no_grad()
+def evaluate_all(models: dict[str, torch.nn.Module], reference: torch.nn.Module, windows: torch.Tensor) -> dict:
+    acc = {n: {"nll": [], "kl": [], "top1": []} for n in ["float32", *models]}
+    for w in windows:
+        ids = w.unsqueeze(0)
+        ref_logits = reference(ids).logits[0, :-1]
+        targets = w[1:]
+        nll_r, logp_r = metrics.nll_and_logprobs(ref_logits, targets)
+        acc["float32"]["nll"].append(nll_r)
+        for n, m in models.items():
+            logits = m(ids).logits[0, :-1]
+            nll, logp = metrics.nll_and_logprobs(logits, targets)
+            acc[n]["nll"].append(nll)
+            acc[n]["kl"].append(metrics.kl_divergence(logp_r, logp))
+            acc[n]["top1"].append((logits.argmax(-1) == ref_logits.argmax(-1)).double())
+            del logp
+        del logp_r
+        print(".", end="", flush=True, file=sys.stderr)
+    print(file=sys.stderr)
+    out = {}
+    for n, a in acc.items():
+        r = {"ppl": metrics.perplexity(torch.cat(a["nll"]))}
+        if a["kl"]:
+            kl = torch.cat(a["kl"])
+            r |= {"kl_mean": float(kl.mean()), "kl_p99": metrics.quantile(kl, 0.99),
+                  "top1": float(torch.cat(a["top1"]).mean())}
+        out[n] = r
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("configs", nargs="*", help="METHOD[+mse|+imp]:SCHEME, e.g. gptq:int4-g64")
+    ap.add_argument("--windows", type=int, default=40)
+    ap.add_argument("--calib-windows", type=int, default=128)
+    ap.add_argument("--gguf", action="append", default=[], metavar="NAME=PATH", help="a GGUF made by another tool")
+    ap.add_argument("--json", help="write all figures here")
+    ap.add_argument("--keep", action="store_true", help="keep the quantized models in bench/.work")
+    a = ap.parse_args()
+    torch.set_num_threads(2)
+    WORK.mkdir(parents=True, exist_ok=True)
+    runs = []
+    for c in a.configs:
+        method, _, scheme = c.partition(":")
+        name = f"{scheme}-{method}"
+        runs.append(run_quantize(name, method, scheme, a.calib_windows))
+        print(f"quantized {name}: {runs[-1]['wall_s']:.0f} s, {runs[-1]['peak_rss_gb']:.2f} GB", file=sys.stderr)
+    reference, tok = lowbit.load(smollm2_gguf())
+    windows = token_windows(tok, read_text(wikitext("test")), a.windows, 512)
+    models = {r["name"]: lowbit.load(r["path"])[0] for r in runs}
+    extra = {}
+    for spec in a.gguf:
+        n, _, p = spec.partition("=")
+        models[n] = lowbit.load(p)[0]
+        extra[n] = {"name": n, "path": p, "bytes_on_disk": Path(p).stat().st_size}
+    quality = evaluate_all(models, reference, windows)
+    rows = []
+    for r in runs + list(extra.values()):
+        q = quality[r["name"]]
+        if "bpw" not in r:
+            from lowbit.io.inspect import inspect_path, summarize
+
+            rows_ = [t for t in inspect_path(r["path"]) if len(t.shape) == 2]
+            _, nbytes, _ = summarize(rows_)
+            r["bpw"] = 8 * nbytes / sum(t.shape[0] * t.shape[1] for t in rows_)
+        rows.append(r | q)
+    print(f"\nSmolLM2-135M-Instruct · {a.windows} windows × 512 of wikitext2-test · float32 ppl "
+          f"{quality['float32']['ppl']:.3f}")
+    print("| model | bpw | ppl | KL mean | KL p99 | top-1 | quantize s | peak RSS GB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        wall, rss = r.get("wall_s", float("nan")), r.get("peak_rss_gb", float("nan"))
+        print(f"| {r['name']} | {r['bpw']:.3f} | {r['ppl']:.3f} | {r['kl_mean']:.4f} | {r['kl_p99']:.3f} | "
+              f"{100 * r['top1']:.1f}% | {wall:.0f} | {rss:.2f} |")
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps({"float32": quality["float32"], "rows": rows, "windows": a.windows,
+                                            "torch": torch.__version__}, indent=2))
+    if not a.keep:
+        shutil.rmtree(WORK, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,18 @@
+"""Evaluation (DESIGN.md layer 6): quality, size, speed and memory on identical token windows.
+
+>>> from lowbit.eval import evaluate, format_table, read_text
+>>> r = evaluate(qmodel, reference=model, tokenizer=tok, text=read_text("test.txt"))  # doctest: +SKIP
+>>> print(format_table([r]))  # doctest: +SKIP
+"""
+
+from lowbit.eval.harness import evaluate
+from lowbit.eval.report import format_table, write_report
+from lowbit.eval.result import EvalResult, WorstWindow
+from lowbit.eval.size import SizeInfo, model_size
+from lowbit.eval.speed import SpeedInfo, measure_speed
+from lowbit.eval.windows import EvalDataError, read_text, sentences, token_windows
+
+__all__ = [
+    "EvalDataError", "EvalResult", "SizeInfo", "SpeedInfo", "WorstWindow", "evaluate", "format_table",
+    "measure_speed", "model_size", "read_text", "sentences", "token_windows", "write_report",
+]

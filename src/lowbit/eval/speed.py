@@ -1,0 +1,141 @@
+"""Inference speed and memory, measured raw so the harness can divide by the reference's figures.
+
+* forward throughput: tokens/s of full-window forward passes at batch 1 (no KV cache);
+* decode latency: ms per new token, greedy, with a KV cache, after a prompt of ``context`` tokens;
+* peak RSS of this process.
+
+Every figure is the median of ``repeats`` runs with ``torch`` limited to ``threads`` threads (restored after).
+
+>>> info = measure_speed(model, windows[:2], causal=True)  # doctest: +SKIP
+>>> info.tokens_per_s, info.decode_ms_per_token  # doctest: +SKIP
+(3012.5, 21.7)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+@dataclass(frozen=True)
+class SpeedInfo:
+    tokens_per_s: float
+    decode_ms_per_token: float | None
+    peak_rss_bytes: int
+    threads: int
+    load_avg: float | None = None  # 1-minute load average before timing: above the core count, figures are noise
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (bytes)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB, macOS bytes
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(n)`` (None: leave it), restoring the old value."""
+    old = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def forward_seconds(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], causal: bool = True) -> float:
+    """Wall seconds of one forward pass over every batch (inputs moved to the model's device first)."""
+    dev = _device(model)
+    batches = [{k: v.to(dev) for k, v in b.items()} for b in batches]
+    extra = {"use_cache": False} if causal else {}  # throughput of full windows, no KV cache kept
+    _sync(dev)
+    t0 = time.perf_counter()
+    for b in batches:
+        model(**b, **extra)
+    _sync(dev)
+    return time.perf_counter() - t0
+
+
+@torch.inference_mode()
+def decode_ms_per_token(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int = 32) -> float:
+    """Median ms per greedily decoded token after prefilling ``prompt`` ``(T,)`` into a KV cache."""
+    dev = _device(model)
+    ids = prompt.reshape(1, -1).to(dev)  # (1, T)
+    out = model(input_ids=ids, use_cache=True)
+    past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)  # (1, 1)
+    times = []
+    for _ in range(new_tokens):
+        _sync(dev)
+        t0 = time.perf_counter()
+        out = model(input_ids=nxt, past_key_values=past, use_cache=True)
+        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        _sync(dev)
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+def measure_speed(
+    model: torch.nn.Module,
+    windows: torch.Tensor | list[dict[str, torch.Tensor]],
+    causal: bool = True,
+    context: int = 128,
+    new_tokens: int = 32,
+    repeats: int = 3,
+    threads: int | None = 2,
+) -> SpeedInfo:
+    """Median forward tokens/s over ``windows`` (``(n, L)`` token ids, or encoder input dicts) and, for a
+    causal LM, median decode latency at ``context`` tokens with a KV cache.
+
+    One untimed warm-up pass precedes the timed ones.
+
+    >>> measure_speed(model, torch.randint(0, 100, (2, 64)), context=16, new_tokens=4)  # doctest: +SKIP
+    SpeedInfo(tokens_per_s=..., decode_ms_per_token=..., peak_rss_bytes=..., threads=2)
+    """
+    if isinstance(windows, torch.Tensor):
+        batches = [{"input_ids": w.reshape(1, -1)} for w in windows]  # batch 1
+    else:
+        batches = list(windows)
+    n_tokens = sum(int(b["input_ids"].numel()) for b in batches)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    if load is not None and load > (os.cpu_count() or 1):
+        log.warning("load average %.1f exceeds %d CPUs: speed figures will be unreliable", load, os.cpu_count())
+    was_training = model.training
+    model.eval()
+    try:
+        with torch_threads(threads):
+            forward_seconds(model, batches[:1], causal)  # warm-up
+            secs = statistics.median(forward_seconds(model, batches, causal) for _ in range(repeats))
+            decode = None
+            if causal:
+                prompt = batches[0]["input_ids"].reshape(-1)[:context]
+                decode_ms_per_token(model, prompt, new_tokens=2)  # warm-up
+                decode = statistics.median(decode_ms_per_token(model, prompt, new_tokens) for _ in range(repeats))
+    finally:
+        model.train(was_training)
+    used = torch.get_num_threads() if threads is None else threads
+    return SpeedInfo(n_tokens / secs, decode, peak_rss_bytes(), used, load)

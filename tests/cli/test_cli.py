@@ -1,0 +1,100 @@
+"""The CLI as a user runs it, on a tiny random Llama saved as a Hugging Face folder."""
+
+import json
+
+import pytest
+
+from lowbit.cli.main import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+@pytest.fixture
+def calib(tmp_path):
+    p = tmp_path / "calib.txt"
+    p.write_text(" ".join(f"the quick brown fox {i} jumps over the lazy dog." for i in range(400)))
+    return p
+
+
+def test_quantize_inspect_eval_plan(tmp_path, capsys, tiny_llama_dir, calib):
+    out = tmp_path / "q"
+    code, stdout, _ = run(capsys, "quantize", str(tiny_llama_dir), "-o", str(out), "--scheme", "int4-g32",
+                          "--method", "gptq", "--calib", str(calib), "--calib-windows", "4", "--window-len", "64",
+                          "--rule", "mlp.down_proj=int8", "--json")
+    assert code == 0
+    rep = json.loads(stdout)
+    assert rep["report"]["calib_windows"] == 4 and 4.6 < rep["bpw"] < 7  # down_proj at int8 lifts the mean
+    assert (out / "quantization.json").exists()
+
+    code, stdout, _ = run(capsys, "inspect", str(out), "--json")
+    assert code == 0
+    names = {t["name"]: t for t in json.loads(stdout)["tensors"]}
+    assert names["model.layers.0.mlp.down_proj.weight"]["format"] == "int8"
+    assert names["model.layers.0.mlp.up_proj.weight"]["format"] == "int4-g32"
+
+    code, stdout, _ = run(capsys, "eval", str(out), "--reference", str(tiny_llama_dir), "--data", str(calib),
+                          "--windows", "2", "--window-len", "64", "--no-speed", "--json")
+    assert code == 0
+    ev = json.loads(stdout)
+    assert ev["kl_mean"] > 0 and ev["perplexity"] > 1
+
+    code, stdout, _ = run(capsys, "plan", str(tiny_llama_dir), "--scheme", "int3-g32", "--keep", "lm_head",
+                          "-o", str(tmp_path / "plan.json"))
+    assert code == 0
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["rules"][-1] == {"pattern": "lm_head", "scheme": None}
+    code, stdout, _ = run(capsys, "quantize", str(tiny_llama_dir), "-o", str(tmp_path / "q2"), "--plan",
+                          str(tmp_path / "plan.json"))
+    assert code == 0 and "lm_head" in stdout
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--scheme", "int5-g33x"], "cannot parse scheme 'int5-g33x'"),
+        (["--method", "gptq"], "needs calibration text"),
+        (["--method", "magic"], "unknown method 'magic'"),
+        (["--calib", "/nonexistent/calib.txt", "--method", "gptq"], "calib.txt"),
+        (["--rule", "down_proj"], "PATTERN=SCHEME"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(tmp_path, capsys, tiny_llama_dir, argv, needle):
+    code, _, err = run(capsys, "quantize", str(tiny_llama_dir), "-o", str(tmp_path / "o"), *argv)
+    assert code == 2
+    assert needle in err and err.startswith("error: ") and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_output_and_source_protected(tmp_path, capsys, tiny_llama_dir):
+    (tmp_path / "o").mkdir()
+    code, _, err = run(capsys, "quantize", str(tiny_llama_dir), "-o", str(tmp_path / "o"))
+    assert code == 2 and "--force" in err
+    before = sorted(p.name for p in tiny_llama_dir.iterdir())
+    code, _, err = run(capsys, "quantize", str(tiny_llama_dir), "-o", str(tiny_llama_dir), "--force")
+    assert code == 2 and "source" in err
+    assert sorted(p.name for p in tiny_llama_dir.iterdir()) == before
+
+
+def test_missing_and_corrupt_models(tmp_path, capsys):
+    code, _, err = run(capsys, "quantize", str(tmp_path / "nope"), "-o", str(tmp_path / "o"))
+    assert code == 2 and "nope" in err
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF\x03\x00\x00\x00garbage")
+    code, _, err = run(capsys, "quantize", str(bad), "-o", str(tmp_path / "o"))
+    assert code == 2 and "bad.gguf" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_size_from_config(tmp_path, capsys):
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+           "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+           "num_key_value_heads": 32, "vocab_size": 32000, "tie_word_embeddings": False}
+    p = tmp_path / "config.json"
+    p.write_text(json.dumps(cfg))
+    code, stdout, _ = run(capsys, "size", str(p))
+    assert code == 0
+    assert "fp32" in stdout and "26.95 GB" in stdout and "13.4" in stdout
