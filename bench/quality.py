@@ -29,7 +29,7 @@ from lowbit.eval import metrics
 from lowbit.eval.windows import read_text, token_windows
 
 ROOT = Path(__file__).resolve().parent.parent
-WORK = ROOT / "bench" / ".work"
+WORK = Path(os.environ.get("LOWBIT_BENCH_WORK", ROOT / "bench" / ".work"))
 
 
 def run_quantize(name: str, method: str, scheme: str, calib_windows: int) -> dict:

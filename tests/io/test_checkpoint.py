@@ -103,3 +103,11 @@ def test_version_and_not_lowbit(tmp_path):
         lowbit.load_tensors(p)
     with pytest.raises(CheckpointError, match="no such"):
         lowbit.load_tensors(tmp_path / "missing.safetensors")
+
+
+def test_written_files_get_usual_permissions(tmp_path):
+    p = tmp_path / "w.safetensors"
+    lowbit.save_tensors(p, {"w": torch.zeros(2)})
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (p.stat().st_mode & 0o777) == 0o666 & ~mask
