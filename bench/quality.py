@@ -32,9 +32,13 @@ ROOT = Path(__file__).resolve().parent.parent
 WORK = Path(os.environ.get("LOWBIT_BENCH_WORK", ROOT / "bench" / ".work"))
 
 
-def run_quantize(name: str, method: str, scheme: str, calib_windows: int) -> dict:
+def run_quantize(name: str, method: str, scheme: str, calib_windows: int, reuse: bool = False) -> dict:
     base, _, flavour = method.partition("+")
     out = WORK / name
+    if reuse and (out / "quantization.json").exists():
+        summary = json.loads((out / "quantization.json").read_text())["report"]
+        return {"name": name, "method": method, "scheme": scheme, "path": str(out), "bpw": summary["linear_bpw"],
+                "bytes_on_disk": sum(f.stat().st_size for f in out.iterdir()), "reused": True}
     cmd = [str(ROOT / ".venv" / "bin" / "lowbit"), "quantize", str(smollm2_gguf()), "-o", str(out), "--scheme",
            scheme, "--method", base, "--force", "--json", "--calib-windows", str(calib_windows)]
     if flavour == "mse":
@@ -94,6 +98,7 @@ def main() -> None:
     ap.add_argument("--gguf", action="append", default=[], metavar="NAME=PATH", help="a GGUF made by another tool")
     ap.add_argument("--json", help="write all figures here")
     ap.add_argument("--keep", action="store_true", help="keep the quantized models in bench/.work")
+    ap.add_argument("--reuse", action="store_true", help="evaluate models already in the work dir (no timing)")
     a = ap.parse_args()
     torch.set_num_threads(2)
     WORK.mkdir(parents=True, exist_ok=True)
@@ -101,8 +106,9 @@ def main() -> None:
     for c in a.configs:
         method, _, scheme = c.partition(":")
         name = f"{scheme}-{method}"
-        runs.append(run_quantize(name, method, scheme, a.calib_windows))
-        print(f"quantized {name}: {runs[-1]['wall_s']:.0f} s, {runs[-1]['peak_rss_gb']:.2f} GB", file=sys.stderr)
+        runs.append(run_quantize(name, method, scheme, a.calib_windows, a.reuse))
+        if "wall_s" in runs[-1]:
+            print(f"quantized {name}: {runs[-1]['wall_s']:.0f} s, {runs[-1]['peak_rss_gb']:.2f} GB", file=sys.stderr)
     reference, tok = lowbit.load(smollm2_gguf())
     windows = token_windows(tok, read_text(wikitext("test")), a.windows, 512)
     models = {r["name"]: lowbit.load(r["path"])[0] for r in runs}

@@ -98,3 +98,23 @@ def test_size_from_config(tmp_path, capsys):
     code, stdout, _ = run(capsys, "size", str(p))
     assert code == 0
     assert "fp32" in stdout and "26.95 GB" in stdout and "13.4" in stdout
+
+
+def test_demo_on_own_model_and_text(tmp_path, capsys, tiny_llama_dir, calib):
+    held = tmp_path / "held.txt"
+    held.write_text(" ".join(f"a lazy dog {i} sleeps under the brown tree." for i in range(400)))
+    out = tmp_path / "demo-out"
+    code, stdout, err = run(capsys, "demo", "--model", str(tiny_llama_dir), "--calib", str(calib), "--data",
+                            str(held), "--calib-windows", "4", "--windows", "2", "--window-len", "64", "-o", str(out))
+    assert code == 0, err
+    assert "prompt:" in stdout and "float32" in stdout and str(out) in stdout
+    assert (out / "quantization.json").exists()
+    # re-running replaces its own earlier output, but never a folder that is not a lowbit model
+    code, _, _ = run(capsys, "demo", "--model", str(tiny_llama_dir), "--calib", str(calib), "--data", str(held),
+                     "--calib-windows", "4", "--windows", "2", "--window-len", "64", "-o", str(out), "--json")
+    assert code == 0
+    (tmp_path / "mine").mkdir()
+    code, _, err = run(capsys, "demo", "--model", str(tiny_llama_dir), "-o", str(tmp_path / "mine"))
+    assert code == 2 and "not a lowbit model" in err
+    code, _, err = run(capsys, "demo", "--model", str(tiny_llama_dir), "--calib", str(calib), "--data", str(calib))
+    assert code == 2 and "same file" in err

@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--data", help="evaluation text file (default: other Wikipedia articles, disjoint)")
     d.add_argument("--scheme", default="int4-g64-sym", help="default int4-g64-sym")
     d.add_argument("--method", default=None, help="default: the best method available (gptq)")
-    d.add_argument("--calib-windows", type=int, default=32, help="default 32")
+    d.add_argument("--calib-windows", type=int, default=16, help="default 16")
     d.add_argument("--windows", type=int, default=16, help="evaluation windows (default 16)")
     d.add_argument("--window-len", type=int, default=512)
     d.add_argument("--prompt", default="What is the capital of France? Answer in one sentence.")
