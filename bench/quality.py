@@ -60,6 +60,25 @@ def run_quantize(name: str, method: str, scheme: str, calib_windows: int, reuse:
             "command": " ".join(cmd[1:]).replace(str(ROOT) + "/", "")}
 
 
+def materialize(model: torch.nn.Module) -> torch.nn.Module:
+    """Swap QLinear/QEmbedding for float layers holding their dequantized weights: the same function
+    (bit-identical logits), without dequantizing on every forward — quality figures only, not speed."""
+    from lowbit.model.qmodules import QEmbedding, QLinear
+
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, QLinear | QEmbedding) and getattr(mod, "act_scheme", None) is None:
+            w = mod.qweight.dequantize(torch.float32)
+            if isinstance(mod, QLinear):
+                new = torch.nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
+                new.weight.data, new.bias = w, mod.bias
+            else:
+                new = torch.nn.Embedding(*w.shape, padding_idx=mod.padding_idx)
+                new.weight.data = w
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, new)
+    return model.requires_grad_(False)
+
+
 @torch.no_grad()
 def evaluate_all(models: dict[str, torch.nn.Module], reference: torch.nn.Module, windows: torch.Tensor) -> dict:
     acc = {n: {"nll": [], "kl": [], "top1": []} for n in ["float32", *models]}
@@ -111,7 +130,7 @@ def main() -> None:
             print(f"quantized {name}: {runs[-1]['wall_s']:.0f} s, {runs[-1]['peak_rss_gb']:.2f} GB", file=sys.stderr)
     reference, tok = lowbit.load(smollm2_gguf())
     windows = token_windows(tok, read_text(wikitext("test")), a.windows, 512)
-    models = {r["name"]: lowbit.load(r["path"])[0] for r in runs}
+    models = {r["name"]: materialize(lowbit.load(r["path"])[0]) for r in runs}
     extra = {}
     for spec in a.gguf:
         n, _, p = spec.partition("=")

@@ -1,0 +1,20 @@
+"""GGUF export: lowbit's numbers in llama.cpp's blocks, llama.cpp's per-tensor type mixes, a streaming writer.
+
+>>> from lowbit.io.gguf import export_gguf
+>>> report = export_gguf(model, tok, "smollm2-q4km.gguf", "Q4_K_M")   # or calib=windows, method="gptq"
+>>> report.bpw, len(report.fallbacks)
+
+Modules: :mod:`.blocks` / :mod:`.kquants` (one class per GGML type: fit, quantize, pack, dequantize),
+:mod:`.search` (the scale searches), :mod:`.gptq` (GPTQ on a block type's grid), :mod:`.mixes`
+(llama.cpp's type rules and fallbacks), :mod:`.writer` (metadata, tokenizer, file), :mod:`.source`
+(models, safetensors folders, calibration, reading a GGUF back), :mod:`.export` (``export_gguf``).
+"""
+
+from lowbit.io.gguf.blocks import BLOCK_TYPES, BlockType
+from lowbit.io.gguf.export import ExportReport, TensorReport, export_gguf
+from lowbit.io.gguf.mixes import MIXES, choose_type
+from lowbit.io.gguf.source import load_gguf_into, read_gguf_weights
+from lowbit.io.gguf.writer import ARCHITECTURES, GGUFExportError
+
+__all__ = ["ARCHITECTURES", "BLOCK_TYPES", "MIXES", "BlockType", "ExportReport", "GGUFExportError", "TensorReport",
+           "choose_type", "export_gguf", "load_gguf_into", "read_gguf_weights"]
