@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 import zlib
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from lowbit.core.qtensor import QTensor
 from lowbit.core.scheme import Scheme
 from lowbit.errors import CheckpointError, LowbitError
 from lowbit.io.atomic import atomic_file
+from lowbit.io.inspect import InspectError, read_safetensors_header
 
 CHECKPOINT_VERSION = 1
 PARTS = ("codes", "scales", "zeros")
@@ -73,28 +73,12 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, QTensor | torch.Ten
         save_file(flat, str(tmp), metadata={"lowbit": json.dumps(doc)})
 
 
-def _read_header(path: Path) -> tuple[dict[str, Any], int]:
-    """The raw safetensors header (validated against the file's size) and the data offset."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path}: truncated (no safetensors header)")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8:
-            raise CheckpointError(f"{path}: truncated or corrupt header (says {n} bytes, file has {size})")
-        try:
-            raw = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
-    data_len = size - 8 - n
-    for name, info in raw.items():
-        if name == "__metadata__":
-            continue
-        end = info.get("data_offsets", [0, 0])[1]
-        if end > data_len:
-            raise CheckpointError(f"{path}: tensor {name!r} is truncated (needs byte {end}, file has {data_len})")
-    return raw, 8 + n
+def _read_header(path: Path) -> dict[str, Any]:
+    """The raw safetensors header, every tensor's byte range validated against the file's size."""
+    try:
+        return read_safetensors_header(path)
+    except InspectError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, QTensor | torch.Tensor]:
@@ -102,7 +86,7 @@ def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") ->
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"{p}: no such checkpoint file")
-    raw, _ = _read_header(p)
+    raw = _read_header(p)
     meta = raw.get("__metadata__") or {}
     if "lowbit" not in meta:
         raise CheckpointError(f"{p}: not a lowbit checkpoint (no 'lowbit' metadata)")
