@@ -118,3 +118,17 @@ def test_demo_on_own_model_and_text(tmp_path, capsys, tiny_llama_dir, calib):
     assert code == 2 and "not a lowbit model" in err
     code, _, err = run(capsys, "demo", "--model", str(tiny_llama_dir), "--calib", str(calib), "--data", str(calib))
     assert code == 2 and "same file" in err
+
+
+def test_export_gguf_and_read_back(tmp_path, capsys, tiny_llama_dir):
+    out = tmp_path / "m.gguf"
+    code, stdout, err = run(capsys, "export", "gguf", str(tiny_llama_dir), "-o", str(out), "--type", "Q8_0", "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["tensors"] and out.stat().st_size > 0
+    code, stdout, _ = run(capsys, "inspect", str(out), "--json")
+    assert code == 0 and any(t["format"] == "Q8_0" for t in json.loads(stdout)["tensors"])
+    code, _, err = run(capsys, "export", "gguf", str(tiny_llama_dir), "-o", str(out))
+    assert code == 2 and "--force" in err
+    code, _, err = run(capsys, "export", "gguf", str(tiny_llama_dir), "-o", str(tmp_path / "g.gguf"), "--method",
+                       "gptq")
+    assert code == 2 and "--calib" in err

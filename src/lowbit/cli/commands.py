@@ -194,6 +194,34 @@ def cmd_plan(args: argparse.Namespace) -> dict[str, Any] | None:
     return None
 
 
+def cmd_export(args: argparse.Namespace) -> dict[str, Any] | None:
+    from lowbit.io.gguf import export_gguf
+
+    if args.method == "gptq" and not args.calib:
+        raise LowbitError("--method gptq needs calibration text: pass --calib FILE")
+    if Path(args.out).exists() and not args.force:
+        raise LowbitError(f"{args.out}: already exists (pass --force to replace it)")
+    if args.calib:
+        from lowbit.eval.windows import read_text
+
+        read_text(args.calib)
+    model, tok = lowbit.load(args.model)
+    calib = None
+    if args.calib:
+        calib = lowbit.calibration_windows(tok, args.calib, args.calib_windows, args.window_len)
+    report = export_gguf(model, tok, args.out, args.type, calib=calib, method=args.method,
+                         progress=None if not args.json else False, threads=args.threads)
+    if args.json:
+        return report.to_dict()
+    for w in report.warnings:
+        out.print(f"[yellow]warning[/]: {w}")
+    size = Path(args.out).stat().st_size
+    out.print(f"wrote {args.out} ({_mb(size)}, {report.bpw:.2f} bpw, {len(report.fallbacks)} tensors fell back to "
+              f"another type because their rows do not fit the block)")
+    out.print(f"next: lowbit eval {args.out} --reference {args.model} --data held_out.txt")
+    return None
+
+
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any] | None:
     from lowbit.cli.demo import run_demo
 

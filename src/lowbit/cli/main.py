@@ -80,6 +80,23 @@ def build_parser() -> argparse.ArgumentParser:
     _quant_args(pl)
     pl.set_defaults(func=commands.cmd_plan)
 
+    x = sub.add_parser("export", help="write a model in a runtime's format (gguf for llama.cpp / Ollama)",
+                       description="Export MODEL (anything `lowbit load` takes) as a GGUF file llama.cpp loads.")
+    x.add_argument("format", choices=["gguf"])
+    x.add_argument("model")
+    x.add_argument("-o", "--out", required=True, help="output .gguf file (must not exist unless --force)")
+    x.add_argument("--type", default="Q4_K_M", help="llama.cpp type or mix: Q8_0 Q6_K Q5_K_M Q4_K_M Q4_0 Q3_K_M Q2_K "
+                                                    "F16 BF16 … (default Q4_K_M)")
+    x.add_argument("--method", default="search", choices=["search", "gptq"],
+                   help="search: importance-weighted block search; gptq: GPTQ on the block grid (needs --calib)")
+    x.add_argument("--calib", help="calibration text file (importance statistics; required by --method gptq)")
+    x.add_argument("--calib-windows", type=int, default=128)
+    x.add_argument("--window-len", type=int, default=512)
+    x.add_argument("--threads", type=int, default=None, help="torch threads while encoding")
+    x.add_argument("--force", action="store_true")
+    x.add_argument("--json", action="store_true")
+    x.set_defaults(func=commands.cmd_export)
+
     d = sub.add_parser(
         "demo", help="quantize the embedded SmolLM2-135M to 4 bits and compare it with the float model",
         description="Quantize a model to 4 bits, evaluate it against the float model on held-out text, and "
