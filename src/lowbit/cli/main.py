@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", help="model to quantize (default: the embedded SmolLM2-135M-Instruct)")
     d.add_argument("--calib", help="calibration text file (default: Wikipedia articles from gensim's test data)")
     d.add_argument("--data", help="evaluation text file (default: other Wikipedia articles, disjoint)")
-    d.add_argument("--scheme", default="int4-g64-sym", help="default int4-g64-sym")
+    d.add_argument("--scheme", default="int4-g64", help="default int4-g64 (asymmetric, 4-bit zero-points)")
     d.add_argument("--method", default=None, help="default: the best method available (gptq)")
     d.add_argument("--calib-windows", type=int, default=16, help="default 16")
     d.add_argument("--windows", type=int, default=16, help="evaluation windows (default 16)")
