@@ -18,6 +18,7 @@ TensorRow(name='token_embd.weight', shape=(49152, 576), format='Q8_0', bpw=8.5, 
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -56,10 +57,7 @@ class TensorRow:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 def summarize(rows: list[TensorRow]) -> tuple[int, int, float]:

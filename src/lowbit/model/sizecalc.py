@@ -24,6 +24,7 @@ context × ``kv_bytes``) for causal LMs; activations and framework overhead are 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import asdict, dataclass
@@ -148,10 +149,7 @@ class TensorShape:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 @dataclass(frozen=True)
