@@ -35,7 +35,7 @@ def _rows(n_rows: int = 48, n: int = 512, seed: int = 0) -> torch.Tensor:
 
 
 def _ggml_lib():
-    llama_cpp = pytest.importorskip("llama_cpp")
+    import llama_cpp  # a test dependency (pyproject: test extra)
     lib = ctypes.CDLL(os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-base.so"))
     lib.ggml_quantize_chunk.restype = ctypes.c_size_t
     lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,

@@ -22,8 +22,8 @@ from lowbit.io.gguf.source import load_gguf_into, read_gguf_weights
 from lowbit.io.inspect import read_gguf_index
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-llama_cpp = pytest.importorskip("llama_cpp")
-transformers = pytest.importorskip("transformers")
+import llama_cpp  # noqa: E402  (a test dependency: pyproject test extra)
+import transformers  # noqa: E402
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -168,8 +168,10 @@ def test_smollm2_gguf_metadata_matches_its_tensors():
 
 @pytest.mark.integration
 def test_q4_k_m_matches_llama_cpp_quantize(tmp_path):
-    ctypes = pytest.importorskip("ctypes")
-    llama_cpp = pytest.importorskip("llama_cpp")
+    import ctypes
+
+    import llama_cpp  # a test dependency (pyproject: test extra)
+
     from lowbit.assets import smollm2_gguf
     from lowbit.io.inspect import inspect_path, summarize
 
