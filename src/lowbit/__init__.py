@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.api import calibration_windows, default_plan, evaluate, load, quantize, save
+from lowbit.api import calibration_windows, default_plan, evaluate, export_hf, load, quantize, save
 from lowbit.core.qtensor import QTensor
 from lowbit.core.scheme import Scheme, parse_scheme, preset_names, register_preset
 from lowbit.errors import LowbitError
@@ -22,7 +22,7 @@ from lowbit.model.plan import Plan
 __version__ = "0.1.0"
 
 __all__ = [
-    "calibration_windows", "default_plan", "evaluate", "load", "quantize", "save", "Plan", "MethodConfig",
+    "calibration_windows", "default_plan", "evaluate", "export_hf", "load", "quantize", "save", "Plan", "MethodConfig",
     "LowbitError", "QTensor", "Scheme", "load_tensors", "parse_scheme", "preset_names", "quantize_tensor",
     "register_preset", "save_tensors",
 ]

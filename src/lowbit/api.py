@@ -3,6 +3,7 @@
 >>> model, tok = lowbit.load("HuggingFaceTB/SmolLM2-135M-Instruct")       # or a dir, or a .gguf
 >>> qmodel, report = lowbit.quantize(model, tok, scheme="int4-g128", method="gptq", calib="calib.txt")
 >>> lowbit.save(qmodel, "smollm2-int4", tokenizer=tok, report=report)
+>>> lowbit.export_hf(qmodel, "smollm2-int4-hf", tokenizer=tok)      # compressed-tensors, transformers loads it
 >>> lowbit.evaluate(qmodel, reference=model, tokenizer=tok, text="held_out.txt").kl_mean
 """
 
@@ -18,6 +19,8 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.io.hf_export import HFExportReport
+from lowbit.io.hf_export import export_hf as _export_hf
 from lowbit.io.save import is_lowbit_dir, load_quantized
 from lowbit.io.save import save as _save
 from lowbit.methods.registry import MethodConfig
@@ -26,21 +29,39 @@ from lowbit.model.plan import Plan
 from lowbit.model.quantize import QuantReport, quantize_model
 
 
-def load(source: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
+def load(source: str | os.PathLike, dtype: torch.dtype = torch.float32, *, lazy: bool = False) -> tuple[nn.Module, Any]:
     """Load ``source`` as ``(model, tokenizer)``: a lowbit output dir (the quantized model), a Hugging Face
     model dir or hub id, or a ``.gguf`` file (dequantized to float).
+
+    ``lazy=True`` (a float model, for ``quantize``) loads the embeddings and head but leaves each transformer
+    block's weights on the ``meta`` device; ``quantize`` then reads one block at a time from the safetensors
+    files, so memory holds one float block, never the whole model.
+
+    >>> model, tok = lowbit.load("SmolLM2-135M-Instruct", lazy=True)
+    >>> qmodel, report = lowbit.quantize(model, tok, scheme="int4-g64", inplace=True)
     """
     if is_lowbit_dir(source):
         return load_quantized(source)
     from lowbit.io.loaders import load_float
 
-    return load_float(source, dtype=dtype)
+    return load_float(source, dtype=dtype, lazy=lazy)
 
 
 def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None, plan: Plan | None = None,
          report: QuantReport | None = None, force: bool = False) -> Path:
     """Write a quantized model (lowbit checkpoint + config + tokenizer + plan) atomically to ``out_dir``."""
     return _save(model, out_dir, tokenizer=tokenizer, plan=plan, report=report, force=force)
+
+
+def export_hf(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None, force: bool = False, *,
+              strict: bool = False) -> HFExportReport:
+    """Write a quantized model as a compressed-tensors checkpoint that ``transformers`` loads (see
+    :mod:`lowbit.io.hf_export`); embeddings and layers the format cannot pack are written as float and reported.
+
+    >>> report = lowbit.export_hf(qmodel, "smollm2-int4-hf", tokenizer=tok)
+    >>> AutoModelForCausalLM.from_pretrained("smollm2-int4-hf")   # needs `pip install lowbit[hf]`
+    """
+    return _export_hf(model, out_dir, tokenizer=tokenizer, force=force, strict=strict)
 
 
 def default_plan(model: nn.Module, scheme: str, method: str = "rtn", config: MethodConfig | None = None) -> Plan:

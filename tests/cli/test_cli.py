@@ -60,6 +60,9 @@ def test_quantize_inspect_eval_plan(tmp_path, capsys, tiny_llama_dir, calib):
         (["--method", "magic"], "unknown method 'magic'"),
         (["--calib", "/nonexistent/calib.txt", "--method", "gptq"], "calib.txt"),
         (["--rule", "down_proj"], "PATTERN=SCHEME"),
+        (["--option", "act_order"], "KEY=VALUE"),
+        (["--alpha", "1.5"], "--alpha 1.5"),
+        (["--act", "int8-static"], "needs calibration text"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, tiny_llama_dir, argv, needle):
@@ -67,6 +70,30 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys, tiny_llama_dir, argv, ne
     assert code == 2
     assert needle in err and err.startswith("error: ") and err.count("\n") == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_method_options_and_activation_flags(tmp_path, capsys, tiny_llama_dir, calib):
+    common = ["--calib", str(calib), "--calib-windows", "2", "--window-len", "64", "--json"]
+    code, stdout, _ = run(capsys, "quantize", str(tiny_llama_dir), "-o", str(tmp_path / "g"), "--scheme", "int4-g32",
+                          "--method", "gptq", "--option", "act_order=true", "--option", "damp=0.05", *common)
+    assert code == 0
+    plan = json.loads((tmp_path / "g" / "quantization.json").read_text())
+    assert '"act_order": true' in json.dumps(plan) and '"damp": 0.05' in json.dumps(plan)
+
+    code, stdout, _ = run(capsys, "quantize", str(tiny_llama_dir), "-o", str(tmp_path / "s"), "--scheme", "int8",
+                          "--method", "smoothquant", "--act", "int8-static", "--act-observer", "percentile",
+                          "--alpha", "0.8", *common)
+    assert code == 0
+    import lowbit
+    from lowbit.model.qmodules import QLinear
+
+    qm, _ = lowbit.load(tmp_path / "s")
+    layers = [m for n, m in qm.named_modules() if isinstance(m, QLinear) and ".layers." in n]  # head: int8 RTN
+    assert layers and all(m.act_scheme == "int8-static" and float(m.act_scale) > 0 for m in layers)
+
+    code, _, err = run(capsys, "quantize", str(tiny_llama_dir), "-o", str(tmp_path / "x"), "--method", "gptq",
+                       "--option", "bogus=1", *common)
+    assert code == 2 and "bogus" in err and not (tmp_path / "x").exists()
 
 
 def test_existing_output_and_source_protected(tmp_path, capsys, tiny_llama_dir):

@@ -53,10 +53,11 @@ def test_beats_rtn_on_output_error(scheme, kind):
     assert not r.info["damp_raised"]
 
 
+@pytest.mark.parametrize("act_order", [False, True])  # dynamic groups / static groups
 @pytest.mark.parametrize("scheme", ["int4-g64", "int3-g64", "int4-g64-zf16"])
-def test_ragged_last_group(scheme):
+def test_ragged_last_group(scheme, act_order):
     x, w = make_x("illcond", 1024, 200), make_w(24, 200)  # 200 = 3 groups of 64 + 8
-    r = run(w, x, scheme)
+    r = run(w, x, scheme, act_order=act_order)
     assert r.qtensor.shape == (24, 200)
     assert r.loss < 0.95 * r.info["rtn_loss"]
     assert r.loss == pytest.approx(out_err(x, w, r.qtensor.dequantize()), rel=1e-3)
@@ -76,7 +77,7 @@ def test_qtensor_round_trip_equals_gptq_weights(scheme):
 @pytest.mark.parametrize("scheme", ["int4-g64", "int3-g64", "int4-g32-sym"])
 def test_act_order_static_groups(scheme):
     x, w = make_x("illcond", 2048, 256), make_w(32, 256)
-    plain, ordered = run(w, x, scheme), run(w, x, scheme, act_order=True)
+    plain, ordered = run(w, x, scheme, act_order=False), run(w, x, scheme)  # act_order is the default
     assert ordered.info["act_order"] and ordered.info["static_groups"]
     assert ordered.loss < 0.95 * ordered.info["rtn_loss"]
     assert not torch.equal(ordered.qtensor.codes, plain.qtensor.codes)
@@ -89,7 +90,7 @@ def test_act_order_static_groups(scheme):
 
 def test_static_groups_without_act_order():
     x, w = make_x("random", 1024, 128), make_w(16, 128)
-    r = run(w, x, "int3-g32", static_groups=True)
+    r = run(w, x, "int3-g32", static_groups=True, act_order=False)
     assert r.info["static_groups"] and not r.info["act_order"]
     assert torch.equal(r.qtensor.scales, quantize_rtn(w, parse_scheme("int3-g32")).scales)
     assert r.loss < r.info["rtn_loss"]
@@ -195,3 +196,31 @@ def test_bf16_weight_keeps_its_dtype():
 def test_registered_as_data_method():
     assert get_method("gptq") is gptq
     assert "gptq" in NEEDS_DATA
+
+
+@pytest.mark.parametrize("scheme", ["int4-g64", "int3-g64"])
+def test_float_target_fits_the_float_outputs(scheme):
+    """Inputs X̃ drifted from the float inputs X (upstream quantization): with ``float_target`` GPTQ fits
+    W X from X̃ and lands closer to the float outputs than plain GPTQ, which only fits W X̃."""
+    from lowbit.methods.gptq import float_target_weight
+
+    x = make_x("illcond", 2048, 128)
+    g = torch.Generator().manual_seed(5)
+    x_q = x + 0.3 * x.std(0) * torch.randn(x.shape, generator=g)  # the quantized path's inputs
+    w = make_w(32, 128)
+    stats = LayerStats(xtx=x_q.T @ x_q, tokens=x.shape[0], xtx_cross=x.T @ x_q)
+
+    def err_to_float(r):
+        w_hat = r.qtensor.dequantize()
+        return float((x.double() @ w.double().T - x_q.double() @ w_hat.double().T).square().sum()) / x.shape[0]
+
+    plain = gptq(w, stats, parse_scheme(scheme), MethodConfig())
+    aimed = gptq(w, stats, parse_scheme(scheme), MethodConfig(options={"float_target": True}))
+    assert aimed.info["float_target"] and not plain.info["float_target"]
+    assert err_to_float(aimed) < 0.9 * err_to_float(plain)
+    # The target itself is the least-squares map X̃ -> W X (up to dampening).
+    w_star = float_target_weight(w, stats.xtx, stats.xtx_cross, damp=0.0)
+    lsq = torch.linalg.lstsq(x_q.double(), (x @ w.T).double()).solution.T
+    assert torch.allclose(w_star.double(), lsq, atol=1e-3)
+    with pytest.raises(LowbitError, match="xtx_cross has shape"):
+        float_target_weight(w, stats.xtx, torch.eye(3))

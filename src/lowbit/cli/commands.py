@@ -24,8 +24,36 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
+def _option_value(text: str) -> Any:
+    low = text.strip().lower()
+    if low in ("true", "yes", "on"):
+        return True
+    if low in ("false", "no", "off"):
+        return False
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
 def _config(args: argparse.Namespace) -> MethodConfig:
-    return MethodConfig(observer=args.observer, importance=args.importance)
+    options: dict[str, Any] = {}
+    for item in getattr(args, "option", []):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise LowbitError(f"--option {item!r}: expected KEY=VALUE, e.g. act_order=true")
+        options[key.strip()] = _option_value(value)
+    if getattr(args, "act", None):
+        options["act"] = args.act
+    if getattr(args, "act_observer", None):
+        options["act_observer"] = args.act_observer
+    if getattr(args, "alpha", None) is not None:
+        if not 0.0 <= args.alpha <= 1.0:
+            raise LowbitError(f"--alpha {args.alpha}: the migration strength must lie in [0, 1]")
+        options["alpha"] = args.alpha
+    return MethodConfig(observer=args.observer, importance=args.importance, options=options)
 
 
 def _plan(args: argparse.Namespace, model) -> Plan | None:
@@ -41,7 +69,7 @@ def _check_out(path: str, force: bool, source: str) -> None:
 
 
 def _needs_calib(args: argparse.Namespace) -> bool:
-    return args.method in NEEDS_DATA or args.importance
+    return args.method in NEEDS_DATA or args.importance or getattr(args, "act", None) == "int8-static"
 
 
 def layer_table(report: QuantReport, limit: int = 12) -> Table:
@@ -69,6 +97,7 @@ def _validate(args: argparse.Namespace) -> None:
     if args.plan:
         Plan.from_json(args.plan)
     Plan.default(args.scheme).with_rules(args.rule, args.keep)
+    _config(args)
     if _needs_calib(args) and not args.calib:
         raise LowbitError(f"--method {args.method}{' --importance' if args.importance else ''} needs calibration "
                           f"text: pass --calib FILE")
@@ -91,7 +120,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any] | None:
     _validate(args)
     _check_out(args.out, args.force, args.source)
     t0 = time.perf_counter()
-    model, tok = lowbit.load(args.source)
+    model, tok = lowbit.load(args.source, lazy=True)  # blocks are read one at a time as quantization reaches them
     qmodel, report = _quantize(args, model, tok)
     saved = lowbit.save(qmodel, args.out, tokenizer=tok, plan=qmodel.lowbit_plan, report=report, force=args.force)
     size = sum(f.stat().st_size for f in saved.iterdir())
@@ -219,6 +248,40 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any] | None:
     out.print(f"wrote {args.out} ({_mb(size)}, {report.bpw:.2f} bpw, {len(report.fallbacks)} tensors fell back to "
               f"another type because their rows do not fit the block)")
     out.print(f"next: lowbit eval {args.out} --reference {args.model} --data held_out.txt")
+    return None
+
+
+def cmd_export_hf(args: argparse.Namespace) -> dict[str, Any] | None:
+    from lowbit.io.save import is_lowbit_dir
+
+    quantized = is_lowbit_dir(args.model)
+    if quantized and (args.scheme or args.plan or args.rule or args.keep):
+        raise LowbitError(f"{args.model}: already quantized by lowbit; drop --scheme/--plan/--rule/--keep "
+                          f"(or give the float model to quantize it again)")
+    if not quantized and not (args.scheme or args.plan):
+        raise LowbitError(f"{args.model}: not a lowbit model directory: pass --scheme (e.g. int4-g128, int8; "
+                          f"with --method/--calib as for quantize) to quantize it first")
+    if not quantized:
+        if args.act or args.method == "smoothquant":
+            raise LowbitError("--act / --method smoothquant quantize activations; the hf export is weight-only")
+        args.scheme = args.scheme or "int4-g128"  # with --plan alone the plan's rules decide
+        _validate(args)
+    _check_out(args.out, args.force, args.model)
+    model, tok = lowbit.load(args.model)
+    if not quantized:
+        model, qreport = _quantize(args, model, tok)
+        if not args.json:
+            out.print(layer_table(qreport))
+    report = lowbit.export_hf(model, args.out, tokenizer=tok, force=args.force, strict=args.strict)
+    if args.json:
+        return report.to_dict()
+    for w in report.warnings:
+        out.print(f"[yellow]warning[/]: {w}")
+    out.print(f"wrote {args.out} ({_mb(report.bytes_on_disk)}; {len(report.packed)} linear layers packed at "
+              f"{report.packed_bpw:.2f} bpw, {len(report.floated)} quantized layers written as float)")
+    how = ", which dequantizes its asymmetric layers as it loads" if report.dequantize_on_load else ""
+    out.print(f"next: transformers.AutoModelForCausalLM.from_pretrained({str(args.out)!r}) with compressed-tensors "
+              f"installed{how}")
     return None
 
 

@@ -16,15 +16,24 @@ from lowbit.cli import commands
 from lowbit.errors import LowbitError
 
 
-def _quant_args(p: argparse.ArgumentParser, default_scheme: str = "int4-g128", default_method: str = "rtn") -> None:
+def _quant_args(p: argparse.ArgumentParser, default_scheme: str | None = "int4-g128",
+                default_method: str = "rtn") -> None:
     p.add_argument("--scheme", default=default_scheme,
                    help=f"quantization scheme, e.g. int4-g128, int4-g64-sym, int3-g64, int8, fp8, nf4-g64 "
-                        f"(default {default_scheme})")
+                        f"({f'default {default_scheme}' if default_scheme else 'quantizes a float MODEL first'})")
     p.add_argument("--method", default=default_method,
                    help=f"rtn | gptq | hqq | ... (default {default_method}); see `lowbit quantize --help`")
     p.add_argument("--observer", default="minmax", help="range observer for rtn: minmax | mse | percentile")
     p.add_argument("--importance", action="store_true",
                    help="weight rounding error by E[x^2] of each input channel (needs --calib)")
+    p.add_argument("--act", choices=["int8-dynamic", "int8-static", "fp8-dynamic"],
+                   help="also quantize activations (W8A8): int8 per token (dynamic), int8 per tensor from "
+                        "calibration (static), or fp8 per token; smoothquant implies int8-dynamic")
+    p.add_argument("--act-observer", choices=["minmax", "percentile", "entropy"],
+                   help="range observer for --act int8-static (default minmax)")
+    p.add_argument("--alpha", type=float, help="SmoothQuant migration strength in [0, 1] (default 0.5)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a method option, e.g. act_order=true, damp=0.05, block_size=64 (repeatable)")
     p.add_argument("--calib", help="calibration text file (UTF-8); required by calibrated methods")
     p.add_argument("--calib-windows", type=int, default=128, help="calibration windows (default 128)")
     p.add_argument("--window-len", type=int, default=512, help="tokens per window (default 512)")
@@ -80,9 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     _quant_args(pl)
     pl.set_defaults(func=commands.cmd_plan)
 
-    x = sub.add_parser("export", help="write a model in a runtime's format (gguf for llama.cpp / Ollama)",
-                       description="Export MODEL (anything `lowbit load` takes) as a GGUF file llama.cpp loads.")
-    x.add_argument("format", choices=["gguf"])
+    ex = sub.add_parser("export", help="write a model in a runtime's format: gguf (llama.cpp / Ollama) or hf "
+                                       "(compressed-tensors, for transformers)",
+                        description="Export MODEL (anything `lowbit load` takes) in a runtime's format.")
+    formats = ex.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    x = formats.add_parser("gguf", help="a GGUF file llama.cpp / Ollama load",
+                           description="Export MODEL (anything `lowbit load` takes) as a GGUF file llama.cpp loads.")
     x.add_argument("model")
     x.add_argument("-o", "--out", required=True, help="output .gguf file (must not exist unless --force)")
     x.add_argument("--type", default="Q4_K_M", help="llama.cpp type or mix: Q8_0 Q6_K Q5_K_M Q4_K_M Q4_0 Q3_K_M Q2_K "
@@ -96,6 +108,21 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--force", action="store_true")
     x.add_argument("--json", action="store_true")
     x.set_defaults(func=commands.cmd_export)
+
+    h = formats.add_parser(
+        "hf", help="a Hugging Face folder (compressed-tensors pack-quantized) transformers loads",
+        description="Export MODEL as a Hugging Face folder that transformers loads natively (with compressed-tensors "
+                    "installed): int2/int4/int8 linear layers packed, embeddings and layers the format cannot pack "
+                    "written as float (reported). MODEL is a lowbit model directory, or a float model with --scheme "
+                    "(and --method, --calib ...) to quantize it first.")
+    h.add_argument("model")
+    h.add_argument("-o", "--out", required=True, help="output directory (must not exist unless --force)")
+    _quant_args(h, default_scheme=None)
+    h.add_argument("--strict", action="store_true",
+                   help="fail instead of writing a quantized linear layer the format cannot pack as float")
+    h.add_argument("--force", action="store_true", help="replace an existing output directory")
+    h.add_argument("--json", action="store_true")
+    h.set_defaults(func=commands.cmd_export_hf)
 
     d = sub.add_parser(
         "demo", help="quantize the embedded SmolLM2-135M to 4 bits and compare it with the float model",

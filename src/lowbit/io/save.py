@@ -35,6 +35,31 @@ def is_lowbit_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / QUANT_FILE).is_file()
 
 
+
+
+def add_plain_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], skip: Any = ()) -> None:
+    """Every state-dict entry not already in ``tensors`` (nor in ``skip``), contiguous, storage never shared."""
+    ptrs: set[int] = set()
+    for k, v in model.state_dict().items():
+        if k in tensors or k in skip:
+            continue
+        t = v.detach()
+        if t.data_ptr() in ptrs:
+            t = t.clone()  # safetensors refuses shared storage
+        ptrs.add(t.data_ptr())
+        tensors[k] = t.contiguous()
+
+def save_companions(model: nn.Module, folder: Path, tokenizer: Any = None) -> None:
+    """The files a Hugging Face folder carries beside its weights: generation config and tokenizer."""
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        try:
+            gen.save_pretrained(folder)
+        except Exception:  # a generation config transformers itself considers invalid: not ours to fix
+            pass
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
 def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None, plan: Any = None,
          report: Any = None, force: bool = False) -> Path:
     """Write a quantized model to ``out_dir`` atomically; refuses an existing directory unless ``force``.
@@ -65,15 +90,7 @@ def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None, pl
             for extra in EXTRAS:
                 if getattr(mod, extra, None) is not None:
                     tensors[f"{name}.{extra}"] = getattr(mod, extra)
-    ptrs: set[int] = set()
-    for k, v in model.state_dict().items():
-        if k in tensors:
-            continue
-        t = v.detach()
-        if t.data_ptr() in ptrs:
-            t = t.clone()  # safetensors refuses shared storage
-        ptrs.add(t.data_ptr())
-        tensors[k] = t.contiguous()
+    add_plain_tensors(model, tensors)
     doc = {
         "format": "lowbit", "version": FORMAT_VERSION, "layers": layers, "tied": tied,
         "plan": None if plan is None else plan.to_dict(),
@@ -88,14 +105,7 @@ def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None, pl
             config = copy.deepcopy(config)
             config.architectures = [type(model).__name__]
             config.save_pretrained(tmp)
-        gen = getattr(model, "generation_config", None)
-        if gen is not None:
-            try:
-                gen.save_pretrained(tmp)
-            except Exception:  # a generation config transformers itself considers invalid: not ours to fix
-                pass
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        save_companions(model, tmp, tokenizer)
         (tmp / QUANT_FILE).write_text(json.dumps(doc, indent=2) + "\n")
     return out
 

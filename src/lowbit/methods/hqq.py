@@ -28,7 +28,7 @@ import torch
 from lowbit.core.qtensor import QTensor
 from lowbit.core.scheme import Scheme
 from lowbit.errors import LowbitError
-from lowbit.methods.registry import LayerStats, MethodConfig, QuantResult, register_method
+from lowbit.methods.registry import LayerStats, MethodConfig, QuantResult, method_options, register_method
 from lowbit.methods.rtn import importance_view
 from lowbit.primitives.observers import get_observer
 from lowbit.primitives.quant import Grid, as_matrix, group_view
@@ -252,7 +252,7 @@ def hqq(weight: torch.Tensor, stats: LayerStats, scheme: Scheme, config: MethodC
     >>> r.loss <= r.info["rtn_mse"]
     True
     """
-    o = HqqOptions.from_options(config.options)
+    o = HqqOptions.from_options(method_options(config))
     imp = None
     if config.importance:
         if stats.sq_mean is None:

@@ -28,6 +28,9 @@ class LayerStats:
     tokens: int = 0
     sample: torch.Tensor | None = None
     act_range: float | None = None  # per-tensor activation range for static activation quantization
+    # Σ x_float x_quantᵀ ``(in, in)``: the layer's input on the float model's path against its input on the
+    # quantized model's path, token by token (for methods that aim at the float model's outputs).
+    xtx_cross: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,16 @@ class QuantResult:
     qtensor: QTensor
     loss: float | None = None  # the method's own reconstruction loss, where it has one
     info: dict[str, Any] = field(default_factory=dict)
+
+
+# Options read by the pipeline around a method (activation quantization, scale migration), not by the
+# method itself: every method accepts them.
+PIPELINE_OPTIONS = frozenset({"act", "act_observer", "alpha", "awq_grid"})
+
+
+def method_options(config: MethodConfig) -> dict[str, Any]:
+    """The options meant for the method itself (``config.options`` minus :data:`PIPELINE_OPTIONS`)."""
+    return {k: v for k, v in config.options.items() if k not in PIPELINE_OPTIONS}
 
 
 Method = Callable[[torch.Tensor, LayerStats, Scheme, MethodConfig], QuantResult]

@@ -90,9 +90,15 @@ class StatsCollector:
     window: int = 0
     act_observer: str | None = None  # minmax | percentile | entropy: per-tensor range for static activations
     hist: HistogramObserver | None = None
+    cross: torch.Tensor | None = None  # Σ x_ref xᵀ (in, in), when the float path's inputs are given
 
-    def update(self, x: torch.Tensor) -> None:
+    def update(self, x: torch.Tensor, x_ref: torch.Tensor | None = None) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)  # (tokens, in)
+        if x_ref is not None:
+            xr = x_ref.reshape(-1, x_ref.shape[-1]).to(torch.float32)  # (tokens, in), same tokens as x
+            if self.cross is None:
+                self.cross = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+            self.cross += (xr.T @ x).double()
         amax = x.abs().amax(dim=0)
         if not torch.isfinite(amax).all():
             raise LowbitError(f"layer {self.name}: NaN/Inf in its input activations "
@@ -134,24 +140,56 @@ class StatsCollector:
             absmax=self.absmax,
             tokens=self.tokens,
             sample=sample,
+            xtx_cross=None if self.cross is None else self.cross.to(torch.float32),
         )
+
+
+@dataclass
+class FloatPath:
+    """The float model's copy of the current block and its inputs on the float model's path, batch for
+    batch aligned with the quantized path's inputs; ``layers`` maps the collected layers' names to the
+    copy's modules."""
+
+    block: nn.Module
+    inputs: list[BlockInput]
+    layers: dict[str, nn.Module]
+
+
+def _run_until(block: nn.Module, bi: BlockInput) -> None:
+    try:
+        block(bi.hidden, **bi.kwargs)
+    except _StopForward:
+        pass
 
 
 def collect_stats(block: nn.Module, inputs: list[BlockInput], layers: dict[str, nn.Module],
                   want_xtx: set[str], sample_rows: int = 0, stop_after: Iterable[str] = (),
-                  act_observers: dict[str, str] | None = None) -> dict[str, LayerStats]:
+                  act_observers: dict[str, str] | None = None,
+                  float_path: FloatPath | None = None) -> dict[str, LayerStats]:
     """Run the block over ``inputs`` with hooks on ``layers`` (block-relative names -> modules).
 
-    The forward stops early once every layer in ``stop_after`` has seen its input.
+    The forward stops early once every layer in ``stop_after`` has seen its input. With ``float_path``,
+    the float block also runs on the float path's inputs and each layer's ``xtx_cross`` (Σ x_float xᵀ)
+    is collected beside ``xtx``.
     """
     obs = act_observers or {}
     collectors = {n: StatsCollector(n, n in want_xtx, sample_rows, act_observer=obs.get(n)) for n in layers}
     stop = set(stop_after)
     seen: set[str] = set()
+    ref_x: dict[str, torch.Tensor] = {}
 
     def make_hook(n: str):
         def hook(mod, args):
-            collectors[n].update(args[0])
+            collectors[n].update(args[0], ref_x.pop(n, None) if float_path is not None else None)
+            seen.add(n)
+            if stop and stop <= seen:
+                raise _StopForward
+
+        return hook
+
+    def make_ref_hook(n: str):
+        def hook(mod, args):
+            ref_x[n] = args[0].detach()
             seen.add(n)
             if stop and stop <= seen:
                 raise _StopForward
@@ -159,16 +197,20 @@ def collect_stats(block: nn.Module, inputs: list[BlockInput], layers: dict[str, 
         return hook
 
     handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in layers.items()]
+    if float_path is not None:
+        if len(float_path.inputs) != len(inputs):
+            raise LowbitError("calibration: the float path and the quantized path hold different batches")
+        handles += [m.register_forward_pre_hook(make_ref_hook(n)) for n, m in float_path.layers.items()]
     try:
         with torch.no_grad():
-            for bi in inputs:
-                seen.clear()
+            for b, bi in enumerate(inputs):
                 for c in collectors.values():
                     c.window = bi.first_window
-                try:
-                    block(bi.hidden, **bi.kwargs)
-                except _StopForward:
-                    pass
+                if float_path is not None:
+                    seen.clear()
+                    _run_until(float_path.block, float_path.inputs[b])
+                seen.clear()
+                _run_until(block, bi)
     finally:
         for h in handles:
             h.remove()

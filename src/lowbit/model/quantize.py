@@ -8,8 +8,10 @@ block-by-block runner in :mod:`lowbit.model.calibrate`.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -22,9 +24,11 @@ from lowbit.core.qtensor import QTensor
 from lowbit.errors import LowbitError
 from lowbit.methods.registry import NEEDS_DATA, LayerStats, get_method, method_names
 from lowbit.model.arch import ArchInfo, arch_for, blocks_of
-from lowbit.model.calibrate import capture_block_inputs, collect_stats, run_block
+from lowbit.model.calibrate import FloatPath, capture_block_inputs, collect_stats, run_block
 from lowbit.model.plan import LayerPlan, Plan, unsupported_leaf
 from lowbit.model.qmodules import QEmbedding, QLinear
+from lowbit.model.streaming import ATTR as STREAM_ATTR
+from lowbit.model.streaming import StreamedWeights, streamed_weights
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +93,11 @@ def act_scheme(lp: LayerPlan) -> str | None:
     return act or ("int8-dynamic" if lp.method == "smoothquant" else None)
 
 
+def wants_float_target(lp: LayerPlan) -> bool:
+    """GPTQ's ``float_target`` option: fit the float model's outputs from the quantized path's inputs."""
+    return lp.scheme is not None and lp.method in HESSIAN_METHODS and bool(lp.config.options.get("float_target"))
+
+
 def needs_data(lp: LayerPlan) -> bool:
     return lp.scheme is not None and (
         lp.method in NEEDS_DATA or lp.config.importance or act_scheme(lp) == "int8-static"
@@ -112,6 +121,8 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 def check_finite_weights(model: nn.Module, names: list[str]) -> None:
     for n in names:
         w = model.get_submodule(n).weight
+        if w.is_meta:  # a streamed block, checked when it is loaded
+            continue
         if not torch.isfinite(w).all():
             raise LowbitError(f"layer {n}: its weights hold NaN or Inf values; refusing to quantize")
 
@@ -121,7 +132,9 @@ class _Quantizer:
         self.model = model
         self.resolved = resolved
         self.report = report
-        self.by_param: dict[int, tuple[str, QTensor, LayerPlan]] = {}
+        # id(weight) -> (weak ref to it, name, qtensor, plan), to quantize tied weights once. Weak: in a
+        # streamed model a replaced layer's weight is freed, and a later one may reuse its id
+        self.by_param: dict[int, tuple[weakref.ref, str, QTensor, LayerPlan]] = {}
         for n, lp in resolved.items():
             if lp.scheme is not None:
                 continue
@@ -133,10 +146,12 @@ class _Quantizer:
         mod = self.model.get_submodule(name)
         pid = id(mod.weight)
         tied = self.by_param.get(pid)
+        if tied is not None and tied[0]() is not mod.weight:
+            tied = None
         t0 = time.perf_counter()
         note = ""
-        if tied is not None and tied[2].scheme == lp.scheme and tied[2].method == lp.method:
-            q, res, note = tied[1], None, "tied"
+        if tied is not None and tied[3].scheme == lp.scheme and tied[3].method == lp.method:
+            q, res, note = tied[2], None, "tied"
         else:
             w = _weight_matrix(mod)
             method = lp.method
@@ -155,7 +170,8 @@ class _Quantizer:
                 self.report.warnings.append(f"{name}: {msg}")
             if tied is not None:
                 note = "untied (different scheme from its tied twin)"
-            self.by_param.setdefault(pid, (name, q, lp))
+            if tied is None:
+                self.by_param[pid] = (weakref.ref(mod.weight), name, q, lp)
         new = QLinear.from_linear(mod, q) if lp.kind == "linear" else QEmbedding.from_embedding(mod, q)
         act = act_scheme(lp) if lp.kind == "linear" else None
         if act is not None:
@@ -183,6 +199,10 @@ def quantize_model(model: nn.Module, plan: Plan, calib: torch.Tensor | None = No
                    on_block: Callable[[int, int], None] | None = None) -> QuantReport:
     """Quantize ``model`` in place following ``plan``; ``calib`` is a LongTensor of token windows (N, T).
 
+    A model loaded with ``lazy=True`` (blocks on meta, see :mod:`lowbit.model.streaming`) has each block's
+    weights read right before the block is quantized, so one float block is in memory at a time; it comes
+    out complete, like any other model.
+
     >>> report = quantize_model(model, Plan.default("int4-g128", "gptq", embeddings=..., head=...), windows)
     """
     t_start = time.perf_counter()
@@ -194,6 +214,7 @@ def quantize_model(model: nn.Module, plan: Plan, calib: torch.Tensor | None = No
             report.warnings.append(f"{n}: {type(m).__name__} is not supported; kept in float")
     planned = [n for n, lp in resolved.items() if lp.scheme is not None]
     check_finite_weights(model, planned)
+    stream = streamed_weights(model)
     q = _Quantizer(model, resolved, report)
     data_layers = [n for n in planned if needs_data(resolved[n])]
     if data_layers:
@@ -206,12 +227,17 @@ def quantize_model(model: nn.Module, plan: Plan, calib: torch.Tensor | None = No
     # Everything not handled block by block: data-free layers, and layers outside the blocks.
     done = {r.name for r in report.layers}
     rest = [n for n in planned if n not in done]
+    if stream is not None and not data_layers:
+        rest = _quantize_streamed(model, stream, rest, q, progress, on_block)
     for n in tqdm(rest, desc="quantize", disable=_no_bar(progress), leave=False):
         if needs_data(resolved[n]):
             report.warnings.append(f"{n}: outside the transformer blocks, no calibration statistics; "
                                    f"quantized data-free")
             q.resolved[n] = replace(resolved[n], method="rtn")
         q.quantize_layer(n, LayerStats())
+    if stream is not None:
+        stream.load_all(model)  # whatever no block loop reached (nothing, normally): the model is whole now
+        delattr(model, STREAM_ATTR)
     order = {n: i for i, n in enumerate(resolved)}
     report.layers.sort(key=lambda r: order[r.name])
     report.seconds = time.perf_counter() - t_start
@@ -222,16 +248,40 @@ def _no_bar(progress: bool | None) -> bool | None:
     return None if progress is None else not progress
 
 
+def _quantize_streamed(model: nn.Module, stream: StreamedWeights, names: list[str], q: _Quantizer,
+                       progress: bool | None, on_block: Callable[[int, int], None] | None) -> list[str]:
+    """Data-free layers of a streamed model, one block at a time: load the block, quantize its planned layers
+    (the float weights go with the layers they replace), next block. Returns the layers outside the blocks."""
+    for i in tqdm(range(len(stream.blocks)), desc="blocks", disable=_no_bar(progress)):
+        prefix = stream.blocks[i]
+        stream.load_block(model, prefix)
+        mine = [n for n in names if n.startswith(prefix)]
+        check_finite_weights(model, mine)
+        for n in mine:
+            q.quantize_layer(n, LayerStats())
+        if on_block:
+            on_block(i + 1, len(stream.blocks))
+    return [n for n in names if not n.startswith(stream.blocks)]
+
+
 def _quantize_blocks(model, info: ArchInfo, resolved, q: _Quantizer, calib, batch_size, sample_rows,
                      progress, on_block) -> None:
     blocks_name, blocks = blocks_of(model, info)
+    stream = streamed_weights(model)
     inputs = capture_block_inputs(model, blocks[0], calib, batch_size)
+    # Layers that aim at the float model's outputs need the float path's activations beside the quantized
+    # path's: the float copy of each block runs on them, one block at a time.
+    float_inputs = inputs if any(wants_float_target(lp) for lp in resolved.values()) else None
     bar = tqdm(range(len(blocks)), desc="blocks", disable=_no_bar(progress))
     for i in bar:
         block = blocks[i]
         prefix = f"{blocks_name}.{i}."
         mine = {n[len(prefix):]: n for n in resolved if n.startswith(prefix) and resolved[n].scheme is not None}
+        if stream is not None:  # a lazily loaded model: this block's weights come in now
+            stream.load_block(model, prefix)
+            check_finite_weights(model, list(mine.values()))
         _rescale_pairs(block, info, mine, resolved, inputs, q.report)
+        float_block = copy.deepcopy(block) if float_inputs is not None else None
         groups = [tuple(g for g in grp if g in mine) for grp in info.sequential]
         leftover = tuple(r for r in mine if not any(r in grp for grp in groups))
         for grp in [g for g in groups if g] + ([leftover] if leftover else []):
@@ -242,11 +292,18 @@ def _quantize_blocks(model, info: ArchInfo, resolved, q: _Quantizer, calib, batc
                 layers = {mine[r]: block.get_submodule(r) for r in data}
                 act_obs = {mine[r]: resolved[mine[r]].config.options.get("act_observer", "minmax") for r in data
                            if act_scheme(resolved[mine[r]]) == "int8-static"}
+                fp = None
+                if float_block is not None and any(wants_float_target(resolved[mine[r]]) for r in data):
+                    assert float_inputs is not None
+                    fp = FloatPath(float_block, float_inputs, {mine[r]: float_block.get_submodule(r) for r in data})
                 stats = collect_stats(block, inputs, layers, {mine[r] for r in want_xtx}, sample_rows,
-                                      stop_after=layers, act_observers=act_obs)
+                                      stop_after=layers, act_observers=act_obs, float_path=fp)
             for r in grp:
                 q.quantize_layer(mine[r], stats.get(mine[r], LayerStats()))
         inputs = run_block(block, inputs)
+        if float_block is not None:
+            float_inputs = run_block(float_block, float_inputs)
+            del float_block
         if on_block:
             on_block(i + 1, len(blocks))
 
