@@ -1,12 +1,12 @@
 """SmolLM2-135M quality per bit (protocol of shared/BENCHMARK.md).
 
-    .venv/bin/python bench/quality.py rtn:int4-g128 mse:int4-g128 gptq:int4-g64 ... [--windows 40]
-        [--gguf Q4_K_M=/path/model.gguf ...] [--json bench/results/quality.json]
+    .venv/bin/python bench/quality.py rtn:int4-g128 rtn+mse:int4-g128 gptq:int4-g64 ... [--windows 40]
+        [--gguf Q4_K_M=/path/model.gguf ...] [--json bench/results/quality.json] [--repeats 3 --time-only]
 
-Each config ``METHOD[+mse|+imp]:SCHEME`` is quantized by the real CLI in a child process
-(``lowbit quantize … --json``), whose wall time and peak RSS come from ``os.wait4``. Then every
-model (and any GGUF made by another tool, loaded and dequantized by lowbit) is evaluated on the same
-windows of the WikiText-2 test split; the float reference runs once per window and every model is
+Each config ``METHOD[+mse|+imp][@KEY=VAL,...]:SCHEME`` (options go to ``--option``) is quantized by the
+real CLI in a child process (``lowbit quantize … --json``), whose wall time and peak RSS come from
+``os.wait4``. Then every model (and any GGUF made by another tool, loaded and dequantized by lowbit) is
+evaluated on the same windows of the WikiText-2 test split; the float reference runs once per window and every model is
 compared with it there (KL from float64 log-softmax, exact). Calibration: WikiText-2 validation.
 """
 
@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -30,9 +31,11 @@ from lowbit.eval.windows import read_text, token_windows
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = Path(os.environ.get("LOWBIT_BENCH_WORK", ROOT / "bench" / ".work"))
+THREADS = 2  # torch threads of the evaluation and of each quantize child (shared/BENCHMARK.md: threads = 2)
 
 
-def run_quantize(name: str, method: str, scheme: str, calib_windows: int, reuse: bool = False) -> dict:
+def run_quantize(name: str, method: str, scheme: str, calib_windows: int, reuse: bool = False,
+                 repeats: int = 1, options: tuple[str, ...] = ()) -> dict:
     base, _, flavour = method.partition("+")
     out = WORK / name
     if reuse and (out / "quantization.json").exists():
@@ -45,18 +48,26 @@ def run_quantize(name: str, method: str, scheme: str, calib_windows: int, reuse:
         cmd += ["--observer", "mse"]
     if flavour == "imp":
         cmd += ["--observer", "mse", "--importance"]
+    for o in options:
+        cmd += ["--option", o]
     if base != "rtn" or flavour == "imp":
         cmd += ["--calib", str(wikitext("valid"))]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    stdout = proc.stdout.read() if proc.stdout else ""
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    if status != 0:
-        raise SystemExit(f"{name}: `{' '.join(cmd)}` failed")
+    walls, cpus, rss = [], [], []
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                env=os.environ | {"OMP_NUM_THREADS": str(THREADS)})
+        stdout = proc.stdout.read() if proc.stdout else ""
+        _, status, usage = os.wait4(proc.pid, 0)
+        walls.append(time.perf_counter() - t0)
+        cpus.append(usage.ru_utime + usage.ru_stime)
+        rss.append(usage.ru_maxrss / 1e6)
+        if status != 0:
+            raise SystemExit(f"{name}: `{' '.join(cmd)}` failed")
     rep = json.loads(stdout)
-    return {"name": name, "method": method, "scheme": scheme, "path": str(out), "wall_s": wall,
-            "peak_rss_gb": usage.ru_maxrss / 1e6, "bpw": rep["bpw"], "bytes_on_disk": rep["bytes_on_disk"],
+    return {"name": name, "method": method, "scheme": scheme, "path": str(out), "wall_s": statistics.median(walls),
+            "walls_s": walls, "cpu_s": statistics.median(cpus),
+            "peak_rss_gb": max(rss), "bpw": rep["bpw"], "bytes_on_disk": rep["bytes_on_disk"],
             "command": " ".join(cmd[1:]).replace(str(ROOT) + "/", "")}
 
 
@@ -111,23 +122,41 @@ def evaluate_all(models: dict[str, torch.nn.Module], reference: torch.nn.Module,
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("configs", nargs="*", help="METHOD[+mse|+imp]:SCHEME, e.g. gptq:int4-g64")
+    ap.add_argument("configs", nargs="*",
+                    help="METHOD[+mse|+imp][@KEY=VAL,...]:SCHEME, e.g. gptq:int4-g64, gptq@act_order=true:int3-g64")
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--calib-windows", type=int, default=128)
     ap.add_argument("--gguf", action="append", default=[], metavar="NAME=PATH", help="a GGUF made by another tool")
     ap.add_argument("--json", help="write all figures here")
     ap.add_argument("--keep", action="store_true", help="keep the quantized models in bench/.work")
     ap.add_argument("--reuse", action="store_true", help="evaluate models already in the work dir (no timing)")
+    ap.add_argument("--repeats", type=int, default=1, help="quantize each config N times: median wall, max RSS")
+    ap.add_argument("--time-only", action="store_true", help="quantize and time; skip the evaluation")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2, as BENCHMARK.md fixes)")
     a = ap.parse_args()
-    torch.set_num_threads(2)
+    global THREADS
+    THREADS = a.threads
+    torch.set_num_threads(a.threads)
     WORK.mkdir(parents=True, exist_ok=True)
     runs = []
     for c in a.configs:
-        method, _, scheme = c.partition(":")
-        name = f"{scheme}-{method}"
-        runs.append(run_quantize(name, method, scheme, a.calib_windows, a.reuse))
+        spec, _, scheme = c.partition(":")
+        method, _, opts = spec.partition("@")
+        name = f"{scheme}-{spec}".replace("=", "").replace(",", "-")
+        runs.append(run_quantize(name, method, scheme, a.calib_windows, a.reuse, a.repeats,
+                                 tuple(o for o in opts.split(",") if o)))
         if "wall_s" in runs[-1]:
-            print(f"quantized {name}: {runs[-1]['wall_s']:.0f} s, {runs[-1]['peak_rss_gb']:.2f} GB", file=sys.stderr)
+            print(f"quantized {name}: {runs[-1]['wall_s']:.0f} s wall, {runs[-1]['cpu_s']:.0f} s CPU, "
+                  f"{runs[-1]['peak_rss_gb']:.2f} GB", file=sys.stderr)
+    if a.time_only:
+        print("| config | bpw | quantize s (median) | runs s | CPU s | peak RSS GB |\n|---|---|---|---|---|---|")
+        for r in runs:
+            print(f"| {r['name']} | {r['bpw']:.3f} | {r['wall_s']:.1f} | "
+                  f"{' '.join(f'{w:.1f}' for w in r['walls_s'])} | {r['cpu_s']:.1f} | {r['peak_rss_gb']:.2f} |")
+        if a.json:
+            Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.json).write_text(json.dumps({"rows": runs, "torch": torch.__version__}, indent=2))
+        return
     reference, tok = lowbit.load(smollm2_gguf())
     windows = token_windows(tok, read_text(wikitext("test")), a.windows, 512)
     models = {r["name"]: materialize(lowbit.load(r["path"])[0]) for r in runs}
@@ -143,18 +172,19 @@ def main() -> None:
         if "bpw" not in r:
             from lowbit.io.inspect import inspect_path, summarize
 
-            rows_ = [t for t in inspect_path(r["path"]) if len(t.shape) == 2]
+            # The blocks' linear layers only, as lowbit's linear_bpw counts (embeddings / head excluded).
+            rows_ = [t for t in inspect_path(r["path"]) if len(t.shape) == 2 and t.name.startswith("blk.")]
             _, nbytes, _ = summarize(rows_)
             r["bpw"] = 8 * nbytes / sum(t.shape[0] * t.shape[1] for t in rows_)
         rows.append(r | q)
     print(f"\nSmolLM2-135M-Instruct · {a.windows} windows × 512 of wikitext2-test · float32 ppl "
           f"{quality['float32']['ppl']:.3f}")
-    print("| model | bpw | ppl | KL mean | KL p99 | top-1 | quantize s | peak RSS GB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | bpw | ppl | KL mean | KL p99 | top-1 | quantize s (wall) | CPU s | peak RSS GB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         wall, rss = r.get("wall_s", float("nan")), r.get("peak_rss_gb", float("nan"))
         print(f"| {r['name']} | {r['bpw']:.3f} | {r['ppl']:.3f} | {r['kl_mean']:.4f} | {r['kl_p99']:.3f} | "
-              f"{100 * r['top1']:.1f}% | {wall:.0f} | {rss:.2f} |")
+              f"{100 * r['top1']:.1f}% | {wall:.0f} | {r.get('cpu_s', float('nan')):.0f} | {rss:.2f} |")
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps({"float32": quality["float32"], "rows": rows, "windows": a.windows,

@@ -23,3 +23,18 @@ def test_qembedding_row_gather_equals_full_dequant():
         qe = QEmbedding.from_embedding(emb, q)
         ids = torch.tensor([[5, 999, 5, 0], [17, 3, 3, 42]])
         assert torch.equal(qe(ids), torch.nn.functional.embedding(ids, q.dequantize())), scheme
+
+
+def test_cached_weight_kernel_is_exact_and_temporary():
+    w = torch.randn(48, 80)
+    layer = QLinear(lowbit.quantize_tensor(w, "int4-g16"), torch.randn(48))
+    x = torch.randn(3, 80)
+    ref = layer(x)
+    assert layer._kernel.name == "dequantize"
+    layer.cache_weight()
+    assert torch.equal(layer(x), ref) and layer._kernel.name == "cached-weight"
+    assert "weight_cache" not in layer.state_dict()
+    layer.drop_cache()
+    assert torch.equal(layer(x), ref) and layer._kernel.name == "dequantize"
+    layer.cache_weight(torch.bfloat16)  # a cache in another dtype than the input is not used
+    assert torch.equal(layer(x), ref) and layer._kernel.name == "dequantize"

@@ -135,3 +135,40 @@ def test_gptq_float_target_on_tiny_model():
     assert kl(aimed) < 1.05 * kl(plain)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert {r.method for r in rep.layers if ".layers." in r.name} == {"gptq"}
+
+
+def test_block_output_shortcut_matches_full_forwards(monkeypatch):
+    """Llama's down_proj adds straight into the block output: the runner takes the quantized block's output
+    from the float one plus x·(Ŵ − W)ᵀ. Turning that off (full forwards) gives the same quantized model."""
+    import dataclasses
+
+    import lowbit.model.quantize as qm
+
+    model = _llama()
+    ids = torch.randint(0, 256, (8, 32))
+    fast, _ = lowbit.quantize(model, scheme="int3-g32", method="gptq", calib=ids, progress=False)
+    real_arch_for = qm.arch_for
+    monkeypatch.setattr(qm, "arch_for", lambda m: dataclasses.replace(real_arch_for(m), residual_last=False))
+    slow, _ = lowbit.quantize(model, scheme="int3-g32", method="gptq", calib=ids, progress=False)
+    for (n, a), (_, b) in zip(fast.named_modules(), slow.named_modules(), strict=True):
+        if isinstance(a, QLinear):
+            same = (a.qweight.codes == b.qweight.codes).float().mean()
+            assert same > 0.999, n
+
+
+def test_layers_reading_one_input_share_its_statistics():
+    from lowbit.model.calibrate import capture_block_inputs, collect_stats
+
+    model = _llama()
+    ids = torch.randint(0, 256, (4, 16))
+    block = model.model.layers[0]
+    inputs = capture_block_inputs(model, block, ids, batch_size=2)
+    attn = block.self_attn
+    layers = {"q": attn.q_proj, "k": attn.k_proj, "v": attn.v_proj}
+    st = collect_stats(block, inputs, layers, {"q", "k", "v"}, stop_after=layers)
+    x = torch.cat([block.input_layernorm(bi.hidden).reshape(-1, 64) for bi in inputs]).double()
+    for n in layers:
+        assert st[n].tokens == 64
+        assert torch.allclose(st[n].xtx.double(), x.T @ x, rtol=1e-4, atol=1e-3)
+        assert torch.allclose(st[n].sq_mean.double(), x.square().mean(0), rtol=1e-4)
+    assert torch.equal(st["q"].xtx, st["v"].xtx)

@@ -29,6 +29,10 @@ class ArchInfo:
     # previous op's output (a norm's weight or a linear's rows). Used by AWQ and SmoothQuant.
     scale_pairs: tuple[tuple[str, tuple[str, ...]], ...] = ()
     causal: bool = True
+    # The last sequential group is one layer whose output is added straight into the block's output (a
+    # residual add, no norm after it): the runner then gets the block's quantized output from the float
+    # one plus x·(Ŵ − W)ᵀ instead of another forward pass (checked against a real forward on block 0).
+    residual_last: bool = False
 
 
 _LLAMA_LIKE = dict(
@@ -47,6 +51,7 @@ _LLAMA_LIKE = dict(
         ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
         ("mlp.up_proj", ("mlp.down_proj",)),
     ),
+    residual_last=True,
 )
 
 ARCHITECTURES: tuple[ArchInfo, ...] = (
@@ -58,6 +63,7 @@ ARCHITECTURES: tuple[ArchInfo, ...] = (
         **{
             **_LLAMA_LIKE,
             "scale_pairs": (("self_attn.v_proj", ("self_attn.o_proj",)), ("mlp.up_proj", ("mlp.down_proj",))),
+            "residual_last": False,  # Gemma 2/3 normalise the MLP's output before the residual add
         },
     ),
     ArchInfo(
@@ -71,6 +77,7 @@ ARCHITECTURES: tuple[ArchInfo, ...] = (
             ("input_layernorm", ("self_attn.qkv_proj",)),
             ("post_attention_layernorm", ("mlp.gate_up_proj",)),
         ),
+        residual_last=True,
     ),
     ArchInfo(
         "gpt2",
@@ -80,6 +87,7 @@ ARCHITECTURES: tuple[ArchInfo, ...] = (
         head="lm_head",
         sequential=(("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
         scale_pairs=(("ln_1", ("attn.c_attn",)), ("ln_2", ("mlp.c_fc",))),
+        residual_last=True,
     ),
     ArchInfo(
         "bert",

@@ -92,14 +92,20 @@ class StatsCollector:
     hist: HistogramObserver | None = None
     cross: torch.Tensor | None = None  # Σ x_ref xᵀ (in, in), when the float path's inputs are given
 
-    def update(self, x: torch.Tensor, x_ref: torch.Tensor | None = None) -> None:
+    def update(self, x: torch.Tensor, x_ref: torch.Tensor | None = None, shared: dict | None = None) -> None:
+        """Add one batch of inputs ``x`` (..., in). ``shared``: products already computed from the same
+        tensor by another layer in this batch (q/k/v and gate/up read one input), filled in here for the next.
+        """
         x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)  # (tokens, in)
+        shared = {} if shared is None else shared
         if x_ref is not None:
             xr = x_ref.reshape(-1, x_ref.shape[-1]).to(torch.float32)  # (tokens, in), same tokens as x
             if self.cross is None:
                 self.cross = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
             self.cross += (xr.T @ x).double()
-        amax = x.abs().amax(dim=0)
+        if "amax" not in shared:
+            shared["amax"] = x.abs().amax(dim=0)
+        amax = shared["amax"]
         if not torch.isfinite(amax).all():
             raise LowbitError(f"layer {self.name}: NaN/Inf in its input activations "
                               f"(calibration batch starting at window {self.window})")
@@ -111,10 +117,14 @@ class StatsCollector:
         if self.act_observer in ("percentile", "entropy"):
             self.hist = self.hist or HistogramObserver()
             self.hist.update(x)
-        self.sq_sum += x.square().sum(dim=0, dtype=torch.float64)
+        if "sq" not in shared:
+            shared["sq"] = x.square().sum(dim=0, dtype=torch.float64)
+        self.sq_sum += shared["sq"]
         self.absmax = torch.maximum(self.absmax, amax)
         if self.xtx is not None:
-            self.xtx += (x.T @ x).double()
+            if "xtx" not in shared:
+                shared["xtx"] = (x.T @ x).double()
+            self.xtx += shared["xtx"]
         if self.sample_rows:
             g = torch.Generator().manual_seed(self.tokens)
             k = min(x.shape[0], max(1, self.sample_rows // 16))
@@ -165,22 +175,35 @@ def _run_until(block: nn.Module, bi: BlockInput) -> None:
 def collect_stats(block: nn.Module, inputs: list[BlockInput], layers: dict[str, nn.Module],
                   want_xtx: set[str], sample_rows: int = 0, stop_after: Iterable[str] = (),
                   act_observers: dict[str, str] | None = None,
-                  float_path: FloatPath | None = None) -> dict[str, LayerStats]:
+                  float_path: FloatPath | None = None, outputs: list[torch.Tensor] | None = None,
+                  kept_inputs: dict[str, list[torch.Tensor]] | None = None) -> dict[str, LayerStats]:
     """Run the block over ``inputs`` with hooks on ``layers`` (block-relative names -> modules).
 
     The forward stops early once every layer in ``stop_after`` has seen its input. With ``float_path``,
     the float block also runs on the float path's inputs and each layer's ``xtx_cross`` (Σ x_float xᵀ)
-    is collected beside ``xtx``.
+    is collected beside ``xtx``. Layers that read the same input tensor share its products (one XᵀX for
+    q, k and v). ``outputs`` (a list, with no ``stop_after``) receives the block's output per batch, and
+    ``kept_inputs`` (name -> list) the raw inputs of the named layers per batch.
     """
+    if outputs is not None and stop_after:
+        raise ValueError("collect_stats: outputs need the whole forward (no stop_after)")
+    keep = kept_inputs or {}
     obs = act_observers or {}
     collectors = {n: StatsCollector(n, n in want_xtx, sample_rows, act_observer=obs.get(n)) for n in layers}
     stop = set(stop_after)
     seen: set[str] = set()
     ref_x: dict[str, torch.Tensor] = {}
+    # id() of an input tensor seen in this batch -> its products; the entry holds the tensor itself, so its
+    # id cannot be reused by another tensor before the batch ends.
+    products: dict[int, dict] = {}
 
     def make_hook(n: str):
         def hook(mod, args):
-            collectors[n].update(args[0], ref_x.pop(n, None) if float_path is not None else None)
+            x = args[0]
+            shared = products.setdefault(id(x), {"tensor": x})
+            collectors[n].update(x, ref_x.pop(n, None) if float_path is not None else None, shared)
+            if n in keep:
+                keep[n].append(x.detach())
             seen.add(n)
             if stop and stop <= seen:
                 raise _StopForward
@@ -210,7 +233,11 @@ def collect_stats(block: nn.Module, inputs: list[BlockInput], layers: dict[str, 
                     seen.clear()
                     _run_until(float_path.block, float_path.inputs[b])
                 seen.clear()
-                _run_until(block, bi)
+                products.clear()
+                if outputs is not None:
+                    outputs.append(_block_out(block(bi.hidden, **bi.kwargs)).detach())
+                else:
+                    _run_until(block, bi)
     finally:
         for h in handles:
             h.remove()

@@ -56,6 +56,17 @@ class QLinear(nn.Module):
         self.input_scale: torch.Tensor | None = None  # per-input-channel divisor (SmoothQuant, unfoldable pairs)
         self.act_scale: torch.Tensor | None = None  # static per-tensor activation scale
         self._kernel: Kernel | None = None
+        self.weight_cache: torch.Tensor | None = None  # dequantized weight, while cache_weight() holds it
+
+    def cache_weight(self, dtype: torch.dtype = torch.float32) -> None:
+        """Keep the dequantized weight in memory (float memory for speed: no dequantize per call) until
+        :meth:`drop_cache`. Not saved; weight-only layers only (activation kernels ignore it)."""
+        self.weight_cache = self.qweight.dequantize(dtype)
+        self._kernel = None  # choose again: the cached kernel now can run
+
+    def drop_cache(self) -> None:
+        self.weight_cache = None
+        self._kernel = None
 
     @classmethod
     def from_linear(cls, layer: nn.Module, qweight: QTensor) -> QLinear:
@@ -194,3 +205,10 @@ def _int8_linear(m: QLinear, x: torch.Tensor) -> torch.Tensor:
     if m.bias is not None:
         y = y + m.bias
     return y.to(x.dtype).reshape(*lead, m.out_features)
+
+
+@register_kernel("cached-weight", lambda m, x: m.act_scheme is None and m.weight_cache is not None
+                 and m.weight_cache.dtype == x.dtype)
+def _cached_linear(m: QLinear, x: torch.Tensor) -> torch.Tensor:
+    """The float matmul with the weight dequantized once by ``cache_weight()``."""
+    return F.linear(x, m.weight_cache, None if m.bias is None else m.bias.to(x.dtype))

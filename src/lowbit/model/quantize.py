@@ -24,7 +24,7 @@ from lowbit.core.qtensor import QTensor
 from lowbit.errors import LowbitError
 from lowbit.methods.registry import NEEDS_DATA, LayerStats, get_method, method_names
 from lowbit.model.arch import ArchInfo, arch_for, blocks_of
-from lowbit.model.calibrate import FloatPath, capture_block_inputs, collect_stats, run_block
+from lowbit.model.calibrate import BlockInput, FloatPath, capture_block_inputs, collect_stats, run_block
 from lowbit.model.plan import LayerPlan, Plan, unsupported_leaf
 from lowbit.model.qmodules import QEmbedding, QLinear
 from lowbit.model.streaming import ATTR as STREAM_ATTR
@@ -272,6 +272,7 @@ def _quantize_blocks(model, info: ArchInfo, resolved, q: _Quantizer, calib, batc
     # Layers that aim at the float model's outputs need the float path's activations beside the quantized
     # path's: the float copy of each block runs on them, one block at a time.
     float_inputs = inputs if any(wants_float_target(lp) for lp in resolved.values()) else None
+    use_shortcut = info.residual_last
     bar = tqdm(range(len(blocks)), desc="blocks", disable=_no_bar(progress))
     for i in bar:
         block = blocks[i]
@@ -284,9 +285,39 @@ def _quantize_blocks(model, info: ArchInfo, resolved, q: _Quantizer, calib, batc
         float_block = copy.deepcopy(block) if float_inputs is not None else None
         groups = [tuple(g for g in grp if g in mine) for grp in info.sequential]
         leftover = tuple(r for r in mine if not any(r in grp for grp in groups))
-        for grp in [g for g in groups if g] + ([leftover] if leftover else []):
+        todo = [g for g in groups if g] + ([leftover] if leftover else [])
+        shortcut = _residual_shortcut(info, todo, mine, resolved) if use_shortcut else None
+        next_inputs = None
+        for grp in todo:
             data = [r for r in grp if needs_data(resolved[mine[r]])]
             stats: dict[str, LayerStats] = {}
+            if grp == (shortcut,):
+                # The last layer adds into the block's output: one whole forward gives its statistics and the
+                # block's output with it in float; its quantization error is added afterwards.
+                assert shortcut is not None
+                mod = block.get_submodule(shortcut)
+                w_float = _weight_matrix(mod).float()
+                outs: list[torch.Tensor] = []
+                xs: dict[str, list[torch.Tensor]] = {mine[shortcut]: []}
+                stats = collect_stats(block, inputs, {mine[shortcut]: mod},
+                                      {mine[shortcut]} if resolved[mine[shortcut]].method in HESSIAN_METHODS
+                                      else set(), sample_rows, outputs=outs, kept_inputs=xs)
+                q.quantize_layer(mine[shortcut], stats.get(mine[shortcut], LayerStats()))
+                qmod = block.get_submodule(shortcut)
+                assert isinstance(qmod, QLinear)
+                delta = (qmod.qweight.dequantize(torch.float32) - w_float).T  # (in, out)
+                next_inputs = [BlockInput((o + (x.to(torch.float32) @ delta).to(o.dtype)).detach(), bi.kwargs,
+                                          bi.first_window)
+                               for o, x, bi in zip(outs, xs[mine[shortcut]], inputs, strict=True)]
+                del outs, xs
+                if i == 0:  # check the shortcut once against a real forward; fall back for good if it is off
+                    real = run_block(block, inputs[:1])[0].hidden
+                    err = float((real - next_inputs[0].hidden).norm() / real.norm().clamp(min=1e-30))
+                    if err > 1e-4:
+                        log.warning("block output shortcut off by %.2g for %s; using full forwards", err,
+                                    info.family)
+                        use_shortcut, next_inputs = False, None
+                continue
             if data:
                 want_xtx = {r for r in data if resolved[mine[r]].method in HESSIAN_METHODS}
                 layers = {mine[r]: block.get_submodule(r) for r in data}
@@ -300,12 +331,35 @@ def _quantize_blocks(model, info: ArchInfo, resolved, q: _Quantizer, calib, batc
                                       stop_after=layers, act_observers=act_obs, float_path=fp)
             for r in grp:
                 q.quantize_layer(mine[r], stats.get(mine[r], LayerStats()))
-        inputs = run_block(block, inputs)
+                _cache(block.get_submodule(r))  # the block's later passes reuse the dequantized weight
+        inputs = next_inputs if next_inputs is not None else run_block(block, inputs)
+        for m in block.modules():
+            if isinstance(m, QLinear):
+                m.drop_cache()
         if float_block is not None:
             float_inputs = run_block(float_block, float_inputs)
             del float_block
         if on_block:
             on_block(i + 1, len(blocks))
+
+
+def _cache(mod: nn.Module) -> None:
+    if isinstance(mod, QLinear) and mod.act_scheme is None:
+        mod.cache_weight(mod.qweight.dtype)
+
+
+def _residual_shortcut(info: ArchInfo, todo: list[tuple[str, ...]], mine: dict[str, str],
+                       resolved: dict[str, LayerPlan]) -> str | None:
+    """The block-relative name of the last layer when the block's output can be had without another
+    forward after it is quantized: the family says its output adds straight into the block's output, it is
+    the last group, alone, and quantized from calibration statistics with weight-only quantization."""
+    if not info.residual_last or not todo or len(todo[-1]) != 1 or todo[-1] != info.sequential[-1]:
+        return None
+    name = todo[-1][0]
+    lp = resolved[mine[name]]
+    if not needs_data(lp) or act_scheme(lp) is not None or lp.kind != "linear" or wants_float_target(lp):
+        return None
+    return name
 
 
 def _rescale_pairs(block: nn.Module, info: ArchInfo, mine: dict[str, str], resolved: dict[str, LayerPlan],
