@@ -35,8 +35,9 @@ from lowbit.eval import metrics
 from lowbit.eval.refcache import ReferenceEntry, cache_key, default_cache_dir, load_reference, save_reference
 from lowbit.eval.result import EvalResult, WorstWindow
 from lowbit.eval.size import model_size
-from lowbit.eval.speed import SpeedInfo, measure_speed, peak_rss_bytes, torch_threads
+from lowbit.eval.speed import SpeedInfo, measure_speed, peak_rss_bytes
 from lowbit.eval.windows import check_windows, read_text, sentences, token_windows
+from lowbit.threads import torch_threads
 
 log = logging.getLogger(__name__)
 CHUNK = 128  # positions per float64 log-softmax chunk: (128, V) float64 ≈ 50 MB at V = 49152

@@ -13,19 +13,20 @@ Every figure is the median of ``repeats`` runs with ``torch`` limited to ``threa
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import resource
 import statistics
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import torch
 
+from lowbit.threads import torch_threads
+
 log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class SpeedInfo:
@@ -45,16 +46,6 @@ def peak_rss_bytes() -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB, macOS bytes
 
 
-@contextlib.contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """Run the block with ``torch.set_num_threads(n)`` (None: leave it), restoring the old value."""
-    old = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def _device(model: torch.nn.Module) -> torch.device:

@@ -15,7 +15,6 @@ safetensors folder is never loaded whole), and the file appears atomically.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
@@ -56,6 +55,7 @@ from lowbit.io.gguf.writer import (
     write_gguf,
 )
 from lowbit.methods.registry import LayerStats
+from lowbit.threads import torch_threads
 
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20  # weights encoded per step: big enough to amortise thread start-up, small enough for cache
@@ -206,7 +206,7 @@ def export_gguf(model: nn.Module | str | os.PathLike, tokenizer: Any, path: str 
         bar.update(1)
 
     try:
-        with _torch_threads(threads):
+        with torch_threads(threads):
             report.warnings += write_gguf(path, spec, config, src.tokenizer, ftype, specs, encode,
                                           name=name or src.label)
     finally:
@@ -220,16 +220,6 @@ def export_gguf(model: nn.Module | str | os.PathLike, tokenizer: Any, path: str 
     return report
 
 
-@contextlib.contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
-    old = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if n is not None:
-            torch.set_num_threads(old)
 
 
 def _assign_types(src: TensorSource, names: dict[str, str], order: list[str], overrides: dict[str, tuple[str, str]],
