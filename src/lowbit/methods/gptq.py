@@ -244,8 +244,8 @@ def float_target_weight(weight: torch.Tensor, xtx: torch.Tensor, cross: torch.Te
 @register_method("gptq", needs_data=True)
 def gptq(weight: torch.Tensor, stats: LayerStats, scheme: Scheme, config: MethodConfig) -> QuantResult:
     """GPTQ as a registered method. Options: ``damp`` (0.01), ``damp_max`` (1.0), ``block_size`` (128),
-    ``act_order`` (True: columns by decreasing H_ii, with static groups — on SmolLM2 int3-g64 it halved RTN's
-    KL where plain column order took a quarter off), ``static_groups`` (default: = act_order),
+    ``act_order`` (True: columns by decreasing H_ii, with static groups; see bench/RESULTS.md for SmolLM2),
+    ``static_groups`` (default: = act_order),
     ``float_target`` (False: aim at the float model's outputs, see :func:`float_target_weight`; needs
     ``stats.xtx_cross``, which the calibration runner collects when the option is set). ``loss`` is the
     output reconstruction loss ``||XWᵀ - XŴᵀ||²/tokens`` (from the float target when set);
