@@ -98,6 +98,16 @@ def test_gguf_cache_hit_is_bit_identical(cache, tiny_gguf, caplog):
     assert bf16.model.embed_tokens.weight.dtype == torch.bfloat16
 
 
+def test_tokenizer_names_its_gguf_file_loaded_or_cached(cache, tiny_gguf):
+    # the GGUF export copies the source's tokenizer metadata (its pre-tokenizer name) through this link, on the
+    # very first load (no cache yet) as on later ones: CI starts with an empty cache
+    from lowbit.io.gguf.writer import source_gguf
+
+    for kw in ({"cache": False}, {}, {}):
+        _, tok = load_float(tiny_gguf.path, **kw)
+        assert source_gguf(tok) == tiny_gguf.path.resolve(), kw
+
+
 def test_cache_key_follows_the_file(cache, tmp_path, tiny_gguf):
     copy = tmp_path / "copy.gguf"
     shutil.copy(tiny_gguf.path, copy)

@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 CACHE_ENV = "LOWBIT_CACHE"
 FLOAT_CACHE_VERSION = 1
 CACHE_SOURCE_FILE = "lowbit-source.json"
+# set on a tokenizer read straight from a GGUF file: transformers keeps no trace of the file it came from
+SOURCE_GGUF_ATTR = "lowbit_source_gguf"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json",
                    "spiece.model")
 # names with these endings are meant as local files, never hub ids
@@ -250,6 +252,7 @@ def _load_gguf(path: Path) -> tuple[nn.Module, Any]:
         raise
     except Exception as e:  # unsupported architecture, tokenizer type, tensor type, …
         raise SourceError(f"{path}: transformers cannot load this GGUF file ({_first_line(e)})") from None
+    setattr(tok, SOURCE_GGUF_ATTR, str(path))  # the GGUF export reads the source's own metadata through it
     return model, tok
 
 

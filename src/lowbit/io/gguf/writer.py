@@ -30,6 +30,7 @@ from gguf.constants import GGML_QUANT_SIZES, MODEL_ARCH, GGMLQuantizationType, R
 
 from lowbit.errors import LowbitError
 from lowbit.io.atomic import atomic_file
+from lowbit.io.loaders import SOURCE_GGUF_ATTR
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +194,9 @@ PRE_TOKENIZERS: dict[tuple, str] = {
 
 def source_gguf(tokenizer: Any) -> Path | None:
     """The GGUF file a tokenizer was read from (directly, or through lowbit's float cache), if any."""
+    direct = getattr(tokenizer, SOURCE_GGUF_ATTR, None)
+    if direct and Path(direct).is_file():
+        return Path(direct)
     d = Path(str(getattr(tokenizer, "name_or_path", "") or "."))
     info = d / "lowbit-source.json"
     if info.is_file():
