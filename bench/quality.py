@@ -3,7 +3,8 @@
     .venv/bin/python bench/quality.py rtn:int4-g128 rtn+mse:int4-g128 gptq:int4-g64 ... [--windows 40]
         [--gguf Q4_K_M=/path/model.gguf ...] [--json bench/results/quality.json] [--repeats 3 --time-only]
 
-Each config ``METHOD[+mse|+imp][@KEY=VAL,...]:SCHEME`` (options go to ``--option``) is quantized by the
+Each config ``METHOD[+mse|+imp][~random][@KEY=VAL,...]:SCHEME`` (options go to ``--option``; ``~random``
+calibrates on random tokens, ``--calib random``, instead of WikiText-2 validation) is quantized by the
 real CLI in a child process (``lowbit quantize … --json``), whose wall time and peak RSS come from
 ``os.wait4``. Then every model (and any GGUF made by another tool, loaded and dequantized by lowbit) is
 evaluated on the same windows of the WikiText-2 test split; the float reference runs once per window and every model is
@@ -35,7 +36,7 @@ THREADS = 2  # torch threads of the evaluation and of each quantize child (share
 
 
 def run_quantize(name: str, method: str, scheme: str, calib_windows: int, reuse: bool = False,
-                 repeats: int = 1, options: tuple[str, ...] = ()) -> dict:
+                 repeats: int = 1, options: tuple[str, ...] = (), calib: str | None = None) -> dict:
     base, _, flavour = method.partition("+")
     out = WORK / name
     if reuse and (out / "quantization.json").exists():
@@ -51,7 +52,7 @@ def run_quantize(name: str, method: str, scheme: str, calib_windows: int, reuse:
     for o in options:
         cmd += ["--option", o]
     if base != "rtn" or flavour == "imp":
-        cmd += ["--calib", str(wikitext("valid"))]
+        cmd += ["--calib", calib or str(wikitext("valid"))]
     walls, cpus, rss = [], [], []
     for _ in range(max(1, repeats)):
         t0 = time.perf_counter()
@@ -123,7 +124,8 @@ def evaluate_all(models: dict[str, torch.nn.Module], reference: torch.nn.Module,
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("configs", nargs="*",
-                    help="METHOD[+mse|+imp][@KEY=VAL,...]:SCHEME, e.g. gptq:int4-g64, gptq@act_order=true:int3-g64")
+                    help="METHOD[+mse|+imp][~random][@KEY=VAL,...]:SCHEME, e.g. gptq:int4-g64, "
+                         "gptq@act_order=true:int3-g64, rtn+imp~random:int4-g128")
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--calib-windows", type=int, default=128)
     ap.add_argument("--gguf", action="append", default=[], metavar="NAME=PATH", help="a GGUF made by another tool")
@@ -142,9 +144,10 @@ def main() -> None:
     for c in a.configs:
         spec, _, scheme = c.partition(":")
         method, _, opts = spec.partition("@")
-        name = f"{scheme}-{spec}".replace("=", "").replace(",", "-")
+        method, _, source = method.partition("~")
+        name = f"{scheme}-{spec}".replace("=", "").replace(",", "-").replace("~", "-")
         runs.append(run_quantize(name, method, scheme, a.calib_windows, a.reuse, a.repeats,
-                                 tuple(o for o in opts.split(",") if o)))
+                                 tuple(o for o in opts.split(",") if o), source or None))
         if "wall_s" in runs[-1]:
             print(f"quantized {name}: {runs[-1]['wall_s']:.0f} s wall, {runs[-1]['cpu_s']:.0f} s CPU, "
                   f"{runs[-1]['peak_rss_gb']:.2f} GB", file=sys.stderr)

@@ -91,6 +91,12 @@ def test_method_options_and_activation_flags(tmp_path, capsys, tiny_llama_dir, c
     layers = [m for n, m in qm.named_modules() if isinstance(m, QLinear) and ".layers." in n]  # head: int8 RTN
     assert layers and all(m.act_scheme == "int8-static" and float(m.act_scale) > 0 for m in layers)
 
+    # no data at all: importance statistics from seeded random tokens
+    code, stdout, _ = run(capsys, "quantize", str(tiny_llama_dir), "-o", str(tmp_path / "r"), "--scheme", "int4-g32",
+                          "--method", "rtn", "--importance", "--observer", "mse", "--calib", "random",
+                          "--calib-windows", "2", "--window-len", "64", "--json")
+    assert code == 0 and json.loads(stdout)["report"]["calib_windows"] == 2
+
     code, _, err = run(capsys, "quantize", str(tiny_llama_dir), "-o", str(tmp_path / "x"), "--method", "gptq",
                        "--option", "bogus=1", *common)
     assert code == 2 and "bogus" in err and not (tmp_path / "x").exists()

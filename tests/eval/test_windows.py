@@ -83,3 +83,17 @@ def test_sentences_skip_headings_and_short_lines():
     assert len(sentences(synthetic_text(100), 40)) == 40
     with pytest.raises(EvalDataError, match="need at least 2"):
         sentences("= A =\nTiny .", 10)
+
+
+def test_random_windows_are_seeded_and_skip_special_tokens(tiny_llama):
+    from lowbit.eval.windows import random_windows
+
+    tok = tiny_llama[1]
+    a, b = random_windows(tok, 6, 64), random_windows(tok, 6, 64)
+    assert a.shape == (6, 64) and a.dtype == torch.long and torch.equal(a, b)
+    assert not torch.equal(a, random_windows(tok, 6, 64, seed=1))
+    assert 0 <= int(a.min()) and int(a.max()) < tok.vocab_size
+    assert not set(a.unique().tolist()) & set(tok.all_special_ids)
+    assert len(a.unique()) > 0.5 * min(a.numel(), tok.vocab_size)  # spread over the vocabulary
+    with pytest.raises(EvalDataError, match="windows >= 1"):
+        random_windows(tok, 0, 64)

@@ -24,6 +24,8 @@ def wmse(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def run(w, scheme, **options):
+    """HQQ on plain weight MSE (the reference's objective) unless ``weighting`` is given."""
+    options.setdefault("weighting", "uniform")
     return hqq(w, LayerStats(), parse_scheme(scheme), MethodConfig(options=options))
 
 
@@ -81,13 +83,35 @@ def test_importance_weighting():
     imp = torch.rand(128, generator=torch.Generator().manual_seed(6)) ** 4 * 10  # very uneven input channels
     stats = LayerStats(sq_mean=imp)
     sch = parse_scheme("int3-g32")
-    r = hqq(w, stats, sch, MethodConfig(importance=True))
+    r = hqq(w, stats, sch, MethodConfig(importance=True, options={"weighting": "uniform"}))
     werr = float(((r.qtensor.dequantize() - w).square() * imp).mean())
     werr_rtn = float(((quantize_rtn(w, sch).dequantize() - w).square() * imp).mean())
     assert werr < werr_rtn
     assert r.loss == pytest.approx(werr, rel=1e-4)
     with pytest.raises(LowbitError, match="sq_mean"):
         hqq(w, LayerStats(), sch, MethodConfig(importance=True))
+
+
+@pytest.mark.parametrize("scheme", ["int4-g64", "int3-g64", "int4-g32-sym"])
+def test_magnitude_weighting_keeps_large_weights_closer(scheme):
+    # the default objective: error weighted by (group rms + |w|) per element; never worse than RTN on it, and
+    # the largest weights end closer to their values than under plain weight MSE
+    w = make_w(64, 256, seed=8)
+    sch = parse_scheme(scheme)
+    r = hqq(w, LayerStats(), sch, MethodConfig())
+    assert r.info["options"]["weighting"] == "magnitude"
+    xg = group_view(w, sch.granularity, sch.group_size)
+    weight = xg.square().mean(-1, keepdim=True).sqrt() + xg.abs()
+
+    def objective(q):
+        return (group_view(q.dequantize() - w, sch.granularity, sch.group_size).square() * weight).sum(-1)
+
+    ours, rtn = objective(r.qtensor), objective(quantize_rtn(w, sch))
+    assert torch.all(ours <= rtn) and float(ours.sum()) < 0.97 * float(rtn.sum())
+    assert r.loss == pytest.approx(float(ours.sum()) / w.numel(), rel=1e-4)
+    big = w.abs() >= w.abs().quantile(0.99)
+    uniform = run(w, scheme).qtensor.dequantize()
+    assert (r.qtensor.dequantize() - w)[big].abs().mean() < (uniform - w)[big].abs().mean()
 
 
 def test_deterministic_and_pure():
@@ -101,10 +125,12 @@ def test_deterministic_and_pure():
 def test_options():
     w = make_w(16, 128)
     r = run(w, "int4-g64", iters=3, p=0.5, beta=1.0, kappa=1.5, polish=0, init="minmax")
-    assert r.info["options"] == {"iters": 3, "p": 0.5, "beta": 1.0, "kappa": 1.5, "polish": 0, "init": "minmax"}
+    assert r.info["options"] == {"iters": 3, "p": 0.5, "beta": 1.0, "kappa": 1.5, "polish": 0, "init": "minmax",
+                                 "weighting": "uniform"}
     assert r.loss <= r.info["rtn_mse"]
     for bad, match in [({"iters": -1}, "iters"), ({"p": 1.5}, "'p'"), ({"kappa": 0.5}, "kappa"),
-                       ({"lr": 0.1}, "unknown option"), ({"init": "nope"}, "observer"), ({"iters": "x"}, "bad option")]:
+                       ({"lr": 0.1}, "unknown option"), ({"init": "nope"}, "observer"),
+                       ({"weighting": "nope"}, "weighting"), ({"iters": "x"}, "bad option")]:
         with pytest.raises(LowbitError, match=match):
             run(w, "int4-g64", **bad)
     with pytest.raises(LowbitError, match="NaN or Inf"):

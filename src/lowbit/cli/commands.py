@@ -100,10 +100,15 @@ def _validate(args: argparse.Namespace) -> None:
     _config(args)
     if _needs_calib(args) and not args.calib:
         raise LowbitError(f"--method {args.method}{' --importance' if args.importance else ''} needs calibration "
-                          f"text: pass --calib FILE")
-    if args.calib:
-        from lowbit.eval.windows import read_text
+                          f"text: pass --calib FILE (or --calib random: statistics from random tokens, no data)")
+    _check_calib(args)
 
+
+def _check_calib(args: argparse.Namespace) -> None:
+    """Read the calibration file once up front, so a bad path fails before the model loads."""
+    from lowbit.eval.windows import RANDOM_CALIB, read_text
+
+    if args.calib and not (args.calib == RANDOM_CALIB and not Path(args.calib).exists()):
         read_text(args.calib)
 
 
@@ -227,13 +232,10 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any] | None:
     from lowbit.io.gguf import export_gguf
 
     if args.method == "gptq" and not args.calib:
-        raise LowbitError("--method gptq needs calibration text: pass --calib FILE")
+        raise LowbitError("--method gptq needs calibration text: pass --calib FILE (or --calib random)")
     if Path(args.out).exists() and not args.force:
         raise LowbitError(f"{args.out}: already exists (pass --force to replace it)")
-    if args.calib:
-        from lowbit.eval.windows import read_text
-
-        read_text(args.calib)
+    _check_calib(args)
     model, tok = lowbit.load(args.model)
     calib = None
     if args.calib:

@@ -34,7 +34,8 @@ def _quant_args(p: argparse.ArgumentParser, default_scheme: str | None = "int4-g
     p.add_argument("--alpha", type=float, help="SmoothQuant migration strength in [0, 1] (default 0.5)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="a method option, e.g. act_order=true, damp=0.05, block_size=64 (repeatable)")
-    p.add_argument("--calib", help="calibration text file (UTF-8); required by calibrated methods")
+    p.add_argument("--calib", help="calibration text file (UTF-8), or 'random' (statistics from seeded random "
+                   "tokens: no data needed); required by calibrated methods")
     p.add_argument("--calib-windows", type=int, default=128, help="calibration windows (default 128)")
     p.add_argument("--window-len", type=int, default=512, help="tokens per window (default 512)")
     p.add_argument("--plan", help="a plan JSON (rules: module pattern -> scheme + method, or keep)")
@@ -101,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "F16 BF16 … (default Q4_K_M)")
     x.add_argument("--method", default="search", choices=["search", "gptq"],
                    help="search: importance-weighted block search; gptq: GPTQ on the block grid (needs --calib)")
-    x.add_argument("--calib", help="calibration text file (importance statistics; required by --method gptq)")
+    x.add_argument("--calib", help="calibration text file (importance statistics; required by --method gptq), or "
+                   "'random' for statistics from random tokens")
     x.add_argument("--calib-windows", type=int, default=128)
     x.add_argument("--window-len", type=int, default=512)
     x.add_argument("--threads", type=int, default=None, help="torch threads while encoding")

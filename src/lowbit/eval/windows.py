@@ -88,6 +88,32 @@ def token_windows(
     return t.reshape(n, window_len)  # (n, L)
 
 
+RANDOM_CALIB = "random"  # the calibration source name for data-free statistics
+
+
+def random_windows(tokenizer: Any, n_windows: int, window_len: int = 512, seed: int = 0) -> torch.Tensor:
+    """``(n, window_len)`` token ids drawn uniformly (seeded) from the tokenizer's regular vocabulary, special
+    tokens left out: calibration statistics without any user data. Which channels of a transformer carry large
+    activations is mostly a property of the weights, not of the text, so E[x²] from random tokens still tells
+    the important input channels apart (bench/RESULTS.md has the figures).
+
+    >>> random_windows(tokenizer, 2, 8).shape  # doctest: +SKIP
+    torch.Size([2, 8])
+    """
+    if not isinstance(n_windows, int) or n_windows < 1 or not isinstance(window_len, int) or window_len < 2:
+        raise EvalDataError(f"random calibration needs windows >= 1 and window_len >= 2, got {n_windows} × "
+                            f"{window_len}")
+    size = getattr(tokenizer, "vocab_size", None)
+    if not isinstance(size, int) or size < 2:
+        raise EvalDataError("random calibration needs a tokenizer with a vocabulary size")
+    special = {int(i) for i in (getattr(tokenizer, "all_special_ids", None) or []) if 0 <= int(i) < size}
+    keep = torch.ones(size, dtype=torch.bool)
+    keep[sorted(special)] = False
+    pool = keep.nonzero().flatten()
+    g = torch.Generator().manual_seed(seed)
+    return pool[torch.randint(len(pool), (n_windows, window_len), generator=g)]
+
+
 def check_windows(tokens: torch.Tensor) -> torch.Tensor:
     """Validate pre-tokenised windows: an integer tensor ``(n, L)`` with ``n >= 1``, ``L >= 2``."""
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.is_floating_point():

@@ -5,8 +5,13 @@ into a sparse "outlier" part ``e = prox_lp(r)`` (the proximal operator of the lp
 large residuals and zeroes small ones) and the rest, and (s, z) are refit in closed form (weighted least
 squares) to ``W - e``, so a few badly rounded weights do not drag the grid. The shrinkage strength β grows
 by κ each step (the half-quadratic continuation), codes are re-rounded, and the best qparams seen per
-group are kept — judged by the weight MSE with the qparams as they will be stored, the min-max RTN ones
-included, so the result is never worse than RTN on weight MSE.
+group are kept — judged by the weighted weight MSE with the qparams as they will be stored, the min-max RTN
+ones included, so the result is never worse than RTN on that objective.
+
+The error is weighted per element by ``rms(group) + |w|`` by default (``weighting="magnitude"``): plain
+weight MSE (``"uniform"``) clips the few large weights that a small LLM's outputs depend on and loses to
+min-max RTN on KL. Without data, importance from random tokens (``calib="random"``) helps far more; the
+SmolLM2 figures of both are in bench/RESULTS.md.
 
 Unlike the reference, residuals are measured in quantization steps (r / s), so β does not depend on the
 weights' scale. Integer zero-points are optimised as floats, then rounded and polished with the zero fixed.
@@ -35,6 +40,7 @@ from lowbit.primitives.quant import Grid, as_matrix, group_view
 
 __all__ = ["HqqOptions", "hqq", "hqq_quantize", "shrink_lp"]
 
+WEIGHTINGS = ("uniform", "magnitude")
 CHUNK_ELEMS = 1 << 16  # elements of the grouped view optimised at once (the working set stays in cache)
 
 
@@ -42,7 +48,9 @@ CHUNK_ELEMS = 1 << 16  # elements of the grouped view optimised at once (the wor
 class HqqOptions:
     """``iters`` shrink-and-refit steps, the lp exponent ``p`` (< 1: robust to outliers), the shrinkage
     strength ``beta`` (in steps⁻¹) grown ×``kappa`` per step, ``polish`` final plain least-squares steps and
-    the ``init`` observer giving the starting range ("mse" or "minmax"; min-max RTN is always a candidate).
+    the ``init`` observer giving the starting range ("mse" or "minmax"; min-max RTN is always a candidate),
+    and the per-element ``weighting`` of the error: "magnitude" (group rms + |w|: large weights kept closer)
+    or "uniform" (plain weight MSE, as the reference).
     """
 
     iters: int = 20
@@ -51,6 +59,7 @@ class HqqOptions:
     kappa: float = 1.1
     polish: int = 4
     init: str = "mse"
+    weighting: str = "magnitude"
 
     def __post_init__(self) -> None:
         if self.iters < 0 or self.polish < 0:
@@ -60,6 +69,8 @@ class HqqOptions:
         if self.beta <= 0 or self.kappa < 1:
             raise LowbitError(f"hqq: options need beta > 0 and kappa >= 1, got beta={self.beta}, kappa={self.kappa}")
         get_observer(self.init)  # unknown names raise here
+        if self.weighting not in WEIGHTINGS:
+            raise LowbitError(f"hqq: option 'weighting' must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -71,7 +82,7 @@ class HqqOptions:
         if unknown:
             raise LowbitError(f"hqq: unknown option(s) {', '.join(sorted(unknown))} (known: {', '.join(known)})")
         try:
-            kw = {k: (str(v) if k == "init" else type(getattr(cls(), k))(v)) for k, v in options.items()}
+            kw = {k: (str(v) if k in ("init", "weighting") else type(getattr(cls(), k))(v)) for k, v in options.items()}
         except (TypeError, ValueError) as exc:
             raise LowbitError(f"hqq: bad option value: {exc}") from None
         return cls(**kw)
@@ -225,10 +236,14 @@ def hqq_quantize(
         w = group_view(torch.ones(1, as_matrix(shape)[1]), scheme.granularity, scheme.group_size)
     if importance is not None:
         w = w * importance_view(importance, shape, scheme)
+    if o.weighting == "magnitude":  # data-free emphasis on large weights: (group rms + |x|) per element
+        rms = (_wsum(xg.square(), w) / w.sum(-1, keepdim=True).clamp(min=1e-30)).sqrt_()
+        w = w * (rms + xg.abs())
 
     R, G, g = xg.shape
     step = max(1, CHUNK_ELEMS // (G * g))  # rows per chunk: the working set stays in cache
-    parts = [_optimise(xg[r0 : r0 + step], w, grid, o) for r0 in range(0, R, step)]
+    parts = [_optimise(xg[r0 : r0 + step], w if w.shape[0] == 1 else w[r0 : r0 + step], grid, o)
+             for r0 in range(0, R, step)]
     s = torch.cat([pt[0] for pt in parts])  # (R, G, 1)
     z = None if parts[0][1] is None else torch.cat([pt[1] for pt in parts])
     err, rtn_err = torch.cat([pt[2] for pt in parts]), torch.cat([pt[3] for pt in parts])
