@@ -6,6 +6,7 @@ import torch
 import lowbit
 from lowbit.assets import wikitext
 from lowbit.eval.windows import read_text, token_windows
+from lowbit.methods.registry import MethodConfig
 
 pytestmark = pytest.mark.integration
 
@@ -43,24 +44,62 @@ def test_smollm2_gptq_int4_end_to_end(tmp_path, smol, texts):
     assert "Paris" in btok.decode(answer[0])
 
 
-def test_smollm2_rtn_int3_worse_than_gptq_int3(smol, texts):
+@pytest.fixture(scope="module")
+def held(smol, texts):
+    """Two held-out windows × 256 tokens and the float model's log-probabilities on them."""
     model, tok = smol
-    calib, held = texts
-    ids = token_windows(tok, held, 2, 256)
+    ids = token_windows(tok, texts[1], 2, 256)
     with torch.no_grad():
-        ref = model(ids).logits.log_softmax(-1)
+        return ids, model(ids).logits.log_softmax(-1)
 
-    def kl(m):
-        with torch.no_grad():
-            lp = m(ids).logits.log_softmax(-1)
-        return float((ref.exp() * (ref - lp)).sum(-1).mean())
 
+def kl(m, held) -> float:
+    ids, ref = held
+    with torch.no_grad():
+        lp = m(ids).logits.log_softmax(-1)
+    return float((ref.exp() * (ref - lp)).sum(-1).mean())
+
+
+@pytest.fixture(scope="module")
+def rtn_int4(smol, held):
+    q, _ = lowbit.quantize(smol[0], smol[1], scheme="int4-g128", method="rtn", progress=False)
+    return kl(q, held)
+
+
+def test_smollm2_rtn_int3_worse_than_gptq_int3(smol, texts, held):
+    model, tok = smol
     rtn, _ = lowbit.quantize(model, tok, scheme="int3-g64", method="rtn", progress=False)
-    gptq, _ = lowbit.quantize(model, tok, scheme="int3-g64", method="gptq", calib=calib[:200_000], windows=8,
+    gptq, _ = lowbit.quantize(model, tok, scheme="int3-g64", method="gptq", calib=texts[0][:200_000], windows=8,
                               window_len=256, progress=False)
-    # measured: RTN 1.18, GPTQ 1.02 with only 8 × 256 calibration tokens (a rank-starved Hessian);
-    # issue 4's target (≥ 30% below RTN at 128 × 512 tokens) is a benchmark figure, not asserted here
-    assert kl(gptq) < 0.95 * kl(rtn)
+    # only 8 × 256 calibration tokens (a rank-starved Hessian); issue 4's target (>= 30% below RTN at
+    # 128 × 512 tokens) is a benchmark figure (bench/RESULTS.md: 55% at 32 windows), not asserted here
+    assert kl(gptq, held) < 0.9 * kl(rtn, held)
+
+
+def test_smollm2_awq_and_data_free_methods_beat_rtn(smol, texts, held, rtn_int4):
+    # bench/RESULTS.md (40 windows, int4-g128): RTN 0.341, AWQ 0.158; the data-free rows there too
+    model, tok = smol
+    awq, _ = lowbit.quantize(model, tok, scheme="int4-g128", method="awq", calib=texts[0][:200_000], windows=8,
+                             window_len=256, progress=False)
+    assert kl(awq, held) < 0.95 * rtn_int4  # measured 0.312 vs 0.354 with only 8 × 256 calibration tokens
+    # no data at all: E[x²] from seeded random tokens, importance-weighted RTN with MSE clipping
+    free, report = lowbit.quantize(model, tok, scheme="int4-g128", method="rtn", calib="random", windows=8,
+                                   window_len=256, config=MethodConfig(observer="mse", importance=True),
+                                   progress=False)
+    assert report.calib_windows == 8
+    assert kl(free, held) < 0.9 * rtn_int4
+
+
+def test_smollm2_smoothquant_w8a8_beats_plain_w8a8(smol, texts, held):
+    # bench/RESULTS.md: plain int8-dynamic W8A8 KL 0.0296, SmoothQuant (alpha 0.5) 0.0125
+    model, tok = smol
+    plain, _ = lowbit.quantize(model, tok, scheme="int8", method="rtn",
+                               config=MethodConfig(options={"act": "int8-dynamic"}), progress=False)
+    smooth, _ = lowbit.quantize(model, tok, scheme="int8", method="smoothquant", calib=texts[0][:200_000],
+                                windows=8, window_len=256, config=MethodConfig(options={"act": "int8-dynamic"}),
+                                progress=False)
+    k_plain, k_smooth = kl(plain, held), kl(smooth, held)
+    assert k_smooth < 0.8 * k_plain < 0.08
 
 
 def test_minilm_int8_and_int4_embeddings(minilm_dir, texts):

@@ -162,6 +162,38 @@ def test_export_gguf_and_read_back(tmp_path, capsys, tiny_llama_dir):
     assert code == 0 and any(t["format"] == "Q8_0" for t in json.loads(stdout)["tensors"])
     code, _, err = run(capsys, "export", "gguf", str(tiny_llama_dir), "-o", str(out))
     assert code == 2 and "--force" in err
+
+
+def test_export_gguf_streams_a_float_folder(tmp_path, capsys, tiny_llama_dir, monkeypatch):
+    # without calibration the CLI reads the folder tensor by tensor: the very file the loaded model gives
+    import lowbit
+    from lowbit.io.gguf import export_gguf
+
+    model, tok = lowbit.load(tiny_llama_dir)
+    whole = tmp_path / "whole.gguf"
+    export_gguf(model, tok, whole, "Q4_K_M", progress=False)
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded whole")
+
+    monkeypatch.setattr(lowbit, "load", no_load)
+    out = tmp_path / "streamed.gguf"
+    code, _, err = run(capsys, "export", "gguf", str(tiny_llama_dir), "-o", str(out), "--type", "Q4_K_M", "--json")
+    assert code == 0, err
+    assert out.read_bytes() == whole.read_bytes()
     code, _, err = run(capsys, "export", "gguf", str(tiny_llama_dir), "-o", str(tmp_path / "g.gguf"), "--method",
                        "gptq")
     assert code == 2 and "--calib" in err
+
+
+def test_export_gguf_streamed_nan_names_the_tensor(tmp_path, capsys, tiny_llama):
+    model, tok = tiny_llama
+    bad = tmp_path / "bad"
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    sd["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    model.save_pretrained(bad, state_dict=sd)
+    tok.save_pretrained(bad)
+    out = tmp_path / "x.gguf"
+    code, _, err = run(capsys, "export", "gguf", str(bad), "-o", str(out), "--type", "Q8_0")
+    assert code == 2 and "model.layers.1.mlp.up_proj.weight" in err and "NaN" in err
+    assert not out.exists() and not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".x.gguf*"))

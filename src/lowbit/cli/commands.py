@@ -228,6 +228,26 @@ def cmd_plan(args: argparse.Namespace) -> dict[str, Any] | None:
     return None
 
 
+def _streamable_folder(source: str) -> Path | None:
+    """The float safetensors folder behind ``source`` (a Hugging Face folder, or a GGUF file's float cache),
+    when the export can stream from it; None for hub ids, lowbit-quantized folders and other weights."""
+    from lowbit.io.loaders import SourceError, cached_float_dir, resolve_source
+    from lowbit.io.save import is_lowbit_dir
+
+    try:
+        src = resolve_source(source)
+    except SourceError:
+        return None  # lowbit.load names the problem
+    if src.kind == "gguf" and src.path is not None:
+        folder = cached_float_dir(src.path)
+    elif src.kind == "hf-dir" and src.path is not None and not is_lowbit_dir(src.path):
+        folder = src.path
+    else:
+        return None
+    tokenizer = any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    return folder if tokenizer and any(folder.glob("*.safetensors")) else None
+
+
 def cmd_export(args: argparse.Namespace) -> dict[str, Any] | None:
     from lowbit.io.gguf import export_gguf
 
@@ -236,7 +256,11 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any] | None:
     if Path(args.out).exists() and not args.force:
         raise LowbitError(f"{args.out}: already exists (pass --force to replace it)")
     _check_calib(args)
-    model, tok = lowbit.load(args.model)
+    folder = None if args.calib else _streamable_folder(args.model)
+    if folder is not None:  # no calibration: read the weights tensor by tensor, never the whole model
+        model, tok = folder, None
+    else:
+        model, tok = lowbit.load(args.model)
     calib = None
     if args.calib:
         calib = lowbit.calibration_windows(tok, args.calib, args.calib_windows, args.window_len)

@@ -285,6 +285,8 @@ class _Encoder:
 
     def _rows(self, r0: int, r1: int) -> torch.Tensor:
         w = self.src.get(self.hf, r0, r1).to(torch.float32)
+        if not bool(torch.isfinite(w).all()):  # a streamed folder is checked here, chunk by chunk
+            raise GGUFExportError(f"{self.src.label}: tensor {self.hf} holds NaN or Inf values (rows {r0}-{r1})")
         if self.heads is None:
             return w
         shape = self.src.shape(self.hf)
