@@ -79,13 +79,13 @@ def calibration_windows(tokenizer: Any, calib: str | os.PathLike | Sequence[str]
                         windows: int = 128, window_len: int = 512) -> torch.Tensor:
     """Token windows ``(windows, window_len)`` from a text file, a string, a list of strings or token ids;
     ``"random"`` (no such file here) draws seeded random tokens: statistics without any data."""
-    from lowbit.eval.windows import RANDOM_CALIB, random_windows, read_text, token_windows
+    from lowbit.eval.windows import is_random_calib, random_windows, read_text, token_windows
 
     if isinstance(calib, torch.Tensor):
         return calib.long()
     if tokenizer is None:
         raise LowbitError("calibration text needs the model's tokenizer")
-    if calib == RANDOM_CALIB and not Path(calib).exists():
+    if is_random_calib(calib):
         return random_windows(tokenizer, windows, window_len)
     if isinstance(calib, os.PathLike) or (isinstance(calib, str) and len(calib) < 4096 and "\n" not in calib
                                           and Path(calib).suffix in (".txt", ".md", ".raw", ".text")):

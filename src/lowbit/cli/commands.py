@@ -106,9 +106,9 @@ def _validate(args: argparse.Namespace) -> None:
 
 def _check_calib(args: argparse.Namespace) -> None:
     """Read the calibration file once up front, so a bad path fails before the model loads."""
-    from lowbit.eval.windows import RANDOM_CALIB, read_text
+    from lowbit.eval.windows import is_random_calib, read_text
 
-    if args.calib and not (args.calib == RANDOM_CALIB and not Path(args.calib).exists()):
+    if args.calib and not is_random_calib(args.calib):
         read_text(args.calib)
 
 
@@ -230,7 +230,9 @@ def cmd_plan(args: argparse.Namespace) -> dict[str, Any] | None:
 
 def _streamable_folder(source: str) -> Path | None:
     """The float safetensors folder behind ``source`` (a Hugging Face folder, or a GGUF file's float cache),
-    when the export can stream from it; None for hub ids, lowbit-quantized folders and other weights."""
+    when the export can stream from it; None for hub ids, lowbit-quantized folders and non-safetensors weights.
+    A folder without tokenizer files streams too: the export then names the missing tokenizer, as it does for a
+    loaded model."""
     from lowbit.io.loaders import SourceError, cached_float_dir, resolve_source
     from lowbit.io.save import is_lowbit_dir
 
@@ -244,8 +246,7 @@ def _streamable_folder(source: str) -> Path | None:
         folder = src.path
     else:
         return None
-    tokenizer = any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
-    return folder if tokenizer and any(folder.glob("*.safetensors")) else None
+    return folder if any(folder.glob("*.safetensors")) else None
 
 
 def cmd_export(args: argparse.Namespace) -> dict[str, Any] | None:

@@ -91,6 +91,11 @@ def token_windows(
 RANDOM_CALIB = "random"  # the calibration source name for data-free statistics
 
 
+def is_random_calib(calib: Any) -> bool:
+    """True for the ``"random"`` calibration source (a file of that name, if one exists, is read instead)."""
+    return isinstance(calib, str) and calib == RANDOM_CALIB and not Path(calib).exists()
+
+
 def random_windows(tokenizer: Any, n_windows: int, window_len: int = 512, seed: int = 0) -> torch.Tensor:
     """``(n, window_len)`` token ids drawn uniformly (seeded) from the tokenizer's regular vocabulary, special
     tokens left out: calibration statistics without any user data. Which channels of a transformer carry large

@@ -220,8 +220,6 @@ def export_gguf(model: nn.Module | str | os.PathLike, tokenizer: Any, path: str 
     return report
 
 
-
-
 def _assign_types(src: TensorSource, names: dict[str, str], order: list[str], overrides: dict[str, tuple[str, str]],
                   mix: str, facts: ModelFacts, pure: bool) -> tuple[list[TensorSpec], dict[str, str], dict[str, str]]:
     """Tensor specs in file order, with each tensor's note and its type before any fallback."""
