@@ -172,3 +172,47 @@ def test_layers_reading_one_input_share_its_statistics():
         assert torch.allclose(st[n].xtx.double(), x.T @ x, rtol=1e-4, atol=1e-3)
         assert torch.allclose(st[n].sq_mean.double(), x.square().mean(0), rtol=1e-4)
     assert torch.equal(st["q"].xtx, st["v"].xtx)
+
+
+@pytest.mark.parametrize("observer", ["percentile", "entropy"])
+def test_static_activation_observers_clip_inside_minmax(observer):
+    """A percentile / entropy observer sets each layer's static scale at or below min-max's (absmax / 127),
+    strictly below it somewhere (they clip the tail), and the model still runs close to the float one."""
+    ids = torch.randint(0, 256, (8, 64), generator=torch.Generator().manual_seed(1))  # 32k values a layer
+
+    def scales(obs):
+        q, _ = lowbit.quantize(_llama(), scheme="int8", calib=ids, progress=False,
+                               config=MethodConfig(options={"act": "int8-static", "act_observer": obs}))
+        return q, {n: float(m.act_scale) for n, m in q.named_modules()
+                   if isinstance(m, QLinear) and m.act_scale is not None}
+
+    _, mm = scales("minmax")
+    q, clipped = scales(observer)
+    assert clipped.keys() == mm.keys() and clipped
+    assert all(0 < clipped[n] <= mm[n] * (1 + 1e-6) for n in mm)
+    assert any(clipped[n] < 0.999 * mm[n] for n in mm)
+    with torch.no_grad():
+        ref = torch.log_softmax(_llama()(ids).logits, -1)
+        kl = torch.nn.functional.kl_div(torch.log_softmax(q(ids).logits, -1), ref, log_target=True,
+                                        reduction="batchmean") / ids.shape[1]
+    assert float(kl) < 0.05
+
+
+def test_fp8_dynamic_activations_quantize_per_token():
+    from lowbit.model.qmodules import quantize_activation
+
+    x = torch.randn(6, 64) * torch.logspace(-2, 2, 6)[:, None]  # tokens of very different magnitudes
+    codes, s = quantize_activation(x, "fp8-dynamic")
+    assert codes.dtype == torch.float8_e4m3fn and s.shape == (6, 1)
+    xq = codes.float() * s
+    assert torch.allclose(xq.abs().amax(-1), x.abs().amax(-1), rtol=1e-6)  # each token's max is on the grid
+    # e4m3 keeps 3 mantissa bits: relative error ≤ 2^-4 for every element in its normal range
+    normal = x.abs() / s >= 2.0 ** -6
+    assert ((xq - x).abs()[normal] <= x.abs()[normal] * 2.0 ** -4 + 1e-12).all()
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(2))
+    q, _ = lowbit.quantize(_llama(), scheme="fp8", config=MethodConfig(options={"act": "fp8-dynamic"}),
+                           progress=False)
+    assert q.model.layers[0].mlp.up_proj.act_scheme == "fp8-dynamic"
+    with torch.no_grad():
+        ref, out = _llama()(ids).logits, q(ids).logits
+    assert float((out - ref).norm() / ref.norm()) < 0.1
