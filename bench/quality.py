@@ -29,6 +29,7 @@ import lowbit
 from lowbit.assets import smollm2_gguf, wikitext
 from lowbit.eval import metrics
 from lowbit.eval.windows import read_text, token_windows
+from lowbit.methods.registry import method_names
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = Path(os.environ.get("LOWBIT_BENCH_WORK", ROOT / "bench" / ".work"))
@@ -37,9 +38,8 @@ THREADS = 2  # torch threads of the evaluation and of each quantize child (share
 
 def run_quantize(name: str, method: str, scheme: str, calib_windows: int, reuse: bool = False,
                  repeats: int = 1, options: tuple[str, ...] = (), calib: str | None = None) -> dict:
-    base, _, flavour = method.partition("+")
-    if flavour not in ("", "mse", "imp"):  # a method whose name has a "+" of its own (awq+gptq)
-        base, flavour = method, ""
+    # A registered name may hold a "+" of its own (awq+gptq); otherwise "+mse" / "+imp" is a flavour.
+    base, _, flavour = (method, "", "") if method in method_names() else method.partition("+")
     out = WORK / name
     if reuse and (out / "quantization.json").exists():
         summary = json.loads((out / "quantization.json").read_text())["report"]
@@ -51,9 +51,8 @@ def run_quantize(name: str, method: str, scheme: str, calib_windows: int, reuse:
         cmd += ["--observer", "mse"]
     if flavour == "imp":
         cmd += ["--observer", "mse", "--importance"]
-    for o in options:  # act / act_observer have flags of their own (act=int8-static needs calibration)
-        key, _, val = o.partition("=")
-        cmd += [f"--{key.replace('_', '-')}", val] if key in ("act", "act_observer") else ["--option", o]
+    for o in options:
+        cmd += ["--option", o]
     if base != "rtn" or flavour == "imp" or "act=int8-static" in options:
         cmd += ["--calib", calib or str(wikitext("valid"))]
     walls, cpus, rss = [], [], []

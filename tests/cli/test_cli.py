@@ -63,6 +63,7 @@ def test_quantize_inspect_eval_plan(tmp_path, capsys, tiny_llama_dir, calib):
         (["--option", "act_order"], "KEY=VALUE"),
         (["--alpha", "1.5"], "--alpha 1.5"),
         (["--act", "int8-static"], "needs calibration text"),
+        (["--option", "act=int8-static"], "needs calibration text"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, tiny_llama_dir, argv, needle):

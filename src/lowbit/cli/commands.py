@@ -69,7 +69,8 @@ def _check_out(path: str, force: bool, source: str) -> None:
 
 
 def _needs_calib(args: argparse.Namespace) -> bool:
-    return args.method in NEEDS_DATA or args.importance or getattr(args, "act", None) == "int8-static"
+    # From the built options: `--act int8-static` and `--option act=int8-static` are the same request.
+    return args.method in NEEDS_DATA or args.importance or _config(args).options.get("act") == "int8-static"
 
 
 def layer_table(report: QuantReport, limit: int = 12) -> Table:
