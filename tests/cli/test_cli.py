@@ -56,14 +56,14 @@ def test_quantize_inspect_eval_plan(tmp_path, capsys, tiny_llama_dir, calib):
     "argv,needle",
     [
         (["--scheme", "int5-g33x"], "cannot parse scheme 'int5-g33x'"),
-        (["--method", "gptq"], "needs calibration text"),
+        (["--method", "gptq"], "--method gptq needs calibration text"),
         (["--method", "magic"], "unknown method 'magic'"),
         (["--calib", "/nonexistent/calib.txt", "--method", "gptq"], "calib.txt"),
         (["--rule", "down_proj"], "PATTERN=SCHEME"),
         (["--option", "act_order"], "KEY=VALUE"),
         (["--alpha", "1.5"], "--alpha 1.5"),
-        (["--act", "int8-static"], "needs calibration text"),
-        (["--option", "act=int8-static"], "needs calibration text"),
+        (["--act", "int8-static"], "--act int8-static needs calibration text"),
+        (["--option", "act=int8-static"], "--act int8-static needs calibration text"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, tiny_llama_dir, argv, needle):

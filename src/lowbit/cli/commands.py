@@ -68,9 +68,14 @@ def _check_out(path: str, force: bool, source: str) -> None:
         raise LowbitError(f"{path}: already exists (pass --force to replace it)")
 
 
-def _needs_calib(args: argparse.Namespace) -> bool:
+def _needs_calib(args: argparse.Namespace) -> str | None:
+    """What asks for calibration text, as the error names it; None when nothing does."""
+    if args.method in NEEDS_DATA:
+        return f"--method {args.method}"
+    if args.importance:
+        return "--importance"
     # From the built options: `--act int8-static` and `--option act=int8-static` are the same request.
-    return args.method in NEEDS_DATA or args.importance or _config(args).options.get("act") == "int8-static"
+    return "--act int8-static" if _config(args).options.get("act") == "int8-static" else None
 
 
 def layer_table(report: QuantReport, limit: int = 12) -> Table:
@@ -99,9 +104,10 @@ def _validate(args: argparse.Namespace) -> None:
         Plan.from_json(args.plan)
     Plan.default(args.scheme).with_rules(args.rule, args.keep)
     _config(args)
-    if _needs_calib(args) and not args.calib:
-        raise LowbitError(f"--method {args.method}{' --importance' if args.importance else ''} needs calibration "
-                          f"text: pass --calib FILE (or --calib random: statistics from random tokens, no data)")
+    why = _needs_calib(args)
+    if why and not args.calib:
+        raise LowbitError(f"{why} needs calibration text: pass --calib FILE (or --calib random: statistics from "
+                          f"random tokens, no data)")
     _check_calib(args)
 
 
