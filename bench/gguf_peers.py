@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -46,8 +47,10 @@ def timed(cmd: list[str], log: Path) -> tuple[float, float]:
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(proc.pid, 0)
-    if status != 0:
-        raise SystemExit(f"`{' '.join(cmd)}` failed; see {log}")
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+        raise SystemExit(f"`{' '.join(cmd)}` {how}; see {log}")
     return time.perf_counter() - t0, usage.ru_maxrss / 1e6
 
 

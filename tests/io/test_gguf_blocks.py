@@ -4,9 +4,6 @@ importance weighting, edge blocks, and lossless re-packing of grids that already
 
 from __future__ import annotations
 
-import ctypes
-import os
-
 import gguf
 import numpy as np
 import pytest
@@ -14,6 +11,7 @@ import torch
 
 from lowbit.core.qtensor import QTensor
 from lowbit.core.scheme import parse_scheme
+from lowbit.io.gguf import llamacpp
 from lowbit.io.gguf.blocks import BLOCK_TYPES
 
 QUANT = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
@@ -34,24 +32,9 @@ def _rows(n_rows: int = 48, n: int = 512, seed: int = 0) -> torch.Tensor:
     return x
 
 
-def _ggml_lib():
-    import llama_cpp  # a test dependency (pyproject: test extra)
-    lib = ctypes.CDLL(os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-base.so"))
-    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-    return lib
-
-
 def ggml_quantize(x: np.ndarray, name: str) -> np.ndarray:
-    """llama.cpp's own quantizer (what llama-quantize runs without an imatrix), through ctypes."""
-    lib = _ggml_lib()
-    t = gguf.GGMLQuantizationType[name]
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    bs, ts = gguf.GGML_QUANT_SIZES[t]
-    out = np.zeros((x.shape[0], x.shape[1] // bs * ts), dtype=np.uint8)
-    lib.ggml_quantize_chunk(int(t), x.ctypes.data, out.ctypes.data, 0, x.shape[0], x.shape[1], None)
-    return out
+    """llama.cpp's own quantizer (what llama-quantize runs without an imatrix), in a child process."""
+    return llamacpp.quantize_rows(x, name)
 
 
 def _theirs(data: torch.Tensor, name: str) -> torch.Tensor:

@@ -168,18 +168,12 @@ def test_smollm2_gguf_metadata_matches_its_tensors():
 
 @pytest.mark.integration
 def test_q4_k_m_matches_llama_cpp_quantize(tmp_path):
-    import ctypes
-
-    import llama_cpp  # a test dependency (pyproject: test extra)
-
     from lowbit.assets import smollm2_gguf
+    from lowbit.io.gguf import llamacpp  # llama.cpp (a test dependency) in a child process
     from lowbit.io.inspect import inspect_path, summarize
 
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
-    params.allow_requantize = True
     out = tmp_path / "q4km.gguf"
-    assert llama_cpp.llama_model_quantize(str(smollm2_gguf()).encode(), str(out).encode(), ctypes.byref(params)) == 0
+    llamacpp.quantize(smollm2_gguf(), out, "Q4_K_M")
     rows = inspect_path(out)
     predicted = {r.format: r for r in size_table(SMOLLM2, ["Q4_K_M"])}["Q4_K_M"]
     assert predicted.weight_bytes == summarize(rows)[1] == 103_668_480

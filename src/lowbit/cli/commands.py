@@ -274,13 +274,21 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any] | None:
         calib = lowbit.calibration_windows(tok, args.calib, args.calib_windows, args.window_len)
     report = export_gguf(model, tok, args.out, args.type, calib=calib, method=args.method,
                          progress=None if not args.json else False, threads=args.threads)
+    check = None
+    if args.check:  # llama.cpp in a child process: a crash there is a one-line error, the file stays written
+        from lowbit.io.gguf import llamacpp
+
+        check = llamacpp.check(args.out, threads=args.threads or 1)
     if args.json:
-        return report.to_dict()
+        return report.to_dict() | ({"check": check.to_dict()} if check else {})
     for w in report.warnings:
         out.print(f"[yellow]warning[/]: {w}")
     size = Path(args.out).stat().st_size
     out.print(f"wrote {args.out} ({_mb(size)}, {report.bpw:.2f} bpw, {len(report.fallbacks)} tensors fell back to "
               f"another type because their rows do not fit the block)")
+    if check:
+        out.print(f"llama.cpp runs it: perplexity {check.perplexity:.2f} on {check.tokens} tokens of a built-in "
+                  f"paragraph; it continues {check.continuation!r}")
     out.print(f"next: lowbit eval {args.out} --reference {args.model} --data held_out.txt")
     return None
 

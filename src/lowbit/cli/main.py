@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--calib-windows", type=int, default=128)
     x.add_argument("--window-len", type=int, default=512)
     x.add_argument("--threads", type=int, default=None, help="torch threads while encoding")
+    x.add_argument("--check", action="store_true",
+                   help="load the written file in llama.cpp (llama-cpp-python, in a child process) and run it on a "
+                        "short text: perplexity and a greedy continuation")
     x.add_argument("--force", action="store_true")
     x.add_argument("--json", action="store_true")
     x.set_defaults(func=commands.cmd_export)
