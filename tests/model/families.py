@@ -35,12 +35,13 @@ FAMILIES = {
 DECODERS = [f for f in FAMILIES if f != "bert"]
 
 
-def build(family: str, seed: int = 0) -> torch.nn.Module:
+def build(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
     cfg_name, model_name, extra = FAMILIES[family]
     kw = {} if family == "gpt2" else dict(COMMON)
     if family == "bert":
         kw.pop("num_key_value_heads")
     kw.update(extra)
+    kw.update(overrides)
     torch.manual_seed(seed)
     model = getattr(transformers, model_name)(getattr(transformers, cfg_name)(**kw)).eval()
     with torch.no_grad():
@@ -79,3 +80,28 @@ def mean_kl(ref: torch.Tensor, got: torch.Tensor) -> float:
 
 def rel_error(ref: torch.Tensor, got: torch.Tensor) -> float:
     return float((got - ref).norm() / ref.norm())
+
+
+def table(schemes: tuple[str, ...] = ("int8", "int4-g32")) -> list[str]:
+    """Per family, int8 and int4 mean KL (BERT: relative error) of the every-layer RTN model to float."""
+    from lowbit.model.plan import Plan, Rule
+    from lowbit.model.quantize import quantize_model
+
+    ids, rows = random_ids(), []
+    for family in FAMILIES:
+        cells = []
+        for scheme in schemes:
+            model = build(family)
+            ref = outputs(model, ids)
+            quantize_model(model, Plan((Rule("*", scheme),)), progress=False)
+            metric = rel_error if family == "bert" else mean_kl
+            cells.append(f"{scheme} {'rel' if family == 'bert' else 'KL'} {metric(ref, outputs(model, ids)):.2e}")
+        rows.append(f"{family:12s} " + "  ".join(cells))
+    return rows
+
+
+if __name__ == "__main__":  # python -m tests.model.families
+    import logging
+
+    logging.disable(logging.WARNING)
+    print("\n".join(table()))
