@@ -23,6 +23,7 @@ from lowbit.core.qtensor import QTensor
 from lowbit.errors import CheckpointError, LowbitError
 from lowbit.io.atomic import atomic_dir
 from lowbit.io.checkpoint import load_tensors, save_tensors
+from lowbit.model.convert import quantized_module
 from lowbit.model.qmodules import QEmbedding, QLinear
 
 FORMAT_VERSION = 1
@@ -82,6 +83,8 @@ def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None, pl
                 layers[name]["act_scheme"] = mod.act_scheme
             if isinstance(mod, QEmbedding) and mod.padding_idx is not None:
                 layers[name]["padding_idx"] = mod.padding_idx
+            if isinstance(mod, QEmbedding) and mod.embed_scale is not None:
+                layers[name]["embed_scale"] = float(mod.embed_scale)  # checked on load against the config's
             if id(mod.qweight) in seen:
                 tied[name] = seen[id(mod.qweight)]
             else:
@@ -127,6 +130,18 @@ def _model_class(config):
     return transformers.AutoModel
 
 
+def _check_embedding(p: Path, name: str, entry: dict[str, Any], new: QEmbedding) -> None:
+    """The rebuilt embedding must compute what the saved one did (padding index, embedding scale). A file
+    written before lowbit kept embedding scales has none recorded: the config's scale (what the float model
+    computed, what that file lost) is used."""
+    scale = None if new.embed_scale is None else float(new.embed_scale)
+    saved = entry.get("embed_scale")
+    if saved is not None and (scale is None or abs(saved - scale) > 1e-6 * abs(saved)):
+        raise CheckpointError(f"{p}: layer {name!r} was saved with embedding scale {saved}, the config's "
+                              f"{type(new).__name__} has {scale}: config.json does not match the weights")
+    new.padding_idx = entry.get("padding_idx", new.padding_idx)
+
+
 def load_quantized(path: str | os.PathLike) -> tuple[nn.Module, Any]:
     """Rebuild a model saved by :func:`save`: QLinear/QEmbedding layers hold the stored QTensors."""
     from transformers import AutoConfig, AutoTokenizer
@@ -160,13 +175,17 @@ def load_quantized(path: str | os.PathLike) -> tuple[nn.Module, Any]:
             old = model.get_submodule(name)
         except AttributeError:
             raise CheckpointError(f"{p}: layer {name!r} does not exist in the {type(model).__name__} config") from None
+        try:  # the config's float layer decides what the quantized one keeps (bias, embedding scale …)
+            new = quantized_module(name, old, q)
+        except LowbitError as e:
+            raise CheckpointError(f"{p}: {e}") from None
         if entry["kind"] == "linear":
-            new: nn.Module = QLinear(q, None if getattr(old, "bias", None) is None else old.bias)
+            assert isinstance(new, QLinear)
             new.act_scheme = entry.get("act_scheme")
             for extra in EXTRAS:
                 setattr(new, extra, tensors.get(f"{name}.{extra}"))
-        else:
-            new = QEmbedding(q, entry.get("padding_idx"))
+        elif isinstance(new, QEmbedding):
+            _check_embedding(p, name, entry, new)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
     float_state = {k: v for k, v in tensors.items()

@@ -68,15 +68,14 @@ class QLinear(nn.Module):
         self.weight_cache = None
         self._kernel = None
 
-    @classmethod
-    def from_linear(cls, layer: nn.Module, qweight: QTensor) -> QLinear:
-        bias = getattr(layer, "bias", None)
-        return cls(qweight, bias)
-
     @property
     def weight(self) -> torch.Tensor:
         """Dequantized weight (float32), for code that reads ``.weight`` (e.g. tied heads, inspection)."""
         return self.qweight.dequantize(torch.float32)
+
+    def linear_with(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``x wᵀ + b`` for a float ``w`` (out, in): the arithmetic every weight-only kernel runs."""
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = self._kernel
@@ -92,42 +91,48 @@ class QLinear(nn.Module):
 
 @register_kernel("dequantize", lambda m, x: True)
 def _dequant_linear(m: QLinear, x: torch.Tensor) -> torch.Tensor:
-    w = m.qweight.dequantize(x.dtype)
-    return F.linear(x, w, None if m.bias is None else m.bias.to(x.dtype))
+    return m.linear_with(x, m.qweight.dequantize(x.dtype))
 
 
 class QEmbedding(nn.Module):
-    """Embedding lookup from a QTensor of shape (num_embeddings, embedding_dim).
+    """Embedding lookup from a QTensor of shape (num_embeddings, embedding_dim), times ``embed_scale`` if set.
 
-    Only the looked-up rows are dequantized when a row's codes fill whole bytes (e.g. 576 × 3 bits).
+    Rows come out in the float weight's dtype, as the float module's do. Only the looked-up rows are
+    dequantized when a row's codes fill whole bytes (e.g. 576 × 3 bits). ``embed_scale`` (a 0-d tensor) is
+    what Gemma's ``*ScaledWordEmbedding`` multiplies its rows by (√hidden); it is rebuilt from the config on
+    load, like the float module's, so it is not in the state dict.
     """
 
-    def __init__(self, qweight: QTensor, padding_idx: int | None = None):
+    def __init__(self, qweight: QTensor, padding_idx: int | None = None, embed_scale: torch.Tensor | None = None):
         super().__init__()
         self.qweight = qweight
         self.num_embeddings, self.embedding_dim = qweight.shape
         self.padding_idx = padding_idx
-
-    @classmethod
-    def from_embedding(cls, layer: nn.Embedding, qweight: QTensor) -> QEmbedding:
-        return cls(qweight, layer.padding_idx)
+        self.embed_scale: torch.Tensor | None
+        self.register_buffer("embed_scale", None if embed_scale is None else embed_scale.detach().clone(),
+                             persistent=False)
 
     @property
     def weight(self) -> torch.Tensor:
         return self.qweight.dequantize(torch.float32)
 
+    def finish(self, rows: torch.Tensor) -> torch.Tensor:
+        """The float module's arithmetic after the lookup: the embedding scale, in the rows' dtype."""
+        return rows if self.embed_scale is None else rows * self.embed_scale.to(rows.dtype)
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         q = self.qweight
         rows = rows_of(q, ids.reshape(-1).unique())
         if rows is None:
-            return F.embedding(ids, q.dequantize(torch.float32), self.padding_idx)
+            return self.finish(F.embedding(ids, q.dequantize(q.dtype), self.padding_idx))
         uniq, table = rows
         # map ids -> position in the unique table
-        pos = torch.searchsorted(uniq, ids)
-        return table[pos]
+        pos = torch.searchsorted(uniq, ids.contiguous())
+        return self.finish(table[pos].to(q.dtype))
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, scheme={self.qweight.scheme.name}"
+        scale = "" if self.embed_scale is None else f", embed_scale={float(self.embed_scale):.4g}"
+        return f"{self.num_embeddings}, {self.embedding_dim}, scheme={self.qweight.scheme.name}{scale}"
 
 
 def rows_of(q: QTensor, uniq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -211,4 +216,4 @@ def _int8_linear(m: QLinear, x: torch.Tensor) -> torch.Tensor:
                  and m.weight_cache.dtype == x.dtype)
 def _cached_linear(m: QLinear, x: torch.Tensor) -> torch.Tensor:
     """The float matmul with the weight dequantized once by ``cache_weight()``."""
-    return F.linear(x, m.weight_cache, None if m.bias is None else m.bias.to(x.dtype))
+    return m.linear_with(x, m.weight_cache)

@@ -25,8 +25,10 @@ from lowbit.errors import LowbitError
 from lowbit.methods.registry import NEEDS_DATA, LayerStats, get_method, method_names
 from lowbit.model.arch import ArchInfo, arch_for, blocks_of
 from lowbit.model.calibrate import BlockInput, FloatPath, capture_block_inputs, collect_stats, run_block
+from lowbit.model.convert import check_convertible, quantized_module
+from lowbit.model.convert import weight_matrix as _weight_matrix
 from lowbit.model.plan import LayerPlan, Plan, unsupported_leaf
-from lowbit.model.qmodules import QEmbedding, QLinear
+from lowbit.model.qmodules import QLinear
 from lowbit.model.streaming import ATTR as STREAM_ATTR
 from lowbit.model.streaming import StreamedWeights, streamed_weights
 
@@ -104,14 +106,6 @@ def needs_data(lp: LayerPlan) -> bool:
     )
 
 
-def _weight_matrix(mod: nn.Module) -> torch.Tensor:
-    """(out, in) float32 weight; transformers' Conv1D stores (in, out)."""
-    from transformers.pytorch_utils import Conv1D
-
-    w = mod.weight.detach()
-    return w.T.contiguous() if isinstance(mod, Conv1D) else w
-
-
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -172,7 +166,7 @@ class _Quantizer:
                 note = "untied (different scheme from its tied twin)"
             if tied is None:
                 self.by_param[pid] = (weakref.ref(mod.weight), name, q, lp)
-        new = QLinear.from_linear(mod, q) if lp.kind == "linear" else QEmbedding.from_embedding(mod, q)
+        new = quantized_module(name, mod, q)  # keeps bias, padding index, embedding scale; checked on a probe
         act = act_scheme(lp) if lp.kind == "linear" else None
         if act is not None:
             from lowbit.model.qmodules import ACT_SCHEMES
@@ -213,6 +207,8 @@ def quantize_model(model: nn.Module, plan: Plan, calib: torch.Tensor | None = No
             report.kept.append(n)
             report.warnings.append(f"{n}: {type(m).__name__} is not supported; kept in float")
     planned = [n for n, lp in resolved.items() if lp.scheme is not None]
+    for n in planned:  # before any calibration: a layer whose forward cannot be kept is refused up front
+        check_convertible(n, model.get_submodule(n))
     check_finite_weights(model, planned)
     stream = streamed_weights(model)
     q = _Quantizer(model, resolved, report)
