@@ -18,6 +18,7 @@ from lowbit.errors import LowbitError
 from lowbit.io.gguf.export import export_gguf
 from lowbit.model.plan import Plan, Rule
 from lowbit.model.quantize import quantize_model
+from tests.io.test_gguf_export import tiny_tokenizer  # byte-level BPE, 264 tokens, with merges (llama.cpp needs them)
 from tests.model.families import build, mean_kl, outputs, random_ids
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -28,26 +29,11 @@ BOUNDS = {"int8-g32-sym": 1e-3, "int4-g32-sym": 8e-2}
 OVERRIDES = {"qwen3": dict(head_dim=128)}
 
 
-def byte_tokenizer():
-    """Byte-level BPE of 259 tokens (3 specials + 256 bytes): every id below the tiny models' vocabulary."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    vocab = {t: i for i, t in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.add_special_tokens(specials)
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                   unk_token="<|endoftext|>", pad_token="<|endoftext|>")
-
-
 def exported(family: str, scheme: str, path):
     model = build(family, **OVERRIDES.get(family, {}))
     ref = outputs(model, random_ids())
     quantize_model(model, Plan((Rule("*", scheme),)), progress=False)
-    report = export_gguf(model, byte_tokenizer(), path, type=None, progress=False)
+    report = export_gguf(model, tiny_tokenizer(), path, type=None, progress=False)
     assert not report.fallbacks, report.warnings
     return ref, model
 
@@ -66,14 +52,10 @@ def test_gguf_export_loads_back_in_transformers(family, scheme, tmp_path):
 
 
 def llama_cpp_kl(path, ref: torch.Tensor, ids: list[int]) -> float:
-    """KL(ref ‖ llama.cpp) over one sequence; the only llama.cpp call of this file."""
-    llama_cpp = pytest.importorskip("llama_cpp")
-    import numpy as np
+    """KL(ref ‖ llama.cpp) over one sequence; llama.cpp runs in a child process (lowbit.io.gguf.llamacpp)."""
+    from lowbit.io.gguf import llamacpp
 
-    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=64, n_threads=1, verbose=False, seed=0,
-                          type_k=0, type_v=0)
-    llm.eval(ids)
-    return mean_kl(ref, torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32)))
+    return mean_kl(ref, torch.from_numpy(llamacpp.logprobs(path, ids)).float())
 
 
 @pytest.mark.parametrize("family", EXPORTED)
@@ -88,5 +70,5 @@ def test_gguf_export_runs_in_llama_cpp(family, tmp_path):
 def test_families_gguf_export_does_not_write_are_one_clear_error(family, tmp_path):
     model = build(family)
     with pytest.raises(LowbitError, match=rf"GGUF export does not support architecture '{model.config.model_type}'"):
-        export_gguf(model, byte_tokenizer(), tmp_path / "x.gguf", "Q8_0", progress=False)
+        export_gguf(model, tiny_tokenizer(), tmp_path / "x.gguf", "Q8_0", progress=False)
     assert not list(tmp_path.iterdir())
