@@ -32,11 +32,6 @@ def _rows(n_rows: int = 48, n: int = 512, seed: int = 0) -> torch.Tensor:
     return x
 
 
-def ggml_quantize(x: np.ndarray, name: str) -> np.ndarray:
-    """llama.cpp's own quantizer (what llama-quantize runs without an imatrix), in a child process."""
-    return llamacpp.quantize_rows(x, name)
-
-
 def _theirs(data: torch.Tensor, name: str) -> torch.Tensor:
     return torch.from_numpy(gguf.quants.dequantize(data.numpy(), gguf.GGMLQuantizationType[name]).copy())
 
@@ -67,7 +62,7 @@ def test_float_casts_equal_gguf_quantize(name):
 def test_gguf_reference_bytes_decode_identically(name):
     # our dequantize agrees with theirs on bytes we did not write (llama.cpp's quantizer output)
     x = _rows(seed=3)
-    data = torch.from_numpy(ggml_quantize(x.numpy(), name))
+    data = torch.from_numpy(llamacpp.quantize_rows(x.numpy(), name))
     bt = BLOCK_TYPES[name]
     ours = bt.dequantize(data.reshape(-1, bt.type_size)).reshape(x.shape)
     assert torch.equal(ours, _theirs(data, name).reshape(x.shape))
@@ -97,12 +92,12 @@ def test_error_no_worse_than_reference(name):
     bt = BLOCK_TYPES[name]
     ours = bt.dequantize(bt.encode(x.reshape(-1, bt.block_size))).reshape(x.shape)
     t = gguf.GGMLQuantizationType[name]
-    ref = torch.from_numpy(gguf.quants.dequantize(ggml_quantize(x.numpy(), name), t).reshape(x.shape).copy())
+    ref = torch.from_numpy(gguf.quants.dequantize(llamacpp.quantize_rows(x.numpy(), name), t).reshape(x.shape).copy())
     e_ours, e_ref = ((ours - x) ** 2).sum().item(), ((ref - x) ** 2).sum().item()
     assert e_ours < (0.99 if name == "Q8_0" else 0.97) * e_ref, (name, e_ours / e_ref)
     if name in LEGACY:
         gq = gguf.quants.quantize(x.numpy(), t)
-        assert np.array_equal(gq, ggml_quantize(x.numpy(), name))  # the two references agree bit for bit
+        assert np.array_equal(gq, llamacpp.quantize_rows(x.numpy(), name))  # the two references agree bit for bit
         # per block, never worse than the reference choice (our candidates include it)
         per_ours = ((ours - x) ** 2).reshape(-1, bt.block_size).sum(1)
         per_ref = ((ref - x) ** 2).reshape(-1, bt.block_size).sum(1)

@@ -68,10 +68,6 @@ def tiny_model(kind: str = "llama", hidden: int = 64, layers: int = 2, heads: in
     return model
 
 
-def llama_logprobs(path: Path, ids: list[int], f32_cache: bool = True) -> np.ndarray:
-    return llamacpp.logprobs(path, ids, f32_cache=f32_cache)
-
-
 def torch_logprobs(model, ids: list[int]) -> np.ndarray:
     with torch.no_grad():
         return torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1).numpy()
@@ -79,11 +75,6 @@ def torch_logprobs(model, ids: list[int]) -> np.ndarray:
 
 def mean_kl(p: np.ndarray, q: np.ndarray) -> float:
     return float((np.exp(p) * (p - q)).sum(-1).mean())
-
-
-def llama_quantize(src: Path, dst: Path, ftype: str) -> None:
-    """llama.cpp's own llama-quantize (through its C API, in a child process)."""
-    llamacpp.quantize(src, dst, ftype)
 
 
 def gguf_types(path: Path) -> dict[str, str]:
@@ -101,7 +92,7 @@ def test_f32_export_runs_identically_in_llama_cpp(kind, tmp_path):
     meta = read_gguf_index(out).metadata
     assert meta["general.architecture"] == ("llama" if kind == "mistral" else kind)
     ids = tok("the cat sat in the hat, then the end", add_special_tokens=False)["input_ids"]
-    kl = mean_kl(torch_logprobs(model, ids), llama_logprobs(out, ids))
+    kl = mean_kl(torch_logprobs(model, ids), llamacpp.logprobs(out, ids))
     assert kl < 1e-5, kl  # Q/K permutation, biases, q/k norms, rope, eps: all as llama.cpp computes them
 
 
@@ -153,7 +144,7 @@ def test_sentencepiece_style_tokenizer(tmp_path):
     for text in ("the cat sat in a hat", "xyz é 1"):
         ids = tok(text, add_special_tokens=False)["input_ids"]
         assert llamacpp.tokenize(out, text) == ids  # byte fallback included
-    assert mean_kl(torch_logprobs(model, ids), llama_logprobs(out, ids)) < 1e-5
+    assert mean_kl(torch_logprobs(model, ids), llamacpp.logprobs(out, ids)) < 1e-5
 
 
 def test_unsupported_architecture_is_a_clear_error(tmp_path):
@@ -184,7 +175,7 @@ def test_mix_types_match_llama_quantize(hidden, tie, tmp_path):
     facts = ModelFacts(16, 4, 1, tie)
     for mix in MIX_NAMES:
         dst = tmp_path / f"{mix}.gguf"
-        llama_quantize(f32, dst, mix)
+        llamacpp.quantize(f32, dst, mix)
         theirs = gguf_types(dst)
         ours = {t.name: choose_type(t.name, t.shape, mix, facts).ggml for t in read_gguf_index(f32).tensors}
         assert ours == theirs, (mix, {k: (ours[k], theirs[k]) for k in ours if ours[k] != theirs[k]})
@@ -248,7 +239,7 @@ def test_quantized_model_exports_its_own_grid(tmp_path):
     want = qmodel.get_submodule("model.layers.0.self_attn.q_proj").qweight.dequantize(torch.float32)
     assert torch.equal(got, want)  # re-packed without loss
     ids = tok("the thin cat", add_special_tokens=False)["input_ids"]
-    assert mean_kl(torch_logprobs(qmodel, ids), llama_logprobs(out, ids)) < 2e-3  # llama.cpp: int8 activations
+    assert mean_kl(torch_logprobs(qmodel, ids), llamacpp.logprobs(out, ids)) < 2e-3  # llama.cpp: int8 activations
 
 
 def test_plan_picks_per_layer_types(tmp_path):
@@ -320,7 +311,7 @@ def test_gptq_export_with_calibration(tmp_path):
     imp = export_gguf(model, tok, tmp_path / "i.gguf", "Q4_0", calib=windows, progress=False)
     assert {t.name: t.method for t in imp.tensors}["blk.0.attn_q.weight"] == "search+imatrix"
     for f in ("g.gguf", "i.gguf"):  # both load and run in llama.cpp
-        assert np.isfinite(llama_logprobs(tmp_path / f, [5, 6, 7])).all()
+        assert np.isfinite(llamacpp.logprobs(tmp_path / f, [5, 6, 7])).all()
 
 
 # -- the real model -----------------------------------------------------------------------------------
@@ -377,7 +368,7 @@ def test_smollm2_runs_in_llama_cpp(mix, smollm2, tmp_path):
 
     # llama.cpp decodes our blocks exactly as lowbit does: its own dequantization of the file, bit for bit
     f32 = tmp_path / "decoded-by-llama.gguf"
-    llama_quantize(out, f32, "F32")
+    llamacpp.quantize(out, f32, "F32")
     ours, theirs = read_gguf_weights(out), read_gguf_weights(f32)
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
     # and computes what lowbit computes from the same file
@@ -387,7 +378,7 @@ def test_smollm2_runs_in_llama_cpp(mix, smollm2, tmp_path):
         lowbit_lp = torch_logprobs(model, ids)
     finally:
         model.load_state_dict(saved)
-    assert mean_kl(lowbit_lp, llama_logprobs(f32, ids)) < 1e-3
+    assert mean_kl(lowbit_lp, llamacpp.logprobs(f32, ids)) < 1e-3
     # with its quantized kernels llama.cpp also rounds activations to 8 bits: a further, runtime-only error
-    native = mean_kl(lowbit_lp, llama_logprobs(out, ids, f32_cache=False))
+    native = mean_kl(lowbit_lp, llamacpp.logprobs(out, ids, f32_cache=False))
     assert native < 1.5e-2, native
