@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -100,11 +101,23 @@ def quantize(model: nn.Module, tokenizer: Any = None, scheme: str = "int4-g128",
              batch_size: int = 8) -> tuple[nn.Module, QuantReport]:
     """Quantize ``model`` (a copy unless ``inplace``) and return ``(qmodel, report)``.
 
+    ``scheme`` is a scheme (``int4-g128``, ``q4_k`` …) or a llama.cpp mix (``Q4_K_M``, ``Q3_K_S`` …: the
+    per-layer GGML types llama-quantize would choose, as a Plan, onto which ``method`` quantizes; with
+    ``calib``, rtn's block search is weighted by E[x²] as llama.cpp's imatrix weighs it).
     ``plan`` overrides ``scheme``/``method``; ``rules`` (``"mlp.down_proj=int8"``) and ``keep`` patterns are
     appended to it. Calibrated methods (``gptq``, ``awq``, importance-weighted ``rtn``) need ``calib``.
+
+    >>> qmodel, report = lowbit.quantize(model, tok, scheme="Q4_K_M", method="awq+gptq", calib="calib.txt")
     """
+    from lowbit.io.gguf.mixes import is_mix, mix_plan
+
     cfg = config or MethodConfig()
-    base = plan or default_plan(model, scheme, method, cfg)
+    if plan is None and is_mix(scheme):
+        if method == "rtn" and calib is not None:
+            cfg = replace(cfg, importance=True)
+        base = mix_plan(model, scheme, method, cfg, has_imatrix=calib is not None)
+    else:
+        base = plan or default_plan(model, scheme, method, cfg)
     full = base.with_rules(list(rules), list(keep), method=method, config=cfg)
     target = model if inplace else copy.deepcopy(model)
     win = None if calib is None else calibration_windows(tokenizer, calib, windows, window_len)

@@ -12,7 +12,7 @@ import torch
 from lowbit.core.qtensor import QTensor
 from lowbit.core.scheme import parse_scheme
 from lowbit.io.gguf import llamacpp
-from lowbit.io.gguf.blocks import BLOCK_TYPES
+from lowbit.layouts.ggml import BLOCK_TYPES
 
 QUANT = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 LEGACY = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")  # gguf.quants.quantize supports these

@@ -13,12 +13,11 @@ import pytest
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.io.gguf.blocks import BLOCK_TYPES
 from lowbit.io.gguf.export import export_gguf
-from lowbit.io.gguf.gptq import gptq_blocks
 from lowbit.io.gguf.mixes import ModelFacts, choose_type, type_for_scheme, use_more_bits
 from lowbit.io.gguf.source import load_gguf_into, read_gguf_weights
 from lowbit.io.inspect import read_gguf_index
+from lowbit.layouts.ggml import BLOCK_TYPES
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import transformers  # noqa: E402
@@ -154,7 +153,9 @@ def test_unsupported_architecture_is_a_clear_error(tmp_path):
         export_gguf(transformers.BertModel(cfg), None, tmp_path / "x.gguf", "Q8_0")
     with pytest.raises(LowbitError, match="needs the model's tokenizer"):
         export_gguf(tiny_model(), None, tmp_path / "x.gguf", "Q8_0")
-    with pytest.raises(LowbitError, match="unknown GGUF export method 'awq'"):
+    with pytest.raises(LowbitError, match="unknown method 'nope'"):
+        export_gguf(tiny_model(), tiny_tokenizer(), tmp_path / "x.gguf", "Q8_0", method="nope")
+    with pytest.raises(LowbitError, match="method 'awq' needs calibration data"):
         export_gguf(tiny_model(), tiny_tokenizer(), tmp_path / "x.gguf", "Q8_0", method="awq")
     assert not list(tmp_path.iterdir())
 
@@ -286,10 +287,14 @@ def test_gptq_blocks_beats_search_on_correlated_inputs():
     x = torch.randn(2048, 256, generator=g) @ (torch.eye(256) + mix)  # correlated inputs
     w = torch.randn(32, 256, generator=g) * 0.05
     xtx = x.T @ x
-    for name in ("Q4_0", "Q4_K", "Q3_K"):
+    from lowbit.core.scheme import parse_scheme
+    from lowbit.methods.gptq import gptq_quantize
+
+    for name in ("Q4_0", "Q4_K", "Q3_K", "IQ4_NL", "IQ4_XS"):
         bt = BLOCK_TYPES[name]
-        data, w_hat, info = gptq_blocks(w, bt, xtx, 2048)
-        assert torch.equal(bt.dequantize(data).reshape(w.shape), w_hat)
+        q, w_hat, info = gptq_quantize(w, xtx, 2048, parse_scheme(name.lower()))  # the one GPTQ sweep
+        data = q.codes.reshape(-1, bt.type_size)
+        assert torch.equal(bt.dequantize(data).reshape(w.shape), w_hat) and not info["act_order"]
         imp = (xtx.diagonal() / 2048).expand(32, 256).reshape(-1, bt.block_size)
         search = bt.dequantize(bt.encode(w.reshape(-1, bt.block_size), imp)).reshape(w.shape)
 
@@ -308,8 +313,11 @@ def test_gptq_export_with_calibration(tmp_path):
     methods = {t.name: t.method for t in report.tensors}
     assert methods["blk.0.attn_q.weight"] == "gptq" and methods["blk.1.ffn_down.weight"] == "gptq"
     assert methods["token_embd.weight"] == "search"  # outside the blocks: data-free
-    imp = export_gguf(model, tok, tmp_path / "i.gguf", "Q4_0", calib=windows, progress=False)
+    imp = export_gguf(model, tok, tmp_path / "i.gguf", "Q4_0", calib=windows, method="rtn", progress=False)
     assert {t.name: t.method for t in imp.tensors}["blk.0.attn_q.weight"] == "search+imatrix"
+    default = export_gguf(model, tok, tmp_path / "d.gguf", "Q4_0", calib=windows, progress=False)
+    assert default.method == "gptq"  # with calibration text, the best measured method is the default
+    assert (tmp_path / "d.gguf").read_bytes() == (tmp_path / "g.gguf").read_bytes()
     for f in ("g.gguf", "i.gguf"):  # both load and run in llama.cpp
         assert np.isfinite(llamacpp.logprobs(tmp_path / f, [5, 6, 7])).all()
 

@@ -5,7 +5,7 @@ import lowbit.methods.gptq  # noqa: F401  (registers "gptq")
 from lowbit.core.scheme import parse_scheme
 from lowbit.errors import LowbitError
 from lowbit.methods.gptq import gptq, gptq_quantize, hessian_inverse_factor, reconstruction_loss
-from lowbit.methods.registry import NEEDS_DATA, LayerStats, MethodConfig, get_method
+from lowbit.methods.registry import LayerStats, MethodConfig, get_method, method_spec
 from lowbit.methods.rtn import quantize_rtn
 
 
@@ -195,7 +195,7 @@ def test_bf16_weight_keeps_its_dtype():
 
 def test_registered_as_data_method():
     assert get_method("gptq") is gptq
-    assert "gptq" in NEEDS_DATA
+    assert method_spec("gptq").needs == {"xtx"} and method_spec("gptq").needs_data
 
 
 @pytest.mark.parametrize("scheme", ["int4-g64", "int3-g64"])

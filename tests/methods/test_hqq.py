@@ -5,7 +5,7 @@ import lowbit.methods.hqq  # noqa: F401  (registers "hqq")
 from lowbit.core.scheme import parse_scheme
 from lowbit.errors import LowbitError
 from lowbit.methods.hqq import HqqOptions, hqq, hqq_quantize, shrink_lp
-from lowbit.methods.registry import NEEDS_DATA, LayerStats, MethodConfig, get_method
+from lowbit.methods.registry import LayerStats, MethodConfig, get_method, method_spec
 from lowbit.methods.rtn import quantize_rtn
 from lowbit.primitives.quant import group_view
 
@@ -154,4 +154,4 @@ def test_shrink_lp():
 
 def test_registered_as_data_free_method():
     assert get_method("hqq") is hqq
-    assert "hqq" not in NEEDS_DATA
+    assert not method_spec("hqq").needs_data and method_spec("hqq").layouts == ("affine",)

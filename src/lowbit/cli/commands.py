@@ -12,7 +12,7 @@ from rich.table import Table
 
 import lowbit
 from lowbit.errors import LowbitError
-from lowbit.methods.registry import NEEDS_DATA, MethodConfig
+from lowbit.methods.registry import MethodConfig, method_spec
 from lowbit.model.plan import Plan
 from lowbit.model.quantize import QuantReport
 
@@ -70,7 +70,8 @@ def _check_out(path: str, force: bool, source: str) -> None:
 
 def _needs_calib(args: argparse.Namespace) -> str | None:
     """What asks for calibration text, as the error names it; None when nothing does."""
-    if args.method in NEEDS_DATA:
+    spec = method_spec(args.method)
+    if spec.needs or spec.transform:
         return f"--method {args.method}"
     if args.importance:
         return "--importance"
@@ -94,15 +95,17 @@ def layer_table(report: QuantReport, limit: int = 12) -> Table:
 
 def _validate(args: argparse.Namespace) -> None:
     """Everything that can be checked before the (slow) model load."""
+    from lowbit.io.gguf.mixes import is_mix
     from lowbit.methods.registry import get_method
     from lowbit.primitives.observers import get_observer
 
-    lowbit.parse_scheme(args.scheme)
+    if not is_mix(args.scheme):
+        lowbit.parse_scheme(args.scheme)
     get_method(args.method)
     get_observer(args.observer)
     if args.plan:
         Plan.from_json(args.plan)
-    Plan.default(args.scheme).with_rules(args.rule, args.keep)
+    Plan.default(args.scheme if not is_mix(args.scheme) else "int8").with_rules(args.rule, args.keep)
     _config(args)
     why = _needs_calib(args)
     if why and not args.calib:
@@ -258,9 +261,12 @@ def _streamable_folder(source: str) -> Path | None:
 
 def cmd_export(args: argparse.Namespace) -> dict[str, Any] | None:
     from lowbit.io.gguf import export_gguf
+    from lowbit.methods.registry import method_spec
 
-    if args.method == "gptq" and not args.calib:
-        raise LowbitError("--method gptq needs calibration text: pass --calib FILE (or --calib random)")
+    if args.method is not None and args.method != "search":
+        spec = method_spec(args.method)
+        if (spec.needs or spec.transform) and not args.calib:
+            raise LowbitError(f"--method {args.method} needs calibration text: pass --calib FILE (or --calib random)")
     if Path(args.out).exists() and not args.force:
         raise LowbitError(f"{args.out}: already exists (pass --force to replace it)")
     _check_calib(args)
@@ -272,7 +278,10 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any] | None:
     calib = None
     if args.calib:
         calib = lowbit.calibration_windows(tok, args.calib, args.calib_windows, args.window_len)
-    report = export_gguf(model, tok, args.out, args.type, calib=calib, method=args.method,
+    from lowbit.io.save import is_lowbit_dir
+
+    gtype = args.type or (None if is_lowbit_dir(args.model) else "Q4_K_M")
+    report = export_gguf(model, tok, args.out, gtype, calib=calib, method=args.method,
                          progress=None if not args.json else False, threads=args.threads)
     check = None
     if args.check:  # llama.cpp in a child process: a crash there is a one-line error, the file stays written
@@ -283,6 +292,10 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any] | None:
         return report.to_dict() | ({"check": check.to_dict()} if check else {})
     for w in report.warnings:
         out.print(f"[yellow]warning[/]: {w}")
+    if report.method:
+        why = " (the default with calibration text: the best measured on SmolLM2)" if args.method is None and \
+            args.calib else (" (the block search; pass --calib for calibrated methods)" if args.method is None else "")
+        out.print(f"quantized with method {report.method}{why}")
     size = Path(args.out).stat().st_size
     out.print(f"wrote {args.out} ({_mb(size)}, {report.bpw:.2f} bpw, {len(report.fallbacks)} tensors fell back to "
               f"another type because their rows do not fit the block)")

@@ -14,12 +14,14 @@ from collections.abc import Sequence
 
 from lowbit.cli import commands
 from lowbit.errors import LowbitError
+from lowbit.methods.registry import options_help
 
 
 def _quant_args(p: argparse.ArgumentParser, default_scheme: str | None = "int4-g128",
                 default_method: str = "rtn") -> None:
     p.add_argument("--scheme", default=default_scheme,
-                   help=f"quantization scheme, e.g. int4-g128, int4-g64-sym, int3-g64, int8, fp8, nf4-g64 "
+                   help=f"quantization scheme, e.g. int4-g128, int4-g64-sym, int3-g64, int8, fp8, nf4-g64, a GGML type "
+                        f"(q4_k, q6_k, q4_0, iq4_xs …) or a llama.cpp mix (Q4_K_M, Q3_K_M, Q2_K_S …) "
                         f"({f'default {default_scheme}' if default_scheme else 'quantizes a float MODEL first'})")
     p.add_argument("--method", default=default_method,
                    help=f"rtn | gptq | hqq | ... (default {default_method}); see `lowbit quantize --help`")
@@ -51,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     q = sub.add_parser("quantize", help="quantize a model and save it",
-                       description="Quantize SOURCE (HF dir, hub id, .gguf) and save a lowbit model directory.")
+                       description="Quantize SOURCE (HF dir, hub id, .gguf) and save a lowbit model directory.",
+                       epilog="methods and their --option KEY=VALUE (declared by each method):\n" + options_help(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     q.add_argument("source")
     q.add_argument("-o", "--out", required=True, help="output directory (must not exist unless --force)")
     _quant_args(q)
@@ -98,10 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Export MODEL (anything `lowbit load` takes) as a GGUF file llama.cpp loads.")
     x.add_argument("model")
     x.add_argument("-o", "--out", required=True, help="output .gguf file (must not exist unless --force)")
-    x.add_argument("--type", default="Q4_K_M", help="llama.cpp type or mix: Q8_0 Q6_K Q5_K_M Q4_K_M Q4_0 Q3_K_M Q2_K "
-                                                    "F16 BF16 … (default Q4_K_M)")
-    x.add_argument("--method", default="search", choices=["search", "gptq"],
-                   help="search: importance-weighted block search; gptq: GPTQ on the block grid (needs --calib)")
+    x.add_argument("--type", default=None, help="llama.cpp type or mix: Q8_0 Q6_K Q5_K_M Q4_K_M Q4_0 Q3_K_M Q2_K "
+                                                "IQ4_XS F16 BF16 … (default Q4_K_M; a lowbit model: its own types)")
+    x.add_argument("--method", default=None,
+                   help="any quantization method (rtn = the block search, gptq, awq, awq+gptq …; see `lowbit "
+                        "quantize --help`); default: gptq with --calib, else rtn")
     x.add_argument("--calib", help="calibration text file (importance statistics; required by --method gptq), or "
                    "'random' for statistics from random tokens")
     x.add_argument("--calib-windows", type=int, default=128)

@@ -8,6 +8,10 @@ Layout (see :mod:`lowbit.primitives.quant`): the tensor is viewed as ``(R, G, g)
 * ``zeros``  — integer zero-points packed like codes (``bits`` each, ``R*G`` of them), or ``(R, G)`` in a
   float dtype, or None for symmetric schemes.
 
+A GGML block scheme (``q4_k`` …) keeps everything in ``codes``: the type's blocks, byte for byte as a GGUF
+file stores them (``rows * cols / block_size`` blocks of ``type_size`` bytes, row-major); ``scales`` and
+``zeros`` are None. :mod:`lowbit.layouts` fits and encodes both families.
+
 >>> q = QTensor.quantize(torch.randn(8, 64), Scheme.parse("int4-g32"))
 >>> q.bits_per_weight  # 4 + (16-bit scale + 4-bit zero) / 32
 4.625
@@ -20,9 +24,10 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.core.scheme import Scheme
+from lowbit.errors import LowbitError
 from lowbit.primitives.numformats import FloatFormat
 from lowbit.primitives.packing import pack, packed_nbytes, unpack
-from lowbit.primitives.quant import group_view, ungroup
+from lowbit.primitives.quant import as_matrix, group_view, ungroup
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -86,8 +91,13 @@ class QTensor:
     def numel(self) -> int:
         return _numel(self.shape)
 
+    def _affine_only(self, what: str) -> None:
+        if self.scheme.block is not None:
+            raise LowbitError(f"{what}: {self.scheme.name} stores GGML blocks, not grouped codes and scales")
+
     def qparams(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """float32 scales and zero-points shaped ``(R, G, 1)``."""
+        self._affine_only("qparams")
         R, G, _ = self.scheme.group_dims(self.shape)
         s = None if self.scales is None else self.scales.to(torch.float32).reshape(R, G, 1)
         z = None
@@ -101,6 +111,7 @@ class QTensor:
 
     def codes_grouped(self) -> torch.Tensor:
         """Unpacked codes in the grouped view ``(R, G, g)`` (zero codes in the padding)."""
+        self._affine_only("codes_grouped")
         fmt = self.scheme.number_format
         if isinstance(fmt, FloatFormat):
             flat = self.codes
@@ -112,6 +123,10 @@ class QTensor:
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The float tensor these codes stand for, in ``dtype`` (default: the original dtype)."""
+        if self.scheme.block is not None:
+            from lowbit.layouts.ggml import decode_blocks
+
+            return decode_blocks(self.codes, self.scheme.block.ggml, self.shape).to(dtype or self.dtype)
         s, z = self.qparams()
         values = self.scheme.grid.decode(self.codes_grouped(), s, z)
         return ungroup(values, self.shape).to(dtype or self.dtype)
@@ -132,6 +147,13 @@ class QTensor:
 
     def expected_nbytes(self) -> dict[str, int]:
         """Bytes each stored part must have for this shape and scheme (used to validate loads)."""
+        blk = self.scheme.block
+        if blk is not None:
+            rows, cols = as_matrix(self.shape)
+            if cols % blk.block_size:
+                raise LowbitError(f"{self.scheme.name}: row length {cols} is not a multiple of the block of "
+                                  f"{blk.block_size}")
+            return {"codes": rows * cols // blk.block_size * blk.type_size}
         fmt = self.scheme.number_format
         R, G, _ = self.scheme.group_dims(self.shape)
         out = {"codes": packed_nbytes(self.numel, fmt.bits)}

@@ -10,6 +10,8 @@ Scheme strings, parsed by :func:`parse_scheme` (presets are looked up first):
 ``fp8`` / ``fp8-e5m2``  fp8 e4m3fn / e5m2 with a float32 scale per channel
 ``bf16`` / ``fp16``  plain casts
 ``nf4-g64``         NormalFloat4 lookup grid, absmax scale per group of 64
+``q4_k`` ``q6_k`` …  a llama.cpp GGML block type, stored exactly as GGUF stores it (``q8_0 q4_0 q4_1 q5_0
+                    q5_1 q2_k q3_k q4_k q5_k q6_k iq4_nl iq4_xs``); granularity ``block``
 ==================  ===========================================================================
 
 Modifiers: ``-sym`` / ``-asym``, ``-g<N>``, ``-ch``, ``-tensor``, ``-sf32`` / ``-sbf16`` (scale dtype),
@@ -26,14 +28,16 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from lowbit.errors import SchemeError
+from lowbit.primitives.ggml_types import GGML_SCHEMES, BlockFacts
 from lowbit.primitives.numformats import FloatFormat, IntFormat, NumberFormat, get_format
 from lowbit.primitives.quant import Grid, group_dims, resolve_format
 
 SCHEME_VERSION = 1
-GRANULARITIES = ("none", "tensor", "channel", "group")
+GRANULARITIES = ("none", "tensor", "channel", "group", "block")
 SCALE_DTYPES = ("float16", "bfloat16", "float32")
 ZERO_DTYPES = ("int", "float16", "bfloat16", "float32")
-VALID_FORMS = "int8, int4-g128, int4-g32-sym, int3-g64, int2-g64, int8-tensor, fp8, fp8-e5m2, bf16, fp16, nf4-g64"
+VALID_FORMS = ("int8, int4-g128, int4-g32-sym, int3-g64, int2-g64, int8-tensor, fp8, fp8-e5m2, bf16, fp16, nf4-g64, "
+               "q4_k, q6_k, q4_0 …")
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,11 @@ class Scheme:
     version: int = field(default=SCHEME_VERSION)
 
     def __post_init__(self) -> None:
+        if self.version != SCHEME_VERSION:
+            raise SchemeError(f"scheme version {self.version} is not supported (this lowbit reads {SCHEME_VERSION})")
+        if self.format in GGML_SCHEMES or self.granularity == "block":
+            self._check_block()
+            return
         fmt = get_format(self.format)
         if self.granularity not in GRANULARITIES:
             raise SchemeError(f"granularity {self.granularity!r} is not one of {', '.join(GRANULARITIES)}")
@@ -69,17 +78,39 @@ class Scheme:
             raise SchemeError("an asymmetric integer scheme needs zero_dtype ('int' or a float dtype)")
         if (isinstance(fmt, IntFormat) and self.symmetric or not isinstance(fmt, IntFormat)) and self.zero_dtype:
             raise SchemeError(f"{self.format} symmetric schemes store no zero-points")
-        if self.version != SCHEME_VERSION:
-            raise SchemeError(f"scheme version {self.version} is not supported (this lowbit reads {SCHEME_VERSION})")
+
+    def _check_block(self) -> None:
+        facts = GGML_SCHEMES.get(self.format)
+        if facts is None:
+            raise SchemeError(f"granularity 'block' is for GGML types ({', '.join(GGML_SCHEMES)}), not {self.format}")
+        if (self.granularity, self.group_size, self.symmetric, self.scale_dtype, self.zero_dtype) != (
+                "block", facts.block_size, True, "float16", None):
+            raise SchemeError(f"{self.format} is stored as GGML's blocks of {facts.block_size}: granularity 'block', "
+                              f"group_size {facts.block_size}, symmetric, float16 scales, no zero dtype")
 
     # -- derived facts -------------------------------------------------------------------------
     @property
+    def block(self) -> BlockFacts | None:
+        """The GGML block type this scheme stores, or None for lowbit's own grouped layouts."""
+        return GGML_SCHEMES.get(self.format) if self.granularity == "block" else None
+
+    @property
+    def layout(self) -> str:
+        """The layout family that stores this scheme: ``ggml`` or ``affine`` (grouped int / float / lookup)."""
+        return "ggml" if self.granularity == "block" else "affine"
+
+    @property
     def number_format(self) -> NumberFormat:
         """The grid codes live on (asymmetric int schemes use the unsigned grid)."""
+        if self.block is not None:
+            raise SchemeError(f"{self.name} is a GGML block type: its grid is the type's own (see lowbit.layouts)")
         return resolve_format(self.format, self.symmetric)
 
     @property
     def bits(self) -> int:
+        """Nominal code width (a GGML type's name: 4 for q4_k; its scales cost more, see ``bits_per_weight``)."""
+        if self.block is not None:
+            return self.block.bits
         return get_format(self.format).bits
 
     @property
@@ -87,11 +118,15 @@ class Scheme:
         return Grid(self.number_format, self.symmetric, self.scale_dtype, self.zero_dtype)
 
     def group_dims(self, shape: tuple[int, ...]) -> tuple[int, int, int]:
+        if self.block is not None:  # blocks run along each row, as for groups
+            return group_dims(shape, "group", self.group_size)
         return group_dims(shape, self.granularity, self.group_size)
 
     @property
     def name(self) -> str:
         """Canonical string; ``parse_scheme(s.name) == s``."""
+        if self.block is not None:
+            return self.format
         fmt = get_format(self.format)
         base = {"fp8_e4m3fn": "fp8", "fp8_e5m2": "fp8-e5m2"}.get(self.format, self.format)
         if self.granularity == "none":
@@ -170,6 +205,8 @@ def parse_scheme(text: str | Scheme) -> Scheme:
     key = text.strip().lower()
     if key in _PRESETS:
         return _PRESETS[key]
+    if key in GGML_SCHEMES:
+        return Scheme(key, granularity="block", group_size=GGML_SCHEMES[key].block_size)
     bad = SchemeError(f"cannot parse scheme {text!r} (expected e.g. {VALID_FORMS})")
     head, *tokens = key.split("-")
     m = re.fullmatch(r"(u?int)([2-8])|(fp8|fp16|bf16|nf4)", head)

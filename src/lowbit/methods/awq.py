@@ -14,10 +14,14 @@ hands the scaled layer to GPTQ.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field, replace
+
 import torch
 
 from lowbit.core.qtensor import QTensor
 from lowbit.core.scheme import Scheme
+from lowbit.layouts import layout_of
+from lowbit.methods.gptq import GptqOptions
 from lowbit.methods.registry import LayerStats, MethodConfig, QuantResult, get_method, register_method
 from lowbit.primitives.observers import minmax
 from lowbit.primitives.quant import group_view, ungroup
@@ -26,7 +30,9 @@ SHRINKS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
 
 
 def _fake(w: torch.Tensor, scheme: Scheme) -> torch.Tensor:
-    """RTN min-max quantize → dequantize of a (out, in) weight, float32."""
+    """RTN quantize → dequantize of a (out, in) weight on the scheme's layout, float32."""
+    if scheme.layout != "affine":
+        return layout_of(scheme).quantize(w, scheme).dequantize(torch.float32)
     xg = group_view(w, scheme.granularity, scheme.group_size)
     grid = scheme.grid
     s, z = grid.qparams(*minmax(xg, grid)) if grid.has_scale else (None, None)
@@ -91,12 +97,30 @@ def output_loss(w: torch.Tensor, w_hat: torch.Tensor, xtx: torch.Tensor, tokens:
     return float(torch.einsum("oi,ij,oj->", d, xtx.to(torch.float64), d)) / max(tokens, 1)
 
 
-@register_method("awq", needs_data=True)
+@dataclass(frozen=True)
+class AwqOptions:
+    awq_grid: int = field(default=20, metadata={"help": "points of the scale search's alpha grid in [0, 1]"})
+
+
+@dataclass(frozen=True)
+class AwqGptqOptions(GptqOptions, AwqOptions):
+    pass
+
+
+def _without_awq(config: MethodConfig) -> MethodConfig:
+    own = AwqOptions.__dataclass_fields__
+    return replace(config, options={k: v for k, v in config.options.items() if k not in own})
+
+
+@register_method("awq", needs=("xtx",), transform="awq", options=AwqOptions, fallback="hqq")
 def awq(weight: torch.Tensor, stats: LayerStats, scheme: Scheme, config: MethodConfig) -> QuantResult:
-    """RTN with the output-aware clip search (the layer's AWQ input scaling is applied by the pipeline)."""
+    """Activation-aware input scaling, then RTN with an output-aware clip search (the block search, weighted
+    by E[x²], for GGML types)."""
     w = weight.to(torch.float32)
+    if scheme.layout != "affine":  # a GGML type's own fit is already an importance-weighted search
+        return get_method("rtn")(weight, stats, scheme, replace(_without_awq(config), importance=True))
     if stats.xtx is None or not scheme.grid.has_scale:
-        return get_method("rtn")(weight, stats, scheme, config)
+        return get_method("rtn")(weight, stats, scheme, _without_awq(config))
     lo, hi = hessian_clip(w, stats.xtx, scheme)
     q = QTensor.quantize(w, scheme, lo, hi)
     q.dtype = weight.dtype
@@ -104,7 +128,7 @@ def awq(weight: torch.Tensor, stats: LayerStats, scheme: Scheme, config: MethodC
     return QuantResult(q, loss)
 
 
-@register_method("awq+gptq", needs_data=True)
+@register_method("awq+gptq", needs=("xtx",), transform="awq", options=AwqGptqOptions, fallback="hqq")
 def awq_gptq(weight: torch.Tensor, stats: LayerStats, scheme: Scheme, config: MethodConfig) -> QuantResult:
-    """GPTQ rounding of an AWQ-scaled layer."""
-    return get_method("gptq")(weight, stats, scheme, config)
+    """AWQ's input scaling, then GPTQ's rounding of the scaled layer."""
+    return get_method("gptq")(weight, stats, scheme, _without_awq(config))

@@ -18,18 +18,27 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 
 import torch
 
 from lowbit.core.qtensor import QTensor
 from lowbit.core.scheme import Scheme
 from lowbit.errors import LowbitError
-from lowbit.methods.registry import LayerStats, MethodConfig, QuantResult, method_options, register_method
-from lowbit.methods.rtn import importance_view, quantize_rtn
-from lowbit.primitives.observers import get_observer
-from lowbit.primitives.quant import Grid, as_matrix, group_view
+from lowbit.layouts import ColumnGrid, layout_of
+from lowbit.methods.registry import (
+    LayerStats,
+    MethodConfig,
+    QuantResult,
+    method_options,
+    parse_options,
+    register_method,
+)
+from lowbit.methods.rtn import quantize_rtn
+from lowbit.primitives.quant import as_matrix
 
-__all__ = ["float_target_weight", "gptq", "gptq_quantize", "hessian_inverse_factor", "reconstruction_loss"]
+__all__ = ["GptqOptions", "float_target_weight", "gptq", "gptq_quantize", "hessian_inverse_factor",
+           "reconstruction_loss"]
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +85,6 @@ def reconstruction_loss(w: torch.Tensor, w_hat: torch.Tensor, xtx: torch.Tensor,
     return float(((d @ xtx.float()).double() * d.double()).sum()) / max(tokens, 1)
 
 
-def _qparams(xg: torch.Tensor, grid: Grid, observer: str, imp: torch.Tensor | None):
-    """Scale and zero ``(R, G, 1)`` of a grouped view ``(R, G, g)`` with the named observer."""
-    lo, hi = get_observer(observer)(xg, grid, imp)
-    return grid.qparams(lo, hi)
-
-
 def gptq_quantize(
     weight: torch.Tensor,
     xtx: torch.Tensor,
@@ -92,14 +95,17 @@ def gptq_quantize(
     block_size: int = 128,
     damp: float = 0.01,
     damp_max: float = 1.0,
-    act_order: bool = False,
+    act_order: bool | None = None,
     static_groups: bool | None = None,
 ) -> tuple[QTensor, torch.Tensor, dict]:
-    """GPTQ of ``weight`` ``(out, in)`` given ``xtx`` = Σ x xᵀ ``(in, in)`` over ``tokens`` inputs.
+    """GPTQ of ``weight`` ``(out, in)`` given ``xtx`` = Σ x xᵀ ``(in, in)`` over ``tokens`` inputs, onto any
+    layout: the layout gives the grid of each column group (a group, a GGML block, the whole row).
 
     Returns ``(qtensor, Ŵ float32 (out, in), info)``. ``act_order`` quantizes columns by decreasing H_ii and
-    implies static groups (each group's qparams from the original weights), so the layout stays the plain
-    ``(R, G, g)`` one. ``importance`` (``(in,)``, e.g. E[x²]) weights the observer's error.
+    implies static groups (every group's grid fitted from the original weights up front); without it each
+    group's grid is fitted from the error-updated weights when the sweep reaches it. None: the layout's
+    default. ``importance`` (``(in,)``, e.g. E[x²]) weights the grid fits (a GGML layout weighs them by the
+    Hessian's diagonal when None).
 
     >>> x = torch.randn(256, 48); w = torch.randn(16, 48)
     >>> q, w_hat, info = gptq_quantize(w, x.T @ x, 256, parse_scheme("int3-g16"))
@@ -107,6 +113,8 @@ def gptq_quantize(
     True
     """
     t0 = time.perf_counter()
+    layout = layout_of(scheme)
+    layout.check(scheme, tuple(weight.shape))
     rows, n = as_matrix(tuple(weight.shape))
     if xtx.shape != (n, n):
         raise LowbitError(
@@ -119,7 +127,7 @@ def gptq_quantize(
     w0 = weight.detach().reshape(rows, n).to(torch.float32)
     if not bool(torch.isfinite(w0).all()):
         raise LowbitError("gptq: the weight holds NaN or Inf values")
-    h = xtx.detach().to(torch.float64) * (2.0 / tokens)  # (n, n) Hessian of the reconstruction loss
+    h = xtx.detach().to(device=w0.device, dtype=torch.float64) * (2.0 / tokens)  # (n, n) Hessian of the loss
     if not bool(torch.isfinite(h).all()):
         raise LowbitError("gptq: xtx holds NaN or Inf values")
     if bool((h.diagonal() < 0).any()):
@@ -127,22 +135,25 @@ def gptq_quantize(
 
     # Inputs that never fire: their weights cannot matter, quantize them as exact zeros.
     dead = h.diagonal() == 0  # (n,)
+    hdiag = (h.diagonal() / 2).float()  # (n,) E[x²]
     h.diagonal()[dead] = 1.0
     w = w0.clone()
     w[:, dead] = 0.0
+    imp = None if importance is None else importance.detach().float().to(w.device)
 
-    grid = scheme.grid
-    gran = scheme.granularity
-    R, G, g = scheme.group_dims((rows, n))
-    if gran != "group":
-        g = n  # one group of columns: per-channel / per-tensor qparams come from the whole matrix at once
-    static = bool(static_groups) or act_order
-    dynamic = gran == "group" and not static and grid.has_scale
-    s_all = torch.ones(R, G, 1, device=w.device) if grid.has_scale else None  # (R, G, 1)
-    z_all = torch.zeros(R, G, 1, device=w.device) if grid.has_zero else None
-    if grid.has_scale and not dynamic:
-        imp = None if importance is None else importance_view(importance, (rows, n), scheme)
-        s_all, z_all = _qparams(group_view(w, gran, scheme.group_size), grid, observer, imp)
+    g = layout.group_width(scheme, n)
+    n_groups = -(-n // g)
+    act_order = layout.gptq_act_order if act_order is None else bool(act_order)
+    static = bool(static_groups) or act_order or n_groups == 1
+
+    def fit(k: int, cols: torch.Tensor) -> ColumnGrid:  # cols (rows, gk): group k's current weights
+        sl = slice(k * g, min(n, (k + 1) * g))
+        return layout.fit_group(cols, scheme, hdiag[sl], None if imp is None else imp[sl], observer, rows)
+
+    grids: list[ColumnGrid | None] = [None] * n_groups
+    if static:
+        for k in range(n_groups):
+            grids[k] = fit(k, w[:, k * g:(k + 1) * g])
 
     perm = None
     if act_order:
@@ -151,40 +162,32 @@ def gptq_quantize(
         h = h[perm][:, perm]
     u64, damp_used, raised = hessian_inverse_factor(h, damp, damp_max)
     u = u64.to(torch.float32)  # (n, n) upper
-    col_group = ((perm if perm is not None else torch.arange(n)) // g).tolist()  # group of each processed column
+    orig = (perm if perm is not None else torch.arange(n)).tolist()  # original column of each processed one
 
     # Work on Wᵀ (n, rows) so a column of W is a contiguous row.
     wt = w.t().contiguous()  # (n, rows)
     qt = torch.empty_like(wt)  # (n, rows) quantized columns
     bs = block_size
-    if dynamic and g <= bs:
+    if not static and g <= bs:
         bs = (bs // g) * g  # whole groups per block: a group's current values all live in the block
     i1 = 0
     while i1 < n:
         i2 = min(i1 + bs, n)
-        if dynamic and g > bs:
+        if not static and g > bs:
             i2 = min(i2, (i1 // g + 1) * g)  # blocks never straddle a group start
         w1 = wt[i1:i2].clone()  # (b, rows) current weights of the block's columns
         e1 = torch.empty_like(w1)  # (b, rows) scaled errors
         u1 = u[i1:i2, i1:i2]  # (b, b)
         for i in range(i2 - i1):
-            j = i1 + i
-            k = col_group[j]
-            if dynamic and j % g == 0:
-                # Group qparams from the error-updated weights (rows, gk) of the group's columns.
+            j = orig[i1 + i]
+            k = j // g
+            if not static and j % g == 0:
                 end = min(j + g, n)  # the last group may be ragged
                 src = w1[i : i + end - j] if end <= i2 else wt[j:end]  # (gk, rows); wt is current at i == 0
-                xg = src.t().unsqueeze(1)  # (rows, 1, gk)
-                imp = None if importance is None else importance[j:end].float().reshape(1, 1, -1)
-                sk, zk = _qparams(xg, grid, observer, imp)
-                s_all[:, k : k + 1] = sk
-                if z_all is not None:
-                    z_all[:, k : k + 1] = zk
+                grids[k] = fit(k, src.t())
             col = w1[i]  # (rows,)
-            sk = None if s_all is None else s_all[:, k : k + 1]  # (R, 1, 1)
-            zk = None if z_all is None else z_all[:, k : k + 1]
-            q = grid.fake(col.reshape(rows, 1, 1), sk, zk).reshape(rows)
-            qt[j] = q
+            q = grids[k].round(j - k * g, col)  # type: ignore[union-attr]
+            qt[i1 + i] = q
             err = (col - q).div_(u1[i, i])  # (rows,)
             e1[i] = err
             w1[i:].addr_(u1[i, i:], err, alpha=-1.0)  # (b-i, rows) -= Hinv row ⊗ error
@@ -192,14 +195,11 @@ def gptq_quantize(
             wt[i2:].addmm_(u[i1:i2, i2:].t(), e1, alpha=-1.0)  # lazy update of the later columns
         i1 = i2
 
-    w_hat = qt.t()  # (rows, n)
+    w_hat = qt.t()  # (rows, n) in processing order
     if perm is not None:
         w_hat = w_hat[:, torch.argsort(perm)]
     w_hat = w_hat.contiguous()
-    # Ŵ lies on the grid: re-encoding it with the same qparams gives the codes back exactly.
-    xg_hat = group_view(w_hat, gran, scheme.group_size)
-    qtensor = QTensor.from_grouped(grid.encode(xg_hat, s_all, z_all), s_all, z_all, tuple(weight.shape),
-                                   weight.dtype, scheme)
+    qtensor = layout.assemble(scheme, tuple(weight.shape), weight.dtype, grids, w_hat)  # type: ignore[arg-type]
     info = {
         "damp": damp_used,
         "damp_raised": raised,
@@ -241,9 +241,24 @@ def float_target_weight(weight: torch.Tensor, xtx: torch.Tensor, cross: torch.Te
     return w_star.to(torch.float32).reshape(weight.shape)
 
 
-@register_method("gptq", needs_data=True)
+@dataclass(frozen=True)
+class GptqOptions:
+    damp: float = field(default=0.01, metadata={"help": "Hessian dampening, a fraction of its mean diagonal"})
+    damp_max: float = field(default=1.0, metadata={"help": "give up when dampening would exceed this"})
+    block_size: int = field(default=128, metadata={"help": "columns per lazy-update batch"})
+    act_order: bool | None = field(default=None, metadata={
+        "help": "columns by decreasing H_ii with static groups (default: the layout's: on for grouped "
+                "schemes, off for GGML blocks)"})
+    static_groups: bool | None = field(default=None, metadata={"help": "fit every group's grid up front"})
+    float_target: bool = field(default=False, metadata={
+        "help": "aim at the float model's outputs (collects cross statistics)", "wants": "cross"})
+
+
+@register_method("gptq", needs=("xtx",), options=GptqOptions, fallback="hqq")
 def gptq(weight: torch.Tensor, stats: LayerStats, scheme: Scheme, config: MethodConfig) -> QuantResult:
-    """GPTQ as a registered method. Options: ``damp`` (0.01), ``damp_max`` (1.0), ``block_size`` (128),
+    """GPTQ: round column by column, pushing each column's error onto the later ones.
+
+    Options (:class:`GptqOptions`): ``damp`` (0.01), ``damp_max`` (1.0), ``block_size`` (128),
     ``act_order`` (True: columns by decreasing H_ii, with static groups; see bench/RESULTS.md for SmolLM2),
     ``static_groups`` (default: = act_order),
     ``float_target`` (False: aim at the float model's outputs, see :func:`float_target_weight`; needs
@@ -259,34 +274,25 @@ def gptq(weight: torch.Tensor, stats: LayerStats, scheme: Scheme, config: Method
     """
     if stats.xtx is None:
         raise LowbitError("gptq needs calibration statistics (xtx): run calibration first")
-    opts = method_options(config)
-    known = {"damp", "damp_max", "block_size", "act_order", "static_groups", "float_target"}
-    unknown = set(opts) - known
-    if unknown:
-        raise LowbitError(f"gptq: unknown option(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
+    o = parse_options("gptq", GptqOptions, method_options(config))
     imp = None
     if config.importance:
         if stats.sq_mean is None:
             raise LowbitError("gptq: importance weighting needs sq_mean statistics: run calibration first")
         imp = stats.sq_mean.detach().float()
     target = weight.detach()
-    float_target = bool(opts.get("float_target", False)) and stats.xtx_cross is not None
+    float_target = o.float_target and stats.xtx_cross is not None
     if float_target:
         assert stats.xtx_cross is not None
-        target = float_target_weight(target, stats.xtx, stats.xtx_cross, float(opts.get("damp", 0.01)))
+        target = float_target_weight(target, stats.xtx, stats.xtx_cross, o.damp)
     q, w_hat, info = gptq_quantize(
-        target, stats.xtx, stats.tokens, scheme,
-        observer=config.observer,
-        importance=imp,
-        block_size=int(opts.get("block_size", 128)),
-        damp=float(opts.get("damp", 0.01)),
-        damp_max=float(opts.get("damp_max", 1.0)),
-        act_order=bool(opts.get("act_order", True)),
-        static_groups=opts.get("static_groups"),
+        target, stats.xtx, stats.tokens, scheme, observer=config.observer, importance=imp,
+        block_size=o.block_size, damp=o.damp, damp_max=o.damp_max, act_order=o.act_order,
+        static_groups=o.static_groups,
     )
     info["float_target"] = float_target
     w2 = target.reshape(w_hat.shape)  # with float_target, losses are measured from the target (up to a constant)
     loss = reconstruction_loss(w2, w_hat, stats.xtx, stats.tokens)
-    rtn_hat = quantize_rtn(weight.detach(), scheme, "minmax").dequantize(torch.float32).reshape(w_hat.shape)
+    rtn_hat = quantize_rtn(weight.detach(), scheme).dequantize(torch.float32).reshape(w_hat.shape)
     info["rtn_loss"] = reconstruction_loss(w2, rtn_hat, stats.xtx, stats.tokens)
     return QuantResult(q, loss, info)

@@ -25,7 +25,7 @@ True
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -53,13 +53,13 @@ class HqqOptions:
     or "uniform" (plain weight MSE, as the reference).
     """
 
-    iters: int = 20
-    p: float = 0.7
-    beta: float = 3.0
-    kappa: float = 1.1
-    polish: int = 4
-    init: str = "mse"
-    weighting: str = "magnitude"
+    iters: int = field(default=20, metadata={"help": "shrink-and-refit steps"})
+    p: float = field(default=0.7, metadata={"help": "lp exponent (< 1: robust to outliers)"})
+    beta: float = field(default=3.0, metadata={"help": "shrinkage strength, in steps⁻¹"})
+    kappa: float = field(default=1.1, metadata={"help": "beta grows ×kappa per step"})
+    polish: int = field(default=4, metadata={"help": "final plain least-squares steps"})
+    init: str = field(default="mse", metadata={"help": "starting range observer: mse | minmax"})
+    weighting: str = field(default="magnitude", metadata={"help": "error weighting: magnitude | uniform"})
 
     def __post_init__(self) -> None:
         if self.iters < 0 or self.polish < 0:
@@ -257,7 +257,7 @@ def hqq_quantize(
     return q, info
 
 
-@register_method("hqq")
+@register_method("hqq", options=HqqOptions, layouts=("affine",))
 def hqq(weight: torch.Tensor, stats: LayerStats, scheme: Scheme, config: MethodConfig) -> QuantResult:
     """HQQ-style data-free qparam optimisation; ``config.options`` are :class:`HqqOptions` fields. With
     ``config.importance`` and ``stats.sq_mean`` the error is weighted per input channel. ``loss`` is the

@@ -56,37 +56,171 @@ class QuantResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-# Options read by the pipeline around a method (activation quantization, scale migration), not by the
-# method itself: every method accepts them.
-PIPELINE_OPTIONS = frozenset({"act", "act_observer", "alpha", "awq_grid"})
+# -- what a method declares ----------------------------------------------------------------------
+STATISTICS = ("xtx", "sq_mean", "absmax", "sample", "cross")  # what calibration can collect per layer
+TRANSFORMS = ("awq", "smooth")  # rescalings of (previous op -> layers) pairs applied before quantizing
 
 
-def method_options(config: MethodConfig) -> dict[str, Any]:
-    """The options meant for the method itself (``config.options`` minus :data:`PIPELINE_OPTIONS`)."""
-    return {k: v for k, v in config.options.items() if k not in PIPELINE_OPTIONS}
+@dataclass(frozen=True)
+class PipelineOptions:
+    """Options every method accepts: read by the pipeline around it (activation quantization)."""
+
+    act: str | None = field(default=None, metadata={"help": "also quantize activations: int8-dynamic | "
+                                                             "int8-static | fp8-dynamic"})
+    act_observer: str = field(default="minmax", metadata={"help": "range observer for int8-static "
+                                                                  "activations: minmax | percentile | entropy"})
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """A method without options of its own."""
+
+
+def _coerce(method: str, f: Any, value: Any) -> Any:
+    """``value`` as field ``f``'s declared type (bool / int / float / str, optionally None)."""
+    t = str(f.type)
+    kinds = [k for k in ("bool", "int", "float", "str") if k in t.replace("None", "")]
+    if value is None and "None" in t:
+        return None
+    for k in kinds:
+        if k == "bool" and isinstance(value, bool):
+            return value
+        if k == "int" and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if k == "float" and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if k == "str" and isinstance(value, str):
+            return value
+    raise SchemeError(f"{method}: option {f.name!r} must be {' or '.join(kinds + (['null'] if 'None' in t else []))}, "
+                      f"got {value!r}")
+
+
+def parse_options(method: str, cls: type, raw: dict[str, Any]) -> Any:
+    """``raw`` (name -> value) as an instance of the options dataclass ``cls``; unknown names and wrong
+    types are one error naming the option.
+
+    >>> parse_options("rtn", PipelineOptions, {"act": "int8-dynamic"}).act
+    'int8-dynamic'
+    """
+    from dataclasses import fields
+
+    fs = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(raw) - set(fs))
+    if unknown:
+        known = ", ".join(sorted(fs)) or "none"
+        raise SchemeError(f"{method}: unknown option(s) {', '.join(unknown)} (known: {known})")
+    return cls(**{k: _coerce(method, fs[k], v) for k, v in raw.items()})
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered method and what it declares: the statistics it reads (``needs``, from
+    :data:`STATISTICS`), a pair transform it wants applied first (``transform``), its typed ``options``, the
+    layout families it can produce, and the data-free method standing in when a layer saw no tokens."""
+
+    name: str
+    fn: Callable[..., QuantResult]
+    needs: frozenset[str] = frozenset()
+    transform: str | None = None
+    options: type = NoOptions
+    layouts: tuple[str, ...] = ("affine", "ggml")
+    fallback: str = "rtn"
+    help: str = ""
+    act: str | None = None  # activation scheme implied by the method (SmoothQuant: int8 per token)
+
+    @property
+    def needs_data(self) -> bool:
+        return bool(self.needs)
+
+    def parse(self, config: MethodConfig) -> tuple[PipelineOptions, Any]:
+        """``config.options`` split and validated: (pipeline options, this method's own options)."""
+        from dataclasses import fields
+
+        pipe = {f.name for f in fields(PipelineOptions)}
+        own = {k: v for k, v in config.options.items() if k not in pipe}
+        po = parse_options(self.name, PipelineOptions, {k: v for k, v in config.options.items() if k in pipe})
+        return po, parse_options(self.name, self.options, own)
+
+    def needs_for(self, config: MethodConfig) -> frozenset[str]:
+        """The statistics this layer's calibration must collect: the declared ones, E[x²] for importance
+        weighting, and what options ask for (an option field ``wants`` metadata, e.g. float_target -> cross)."""
+        from dataclasses import fields
+
+        _, opts = self.parse(config)
+        extra = {f.metadata["wants"] for f in fields(opts) if f.metadata.get("wants") and getattr(opts, f.name)}
+        return self.needs | extra | ({"sq_mean"} if config.importance else set())
+
+    def check_layout(self, scheme: Scheme) -> None:
+        if scheme.layout not in self.layouts:
+            raise SchemeError(f"method {self.name} cannot produce {scheme.name} ({scheme.layout} layout; it "
+                              f"supports {', '.join(self.layouts)})")
 
 
 Method = Callable[[torch.Tensor, LayerStats, Scheme, MethodConfig], QuantResult]
-_METHODS: dict[str, Method] = {}
-NEEDS_DATA: set[str] = set()
+_METHODS: dict[str, MethodSpec] = {}
 
 
-def register_method(name: str, needs_data: bool = False) -> Callable[[Method], Method]:
+def register_method(name: str, needs: tuple[str, ...] | frozenset[str] = (), *, needs_data: bool = False,
+                    transform: str | None = None, options: type = NoOptions,
+                    layouts: tuple[str, ...] = ("affine", "ggml"), fallback: str = "rtn",
+                    act: str | None = None) -> Callable[[Method], Method]:
+    """Register ``fn(weight, stats, scheme, config) -> QuantResult`` with its declarations.
+
+    ``needs_data=True`` (older form) declares E[x²].
+    """
+    need = frozenset(needs) | ({"sq_mean"} if needs_data and not needs else frozenset())
+    bad = need - set(STATISTICS)
+    if bad or (transform is not None and transform not in TRANSFORMS):
+        raise SchemeError(f"method {name}: unknown statistic/transform {sorted(bad) or transform}")
+
     def deco(fn: Method) -> Method:
-        _METHODS[name] = fn
-        if needs_data:
-            NEEDS_DATA.add(name)
+        if name in _METHODS:
+            raise SchemeError(f"method {name!r} is already registered")
+        doc = " ".join((fn.__doc__ or "").split()).split(". ")[0].rstrip(".")  # the first sentence
+        _METHODS[name] = MethodSpec(name, fn, need, transform, options, layouts, fallback, doc, act)
         return fn
 
     return deco
 
 
-def get_method(name: str) -> Method:
+def method_spec(name: str) -> MethodSpec:
     try:
         return _METHODS[name]
     except KeyError:
         raise SchemeError(f"unknown method {name!r} (known: {', '.join(sorted(_METHODS))})") from None
 
 
+def get_method(name: str) -> Method:
+    return method_spec(name).fn
+
+
 def method_names() -> list[str]:
     return sorted(_METHODS)
+
+
+def method_options(config: MethodConfig) -> dict[str, Any]:
+    """The options meant for the method itself (``config.options`` minus the pipeline's)."""
+    from dataclasses import fields
+
+    pipe = {f.name for f in fields(PipelineOptions)}
+    return {k: v for k, v in config.options.items() if k not in pipe}
+
+
+def options_help() -> str:
+    """Every method with its declared options, for ``--help``.
+
+    >>> "damp" in options_help()
+    True
+    """
+    from dataclasses import MISSING, fields
+
+    lines = []
+    for name in method_names():
+        spec = _METHODS[name]
+        needs = ", ".join(sorted(spec.needs)) or "no data"
+        lines.append(f"  {name} ({needs}{'; rescales layer pairs' if spec.transform else ''}): {spec.help}")
+        for f in fields(spec.options):
+            default = f.default if f.default is not MISSING else "required"
+            lines.append(f"      {f.name}={default}  {f.metadata.get('help', '')}")
+    lines.append("  every method: " + ", ".join(f"{f.name} ({f.metadata['help']})" for f in fields(PipelineOptions)))
+    return "\n".join(lines)

@@ -6,6 +6,8 @@ group's weights). X / s has tamer outliers, W · s absorbs them; X Wᵀ = (X / s
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field, replace
+
 import torch
 
 from lowbit.core.scheme import Scheme
@@ -24,8 +26,15 @@ def smooth_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: 
     return s.clamp(min=1e-5)
 
 
-@register_method("smoothquant", needs_data=True)
+@dataclass(frozen=True)
+class SmoothOptions:
+    alpha: float = field(default=0.5, metadata={"help": "migration strength in [0, 1]"})
+
+
+@register_method("smoothquant", transform="smooth", options=SmoothOptions,
+                 layouts=("affine",), act="int8-dynamic")
 def smoothquant(weight: torch.Tensor, stats: LayerStats, scheme: Scheme, config: MethodConfig) -> QuantResult:
     """The weight half of SmoothQuant W8A8: RTN of the (already smoothed) weight; activations are quantized
     at run time as ``config.options['act']`` says (default int8 per token)."""
-    return get_method("rtn")(weight, stats, scheme, config)
+    return get_method("rtn")(weight, stats, scheme, replace(config, options={
+        k: v for k, v in config.options.items() if k not in SmoothOptions.__dataclass_fields__}))

@@ -52,6 +52,36 @@ def unsupported_leaf(module: nn.Module) -> bool:
     )
 
 
+def row_length(module: nn.Module) -> int:
+    """Length of the rows a layer's weight is quantized along (its input features; an embedding's width)."""
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, Conv1D):
+        return int(module.weight.shape[0])  # stored (in, out)
+    for attr in ("in_features", "embedding_dim"):
+        if hasattr(module, attr):
+            return int(getattr(module, attr))
+    return int(module.weight.shape[-1])
+
+
+def fit_row_length(scheme: Scheme, ncols: int) -> tuple[Scheme, str]:
+    """``scheme``, or llama.cpp's fallback when it is a GGML type whose block does not divide the rows
+    (Q4_K -> Q5_0, Q6_K -> Q8_0 …; fp16 when no block fits), with a note saying so.
+
+    >>> fit_row_length(parse_scheme("q4_k"), 576)
+    (Scheme(format='q5_0', ...), "row length 576 is not a multiple of Q4_K's block of 256: Q5_0 instead")
+    """
+    blk = scheme.block
+    if blk is None or ncols % blk.block_size == 0:
+        return scheme, ""
+    from lowbit.layouts.ggml import fallback_type
+
+    alt = fallback_type(blk.ggml, ncols)
+    new = parse_scheme(alt.lower() if alt else "fp16")
+    return new, (f"row length {ncols} is not a multiple of {blk.ggml}'s block of {blk.block_size}: "
+                 f"{alt or 'F16'} instead")
+
+
 @dataclass(frozen=True)
 class Rule:
     pattern: str
@@ -107,10 +137,14 @@ class LayerPlan:
     method: str
     config: MethodConfig
     rule: int  # index of the deciding rule, -1 when no rule matched
+    note: str = ""  # e.g. a GGML type's fallback, as llama.cpp applies it
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "scheme": None if self.scheme is None else self.scheme.name,
-                "method": self.method, "config": self.config.to_dict(), "rule": self.rule}
+        d = {"kind": self.kind, "scheme": None if self.scheme is None else self.scheme.name,
+             "method": self.method, "config": self.config.to_dict(), "rule": self.rule}
+        if self.note:
+            d["note"] = self.note
+        return d
 
 
 @dataclass(frozen=True)
@@ -168,7 +202,8 @@ class Plan:
             if chosen is None or chosen.scheme is None:
                 out[name] = LayerPlan(name, kind, None, "keep", MethodConfig(), idx)
             else:
-                out[name] = LayerPlan(name, kind, parse_scheme(chosen.scheme), chosen.method, chosen.config, idx)
+                scheme, note = fit_row_length(parse_scheme(chosen.scheme), row_length(mod))
+                out[name] = LayerPlan(name, kind, scheme, chosen.method, chosen.config, idx, note)
         return out
 
     def unmatched_patterns(self, model: nn.Module) -> list[str]:

@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 
 from lowbit.core.qtensor import QTensor
 from lowbit.errors import LowbitError
-from lowbit.methods.registry import NEEDS_DATA, LayerStats, get_method, method_names
+from lowbit.layouts import layout_of
+from lowbit.methods.registry import LayerStats, MethodSpec, get_method, method_names, method_spec
 from lowbit.model.arch import ArchInfo, arch_for, blocks_of
 from lowbit.model.calibrate import BlockInput, FloatPath, capture_block_inputs, collect_stats, run_block
 from lowbit.model.convert import check_convertible, quantized_module
@@ -86,24 +87,36 @@ class QuantReport:
         return d
 
 
-HESSIAN_METHODS = {"gptq", "awq", "awq+gptq"}  # methods that read X^T X
-SCALE_METHODS = {"awq": "awq", "awq+gptq": "awq", "smoothquant": "smooth"}  # methods that rescale layer pairs
+def spec_of(lp: LayerPlan) -> MethodSpec:
+    return method_spec(lp.method)
 
 
 def act_scheme(lp: LayerPlan) -> str | None:
-    act = lp.config.options.get("act")
-    return act or ("int8-dynamic" if lp.method == "smoothquant" else None)
+    """The layer's activation quantization: the ``act`` option, else what its method implies."""
+    return lp.config.options.get("act") or spec_of(lp).act
+
+
+def stats_needed(lp: LayerPlan) -> frozenset[str]:
+    """The statistics calibration must collect for this layer (as its method declares them)."""
+    return spec_of(lp).needs_for(lp.config) if lp.scheme is not None else frozenset()
 
 
 def wants_float_target(lp: LayerPlan) -> bool:
-    """GPTQ's ``float_target`` option: fit the float model's outputs from the quantized path's inputs."""
-    return lp.scheme is not None and lp.method in HESSIAN_METHODS and bool(lp.config.options.get("float_target"))
+    """The layer aims at the float model's outputs: its method needs the cross statistics."""
+    return "cross" in stats_needed(lp)
 
 
 def needs_data(lp: LayerPlan) -> bool:
-    return lp.scheme is not None and (
-        lp.method in NEEDS_DATA or lp.config.importance or act_scheme(lp) == "int8-static"
-    )
+    return lp.scheme is not None and (bool(stats_needed(lp)) or spec_of(lp).transform is not None
+                                      or act_scheme(lp) == "int8-static")
+
+
+def _stand_in(lp: LayerPlan) -> str:
+    """The data-free method used when a calibrated layer saw no tokens: the declared fallback, where it can
+    produce the layer's layout."""
+    fb = spec_of(lp).fallback
+    ok = fb in method_names() and lp.scheme is not None and lp.scheme.layout in method_spec(fb).layouts
+    return fb if ok else "rtn"
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -143,16 +156,17 @@ class _Quantizer:
         if tied is not None and tied[0]() is not mod.weight:
             tied = None
         t0 = time.perf_counter()
-        note = ""
+        note = lp.note  # e.g. the plan's fallback for a GGML type whose blocks do not fit the rows
         if tied is not None and tied[3].scheme == lp.scheme and tied[3].method == lp.method:
-            q, res, note = tied[2], None, "tied"
+            q, res, note = tied[2], None, "tied"  # (the twin's row carries the plan's note)
         else:
             w = _weight_matrix(mod)
             method = lp.method
-            if lp.method in NEEDS_DATA and stats.tokens == 0:
-                method = "hqq" if "hqq" in method_names() else "rtn"
-                note = f"saw no calibration tokens: {method} instead of {lp.method}"
-                self.report.warnings.append(f"{name}: {note}")
+            if spec_of(lp).needs and stats.tokens == 0:
+                method = _stand_in(lp)
+                msg = f"saw no calibration tokens: {method} instead of {lp.method}"
+                note = f"{note}; {msg}" if note else msg
+                self.report.warnings.append(f"{name}: {msg}")
             try:
                 res = get_method(method)(w, stats, lp.scheme, lp.config)
             except LowbitError as e:
@@ -163,7 +177,7 @@ class _Quantizer:
                 note = f"{note}; {msg}" if note else msg
                 self.report.warnings.append(f"{name}: {msg}")
             if tied is not None:
-                note = "untied (different scheme from its tied twin)"
+                note = "; ".join(x for x in (note, "untied (different scheme from its tied twin)") if x)
             if tied is None:
                 self.by_param[pid] = (weakref.ref(mod.weight), name, q, lp)
         new = quantized_module(name, mod, q)  # keeps bias, padding index, embedding scale; checked on a probe
@@ -190,8 +204,12 @@ class _Quantizer:
 
 def quantize_model(model: nn.Module, plan: Plan, calib: torch.Tensor | None = None, *, batch_size: int = 8,
                    sample_rows: int = 4096, progress: bool | None = None,
-                   on_block: Callable[[int, int], None] | None = None) -> QuantReport:
+                   on_block: Callable[[int, int], None] | None = None,
+                   stats: dict[str, LayerStats] | None = None) -> QuantReport:
     """Quantize ``model`` in place following ``plan``; ``calib`` is a LongTensor of token windows (N, T).
+
+    ``stats`` (layer name -> statistics, e.g. merged from other processes) stands in for calibration:
+    each layer is quantized from its given statistics, without the block runner or pair transforms.
 
     A model loaded with ``lazy=True`` (blocks on meta, see :mod:`lowbit.model.streaming`) has each block's
     weights read right before the block is quantized, so one float block is in memory at a time; it comes
@@ -209,10 +227,19 @@ def quantize_model(model: nn.Module, plan: Plan, calib: torch.Tensor | None = No
     planned = [n for n, lp in resolved.items() if lp.scheme is not None]
     for n in planned:  # before any calibration: a layer whose forward cannot be kept is refused up front
         check_convertible(n, model.get_submodule(n))
+        _check_plan(n, resolved[n], model.get_submodule(n))
     check_finite_weights(model, planned)
     stream = streamed_weights(model)
+    if stream is not None and stats is not None:  # no block runner: the whole model in now
+        stream.load_all(model)
+        delattr(model, STREAM_ATTR)
+        stream = None
     q = _Quantizer(model, resolved, report)
     data_layers = [n for n in planned if needs_data(resolved[n])]
+    if stats is not None and calib is None:
+        for n in data_layers:
+            q.quantize_layer(n, stats.get(n, LayerStats()))
+        data_layers = []
     if data_layers:
         if calib is None:
             raise LowbitError(f"method {resolved[data_layers[0]].method} (layer {data_layers[0]}) needs calibration "
@@ -238,6 +265,19 @@ def quantize_model(model: nn.Module, plan: Plan, calib: torch.Tensor | None = No
     report.layers.sort(key=lambda r: order[r.name])
     report.seconds = time.perf_counter() - t_start
     return report
+
+
+def _check_plan(name: str, lp: LayerPlan, mod: nn.Module) -> None:
+    """The layer's method can produce its scheme's layout, its options are valid, its shape fits."""
+    assert lp.scheme is not None
+    try:
+        spec = spec_of(lp)
+        spec.check_layout(lp.scheme)
+        spec.parse(lp.config)
+        if not getattr(mod, "weight", torch.empty(0)).is_meta:
+            layout_of(lp.scheme).check(lp.scheme, tuple(_weight_matrix(mod).shape))
+    except LowbitError as e:
+        raise LowbitError(f"layer {name}: {e}") from None
 
 
 def _no_bar(progress: bool | None) -> bool | None:
@@ -295,9 +335,10 @@ def _quantize_blocks(model, info: ArchInfo, resolved, q: _Quantizer, calib, batc
                 w_float = _weight_matrix(mod).float()
                 outs: list[torch.Tensor] = []
                 xs: dict[str, list[torch.Tensor]] = {mine[shortcut]: []}
+                need = stats_needed(resolved[mine[shortcut]])
                 stats = collect_stats(block, inputs, {mine[shortcut]: mod},
-                                      {mine[shortcut]} if resolved[mine[shortcut]].method in HESSIAN_METHODS
-                                      else set(), sample_rows, outputs=outs, kept_inputs=xs)
+                                      {mine[shortcut]} if "xtx" in need else set(),
+                                      sample_rows if "sample" in need else 0, outputs=outs, kept_inputs=xs)
                 q.quantize_layer(mine[shortcut], stats.get(mine[shortcut], LayerStats()))
                 qmod = block.get_submodule(shortcut)
                 assert isinstance(qmod, QLinear)
@@ -315,7 +356,8 @@ def _quantize_blocks(model, info: ArchInfo, resolved, q: _Quantizer, calib, batc
                         use_shortcut, next_inputs = False, None
                 continue
             if data:
-                want_xtx = {r for r in data if resolved[mine[r]].method in HESSIAN_METHODS}
+                want_xtx = {r for r in data if "xtx" in stats_needed(resolved[mine[r]])}
+                rows = sample_rows if any("sample" in stats_needed(resolved[mine[r]]) for r in data) else 0
                 layers = {mine[r]: block.get_submodule(r) for r in data}
                 act_obs = {mine[r]: resolved[mine[r]].config.options.get("act_observer", "minmax") for r in data
                            if act_scheme(resolved[mine[r]]) == "int8-static"}
@@ -323,7 +365,7 @@ def _quantize_blocks(model, info: ArchInfo, resolved, q: _Quantizer, calib, batc
                 if float_block is not None and any(wants_float_target(resolved[mine[r]]) for r in data):
                     assert float_inputs is not None
                     fp = FloatPath(float_block, float_inputs, {mine[r]: float_block.get_submodule(r) for r in data})
-                stats = collect_stats(block, inputs, layers, {mine[r] for r in want_xtx}, sample_rows,
+                stats = collect_stats(block, inputs, layers, {mine[r] for r in want_xtx}, rows,
                                       stop_after=layers, act_observers=act_obs, float_path=fp)
             for r in grp:
                 q.quantize_layer(mine[r], stats.get(mine[r], LayerStats()))
@@ -367,7 +409,7 @@ def _rescale_pairs(block: nn.Module, info: ArchInfo, mine: dict[str, str], resol
 
     pairs = []
     for prev, layers in info.scale_pairs:
-        kinds = {SCALE_METHODS.get(resolved[mine[r]].method) if r in mine else None for r in layers}
+        kinds = {spec_of(resolved[mine[r]]).transform if r in mine else None for r in layers}
         if len(kinds) == 1 and None not in kinds:
             pairs.append((prev, layers, kinds.pop()))
     if not pairs:
@@ -381,12 +423,13 @@ def _rescale_pairs(block: nn.Module, info: ArchInfo, mine: dict[str, str], resol
         lp = resolved[mine[layers[0]]]
         if st.tokens == 0 or st.sample is None:
             continue
+        _, opts = spec_of(lp).parse(lp.config)
         if kind == "awq":
-            s, info_ = search_scales(st.sample, weights, lp.scheme, lp.config.options.get("awq_grid", 20))
+            s, info_ = search_scales(st.sample, weights, lp.scheme, opts.awq_grid)
             note = f"awq alpha {info_['alpha']:.2f}"
         else:
-            s = smooth_scales(st.absmax, weights, lp.config.options.get("alpha", 0.5))
-            note = f"smoothquant alpha {lp.config.options.get('alpha', 0.5)}"
+            s = smooth_scales(st.absmax, weights, opts.alpha)
+            note = f"smoothquant alpha {opts.alpha}"
         if not fold_scales(block.get_submodule(prev), mods, s):
             report.warnings.append(f"{mine[layers[0]]}: {prev} -> {', '.join(layers)} cannot take a folded "
                                    f"per-channel scale (shapes differ); not rescaled")

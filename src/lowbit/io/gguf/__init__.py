@@ -10,11 +10,11 @@ Modules: :mod:`.blocks` / :mod:`.kquants` (one class per GGML type: fit, quantiz
 (models, safetensors folders, calibration, reading a GGUF back), :mod:`.export` (``export_gguf``).
 """
 
-from lowbit.io.gguf.blocks import BLOCK_TYPES, BlockType
 from lowbit.io.gguf.export import ExportReport, TensorReport, export_gguf
 from lowbit.io.gguf.mixes import MIXES, choose_type
 from lowbit.io.gguf.source import load_gguf_into, read_gguf_weights
 from lowbit.io.gguf.writer import ARCHITECTURES, GGUFExportError
+from lowbit.layouts.ggml import BLOCK_TYPES, BlockType
 
 __all__ = ["ARCHITECTURES", "BLOCK_TYPES", "MIXES", "BlockType", "ExportReport", "GGUFExportError", "TensorReport",
            "choose_type", "export_gguf", "load_gguf_into", "read_gguf_weights"]

@@ -1,11 +1,11 @@
 """``export_gguf``: a float or lowbit-quantized model (or a Hugging Face safetensors folder) to a GGUF file.
 
-Per tensor: its GGML type comes from a llama.cpp mix (``Q4_K_M`` …), a lowbit Plan, or the schemes of an
-already quantized model, then llama.cpp's fallback when its rows do not split into whole blocks. The numbers
-in each block come from lowbit's searches on that type's stored grid — each weight counted by its magnitude
-(as llama.cpp's k-quants do), times E[x²] of its input channel when calibration statistics are given — or
-from GPTQ on that grid (``method="gptq"``). Tensors are encoded in row chunks while the file is written (a
-safetensors folder is never loaded whole), and the file appears atomically.
+A layer quantized to a GGML type (``lowbit quantize --scheme Q4_K_M`` / ``q4_k`` …) is written as its stored
+blocks, unchanged. A float model is first quantized by lowbit's one pipeline with the llama.cpp mix as a Plan
+(:func:`lowbit.io.gguf.mixes.mix_plan`) — any registered method, onto the exact block grids, with llama.cpp's
+fallbacks for rows the blocks do not fit — and then written the same way; the source model is never changed.
+Layers quantized to lowbit's grouped schemes go to the nearest GGML type (searched onto its grid, noted).
+The file appears atomically.
 
 >>> report = export_gguf(model, tok, "smollm2-q4km.gguf", "Q4_K_M")
 >>> t = next(t for t in report.tensors if t.name == "blk.0.attn_q.weight")
@@ -15,6 +15,7 @@ safetensors folder is never loaded whole), and the file appears atomically.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import re
@@ -30,8 +31,8 @@ from gguf import LlamaFileType
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowbit.io.gguf.blocks import BLOCK_TYPES
-from lowbit.io.gguf.gptq import gptq_blocks
+from lowbit.core.scheme import parse_scheme
+from lowbit.errors import LowbitError
 from lowbit.io.gguf.mixes import (
     ALIASES,
     FLOAT_TYPES,
@@ -39,27 +40,24 @@ from lowbit.io.gguf.mixes import (
     ModelFacts,
     choose_type,
     fallback,
+    ggml_scheme,
+    mix_plan,
+    model_facts,
     resolve_mix,
     type_for_scheme,
 )
-from lowbit.io.gguf.search import saliency
-from lowbit.io.gguf.source import Calibrator, TensorSource, open_source
-from lowbit.io.gguf.writer import (
-    GGUFExportError,
-    TensorSpec,
-    arch_spec,
-    gguf_names,
-    permute_qk,
-    qk_heads,
-    unpermute_qk,
-    write_gguf,
-)
-from lowbit.methods.registry import LayerStats
+from lowbit.io.gguf.source import TensorSource, open_source
+from lowbit.io.gguf.writer import GGUFExportError, TensorSpec, arch_spec, gguf_names, permute_qk, qk_heads, write_gguf
+from lowbit.layouts import layout_of
+from lowbit.layouts.ggml import BLOCK_TYPES
+from lowbit.methods.registry import LayerStats, MethodConfig, method_spec
+from lowbit.model.quantize import quantize_model
 from lowbit.threads import torch_threads
 
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20  # weights encoded per step: big enough to amortise thread start-up, small enough for cache
-METHODS = ("search", "gptq")
+# the method a calibrated export uses when none is named: the best measured (bench/RESULTS.md, GGUF table)
+DEFAULT_CALIBRATED = "gptq"
 
 
 @dataclass
@@ -80,6 +78,7 @@ class TensorReport:
 class ExportReport:
     path: str
     mix: str
+    method: str = ""  # the quantization method used ("" when nothing was quantized here)
     tensors: list[TensorReport] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -115,109 +114,188 @@ def _layer_of(name: str, n_layer: int) -> int:
     return -1 if name.startswith("token_embd") else n_layer
 
 
-def _plan_types(src: TensorSource, plan: Any, type_: str | None) -> dict[str, tuple[str, str]]:
-    """HF tensor name -> (GGML type, note) from a Plan, or from a quantized model's schemes (type None)."""
+def _scheme_types(qmodel: nn.Module, kept: list[str]) -> dict[str, tuple[str, str]]:
+    """HF tensor name -> (GGML type, note) of a quantized model: each quantized layer's own type (its
+    blocks are written unchanged), float layers in the model's float type."""
+    from lowbit.model.qmodules import QEmbedding, QLinear
+
     out: dict[str, tuple[str, str]] = {}
-    if plan is not None:
-        if src.model is None:
-            raise GGUFExportError("a Plan needs a loaded model (lowbit.load), not a folder path")
-        for mod_name, lp in plan.resolve(src.model).items():
-            float_t = "F16" if src.dtype(f"{mod_name}.weight") == torch.float16 else "F32"
-            out[f"{mod_name}.weight"] = type_for_scheme(lp.scheme, float_t)
-    elif type_ is None:
-        if not src.schemes:
-            raise GGUFExportError("type=None takes the types from a quantized model's schemes, but this model "
-                                  "has no quantized layers: pass a GGUF type such as 'Q4_K_M'")
-        out = {n: type_for_scheme(s) for n, s in src.schemes.items()}
+    for n, m in qmodel.named_modules():
+        if isinstance(m, QLinear | QEmbedding):
+            out[f"{n}.weight"] = type_for_scheme(m.qweight.scheme)
+    for n in kept:
+        w = getattr(qmodel.get_submodule(n), "weight", None)
+        if isinstance(w, torch.Tensor):
+            out[f"{n}.weight"] = ("F16" if w.dtype == torch.float16 else "F32", "")
     return out
+
+
+def _is_quantized(model: Any) -> bool:
+    from lowbit.model.qmodules import QEmbedding, QLinear
+
+    return isinstance(model, nn.Module) and any(isinstance(m, QLinear | QEmbedding) for m in model.modules())
+
+
+def _to_ggml_plan(plan: Any) -> Any:
+    """A Plan whose grouped schemes become their nearest GGML types (int4-g32-sym -> q4_0 …)."""
+    from lowbit.model.plan import Plan, Rule
+
+    rules = []
+    for r in plan.rules:
+        if r.scheme is None or parse_scheme(r.scheme).block is not None:
+            rules.append(r)
+            continue
+        t, _ = type_for_scheme(parse_scheme(r.scheme))
+        rules.append(Rule(r.pattern, ggml_scheme(t), r.method, r.config, r.kind))
+    return Plan(tuple(rules))
 
 
 def export_gguf(model: nn.Module | str | os.PathLike, tokenizer: Any, path: str | os.PathLike,
                 type: str | None = "Q4_K_M", plan: Any = None,
                 stats: dict[str, LayerStats] | None = None, progress: bool | None = None, *,
-                calib: torch.Tensor | None = None, method: str = "search", pure: bool = False,
-                batch_size: int = 8, name: str | None = None, threads: int | None = None) -> ExportReport:
+                calib: torch.Tensor | None = None, method: str | None = None, pure: bool = False,
+                batch_size: int = 8, name: str | None = None, threads: int | None = None,
+                options: dict[str, Any] | None = None) -> ExportReport:
     """Write ``model`` as a GGUF file llama.cpp loads; returns a per-tensor report.
 
-    ``model``: a transformers model (float or quantized by lowbit) or the path of a Hugging Face
-    safetensors folder (streamed tensor by tensor, never loaded whole). ``type``: a llama.cpp mix or type
-    (``F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q2_K_S Q3_K_S/M/L Q4_K_S/M Q5_K_S/M Q6_K``; ``Q4_K`` means
-    ``Q4_K_M`` as in llama-quantize), with ``pure=True`` for that type everywhere; None takes the types from
-    a quantized model's schemes. ``plan``: a lowbit Plan whose schemes pick per-layer types. ``stats``:
-    per-layer calibration statistics (module name -> LayerStats); ``calib``: token windows ``(N, T)`` to
-    collect them block by block (each block sees the quantized outputs of the blocks before it).
-    ``method``: ``search`` (importance-weighted when statistics exist) or ``gptq`` (needs X^T X).
-    ``threads``: torch threads while encoding (restored after; None leaves torch's setting). On a machine
-    whose cores are busy with other work, 1 is many times faster than several spinning threads.
+    ``model``: a transformers model (float, or quantized by lowbit: its GGML-typed layers are written
+    unchanged), or the path of a Hugging Face safetensors folder. ``type``: a llama.cpp mix or type
+    (``F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q2_K_S Q3_K_S/M/L Q4_K_S/M Q5_K_S/M Q6_K IQ4_NL IQ4_XS``;
+    ``Q4_K`` means ``Q4_K_M`` as in llama-quantize), with ``pure=True`` for that type everywhere; None takes
+    the types from a quantized model. ``plan``: a lowbit Plan whose schemes pick per-layer types.
 
-    >>> report = export_gguf(model, tok, "out.gguf", "Q8_0")
-    >>> report.bpw
-    8.5
+    A float model is quantized first by lowbit's one pipeline (:func:`lowbit.model.quantize.quantize_model`)
+    with the mix as a Plan: ``method`` is any registered method (``rtn`` = the block search, importance-
+    weighted by E[x²] with calibration; ``gptq``, ``awq``, ``awq+gptq`` …; ``search`` is rtn's old name),
+    default :data:`DEFAULT_CALIBRATED` when ``calib`` windows ``(N, T)`` are given, else rtn. ``stats``:
+    per-layer statistics (module name -> LayerStats) instead of calibration. ``options``: the method's
+    options. ``threads``: torch threads while quantizing and encoding (restored after).
+
+    >>> report = export_gguf(model, tok, "out.gguf", "Q4_K_M", calib=windows)
+    >>> report.method, round(report.bpw, 2)
+    ('gptq', 5.53)
     """
     t_start = time.perf_counter()
-    if method not in METHODS:
-        raise GGUFExportError(f"unknown GGUF export method {method!r} (known: {', '.join(METHODS)})")
-    mix, _, ftype = resolve_mix(type or "F32")
-    src = open_source(model, tokenizer)
+    mix, base, ftype = resolve_mix(type or "F32")
+    quant_mix = type is not None and base not in FLOAT_TYPES
+    if method == "search":
+        method = "rtn"
+    method_used = method or (DEFAULT_CALIBRATED if calib is not None else "rtn")
+    try:
+        spec_m = method_spec(method_used)
+    except LowbitError as e:
+        raise GGUFExportError(f"GGUF export: {e}") from None
+    if (spec_m.needs or spec_m.transform) and calib is None and not stats:
+        raise GGUFExportError(f"method {method_used!r} needs calibration data (calib windows, or stats)")
+    if calib is not None and not isinstance(model, nn.Module):
+        raise GGUFExportError("calibration needs a loaded model (lowbit.load), not a folder path")
+    if plan is not None and not isinstance(model, nn.Module):
+        raise GGUFExportError("a Plan needs a loaded model (lowbit.load), not a folder path")
+    if type is None and not _is_quantized(model):
+        raise GGUFExportError("type=None takes the types from a quantized model's schemes, but this model "
+                              "has no quantized layers: pass a GGUF type such as 'Q4_K_M'")
+    quantize_here = (quant_mix or plan is not None) and not _is_quantized(model)
+    report = ExportReport(str(path), "plan" if plan is not None else mix if type is not None else "schemes",
+                          method=method_used if quantize_here else "")
+    overrides: dict[str, tuple[str, str]] = {}
+    quantized: dict[str, Any] = {}
+    imatrix = calib is not None or bool(stats)
+    with torch_threads(threads):
+        work = model
+        if quantize_here:
+            if not isinstance(model, nn.Module):  # a safetensors folder: one float block in memory at a time
+                from lowbit.io.loaders import load_float
+
+                work, tok2 = load_float(model, lazy=True)
+                tokenizer = tokenizer if tokenizer is not None else tok2
+            else:
+                work = copy.deepcopy(model)  # the source model is never changed
+            cfg = MethodConfig(importance=method_used == "rtn" and imatrix, options=dict(options or {}))
+            qplan = _to_ggml_plan(plan) if plan is not None else mix_plan(work, mix, method_used, cfg,
+                                                                          has_imatrix=imatrix, pure=pure)
+            try:
+                qrep = quantize_model(work, qplan, calib, batch_size=batch_size, progress=progress, stats=stats)
+            except GGUFExportError:
+                raise
+            except LowbitError as e:
+                raise GGUFExportError(str(e)) from None
+            report.warnings += qrep.warnings
+            if plan is not None:  # say where a grouped scheme became another format
+                orig = plan.resolve(model if isinstance(model, nn.Module) else work)
+                for r in qrep.layers:
+                    why = type_for_scheme(orig[r.name].scheme)[1] if orig.get(r.name) is not None else ""
+                    r.note = "; ".join(x for x in (why, r.note) if x)
+            quantized = {f"{r.name}.weight": r for r in qrep.layers}
+            weighted = {n for n, lp in qplan.resolve(work).items() if lp.config.importance}
+            for r in qrep.layers:  # the block search weighted by E[x²] is llama.cpp's imatrix search
+                if r.method == "rtn" and r.name in weighted and "saw no" not in r.note:
+                    r.method = "search+imatrix"
+            overrides = _scheme_types(work, qrep.kept)
+        elif _is_quantized(model):
+            overrides = _scheme_types(model, [])
+        src = open_source(work, tokenizer)
+        report.warnings += _write(report, src, path, mix, ftype, overrides, quantized, pure, name, progress,
+                                  imatrix)
+    report.file_bytes = Path(path).stat().st_size
+    report.seconds = time.perf_counter() - t_start
+    for wmsg in report.warnings:
+        log.warning("%s", wmsg)
+    return report
+
+
+def _write(report: ExportReport, src: TensorSource, path: str | os.PathLike, mix: str, ftype: LlamaFileType,
+           overrides: dict[str, tuple[str, str]], quantized: dict[str, Any], pure: bool, name: str | None,
+           progress: bool | None, has_imatrix: bool) -> list[str]:
+    """Assign every tensor its type, then stream the file: quantized layers' blocks as they are, the rest
+    cast (or, from a model quantized to grouped schemes, searched onto the nearest GGML type's grid)."""
     config = src.config
     spec = arch_spec(config)
     if src.tokenizer is None:
         raise GGUFExportError("GGUF export needs the model's tokenizer: llama.cpp reads the vocabulary from the "
                               "file (pass the tokenizer lowbit.load returned, or a folder with tokenizer files)")
     names = gguf_names(spec, config, src.names)
-    n_layer = int(config.num_hidden_layers)
-    facts = ModelFacts(n_layer, int(config.num_attention_heads),
-                       int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads),
-                       bool(getattr(config, "tie_word_embeddings", False)),
-                       has_imatrix=bool(stats) or calib is not None,
-                       is_70b=spec.gguf_arch == "llama" and n_layer == 80)
-    overrides = _plan_types(src, plan, type)
-    report = ExportReport(str(path), "plan" if plan is not None else mix if type is not None else "schemes")
-    order = sorted(names, key=lambda n: (_layer_of(names[n], n_layer), names[n]))  # as llama-quantize writes
+    facts = model_facts(config, has_imatrix)
+    order = sorted(names, key=lambda n: (_layer_of(names[n], facts.n_layer), names[n]))  # as llama-quantize
     specs, notes, requested = _assign_types(src, names, order, overrides, mix, facts, pure)
-    report.warnings += _fallback_summary(specs, requested, notes)
+    for hf in order:  # the Plan's fallbacks, as the quantizer applied them: what was asked and why not
+        r = quantized.get(hf)
+        if r is not None and r.note and not notes[names[hf]]:
+            notes[names[hf]] = r.note
+        why = next((x for x in (r.note.split("; ") if r is not None else []) if x.startswith("row length")), "")
+        if why:
+            notes[names[hf]] = why
+            requested[names[hf]] = why.split("'s block")[0].rsplit(" ", 1)[-1]
+    warnings = _fallback_summary(specs, requested, notes)
     if mix == "Q2_K_S" and not facts.has_imatrix:
-        report.warnings.append("Q2_K_S: llama.cpp insists on an importance matrix for this mix; without calibration "
-                               "data lowbit weighs the search by weight magnitude only (pass calib= for better)")
+        warnings.append("Q2_K_S: llama.cpp insists on an importance matrix for this mix; without calibration "
+                        "data lowbit weighs the search by weight magnitude only (pass calib= for better)")
     by_gguf = {names[hf]: hf for hf in order}
     if report.mix in ("plan", "schemes"):
         ftype = _file_type(specs)
-    if method == "gptq" and calib is None and not any(s.xtx is not None for s in (stats or {}).values()):
-        raise GGUFExportError("method 'gptq' needs calibration data (calib windows, or stats with xtx)")
-    cal = None
-    if calib is not None:
-        if src.model is None:
-            raise GGUFExportError("calibration needs a loaded model (lowbit.load), not a folder path")
-        cal = Calibrator(src.model, calib, want_xtx=method == "gptq", batch_size=batch_size)
     bar = tqdm(total=len(specs), desc="export gguf", disable=None if progress is None else not progress)
 
     def encode(t: TensorSpec) -> Iterator[np.ndarray]:
         t0 = time.perf_counter()
         hf = by_gguf[t.name]
-        layer = hf.rsplit(".", 1)[0]
-        st = (stats or {}).get(layer) if cal is None else cal.stats(layer)
-        enc = _Encoder(src, hf, t.ggml, qk_heads(spec, config, hf), st, method, keep=cal is not None)
+        enc = _Encoder(src, hf, t.ggml, qk_heads(spec, config, hf))
         yield from enc.chunks()
-        if cal is not None and enc.w_hat is not None:
-            cal.record(layer, enc.w_hat)
-        report.tensors.append(TensorReport(t.name, hf, t.shape, t.ggml, requested[t.name], enc.how,
-                                           BLOCK_TYPES[t.ggml].bits_per_weight(), enc.rel_error,
-                                           time.perf_counter() - t0, notes[t.name]))
+        q = quantized.get(hf)
+        stored = q is not None and enc.how == "stored"
+        report.tensors.append(TensorReport(
+            t.name, hf, t.shape, t.ggml, requested[t.name], _method_label(q) if stored else enc.how,
+            BLOCK_TYPES[t.ggml].bits_per_weight(), q.rel_error if stored else enc.rel_error,
+            time.perf_counter() - t0 + (q.seconds if stored else 0.0), notes[t.name]))
         bar.update(1)
 
     try:
-        with torch_threads(threads):
-            report.warnings += write_gguf(path, spec, config, src.tokenizer, ftype, specs, encode,
-                                          name=name or src.label)
+        return warnings + write_gguf(path, spec, config, src.tokenizer, ftype, specs, encode, name=name or src.label)
     finally:
         bar.close()
-        if cal is not None:
-            cal.close()
-    report.file_bytes = Path(path).stat().st_size
-    report.seconds = time.perf_counter() - t_start
-    for wmsg in report.warnings:
-        log.warning("%s", wmsg)
-    return report
+
+
+def _method_label(r: Any) -> str:
+    """The report's method column: the quantizer's method (rtn on a GGML type is its block search)."""
+    return r.method if r.method != "rtn" else "search"
 
 
 def _assign_types(src: TensorSource, names: dict[str, str], order: list[str], overrides: dict[str, tuple[str, str]],
@@ -266,14 +344,13 @@ def _file_type(specs: list[TensorSpec]) -> LlamaFileType:
 class _Encoder:
     """Encodes one tensor in row chunks (q/k chunks hold whole heads), tracking ‖W − Ŵ‖ as it goes.
 
-    Only GPTQ needs the whole matrix at once; otherwise memory is one chunk of ``CHUNK`` weights.
+    A layer quantized to the tensor's own GGML type gives its stored blocks (rows permuted for q/k as
+    llama.cpp wants them); anything else is cast, or searched onto the type's grid, one chunk of ``CHUNK``
+    weights at a time.
     """
 
-    def __init__(self, src: TensorSource, hf: str, ggml: str, heads: int | None, st: LayerStats | None,
-                 method: str, keep: bool):
-        self.src, self.hf, self.ggml, self.heads, self.st, self.method = src, hf, ggml, heads, st, method
-        self.keep = keep  # assemble Ŵ (HF layout) for the calibration runner
-        self.w_hat: torch.Tensor | None = None
+    def __init__(self, src: TensorSource, hf: str, ggml: str, heads: int | None):
+        self.src, self.hf, self.ggml, self.heads = src, hf, ggml, heads
         self.how = "cast"
         self._err = self._ref = 0.0
 
@@ -281,32 +358,30 @@ class _Encoder:
     def rel_error(self) -> float:
         return (self._err / self._ref) ** 0.5 if self._ref > 0 else 0.0
 
-    def _rows(self, r0: int, r1: int) -> torch.Tensor:
-        w = self.src.get(self.hf, r0, r1).to(torch.float32)
-        if not bool(torch.isfinite(w).all()):  # a streamed folder is checked here, chunk by chunk
-            raise GGUFExportError(f"{self.src.label}: tensor {self.hf} holds NaN or Inf values (rows {r0}-{r1})")
+    def _permute(self, w: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
         if self.heads is None:
             return w
         shape = self.src.shape(self.hf)
         return permute_qk(w, self.heads if len(shape) < 2 else self.heads * (r1 - r0) // shape[0])
+
+    def _rows(self, r0: int, r1: int) -> torch.Tensor:
+        w = self.src.get(self.hf, r0, r1).to(torch.float32)
+        if not bool(torch.isfinite(w).all()):  # a streamed folder is checked here, chunk by chunk
+            raise GGUFExportError(f"{self.src.label}: tensor {self.hf} holds NaN or Inf values (rows {r0}-{r1})")
+        return self._permute(w, r0, r1)
 
     def chunks(self) -> Iterator[np.ndarray]:
         shape = self.src.shape(self.hf)
         rows = shape[0] if len(shape) > 1 else 1
         cols = int(np.prod(shape)) // rows
         bt = BLOCK_TYPES[self.ggml]
-        st = self.st
-        if self.ggml not in FLOAT_TYPES and self.method == "gptq" and st is not None and st.xtx is not None:
-            w = self._rows(0, rows)
-            data, w_hat, _ = gptq_blocks(w, bt, st.xtx, st.tokens, st.sq_mean)
-            self.how = "gptq"
-            self._account(w, w_hat, 0, rows)
-            yield data.numpy()
+        q = self.src.qtensors.get(self.hf)
+        if q is not None and q.scheme.block is not None and q.scheme.block.ggml == self.ggml:
+            self.how = "stored"
+            yield self._permute(q.codes.reshape(rows, -1), 0, rows).numpy()
             return
-        imp = None if st is None or st.sq_mean is None else st.sq_mean.float().reshape(1, cols)
         if self.ggml not in FLOAT_TYPES:
-            self.how = "search" if imp is None else "search+imatrix"
-        quant = self.ggml not in FLOAT_TYPES
+            self.how = "search"
         step = max(1, CHUNK // cols)
         if self.heads is not None and len(shape) > 1:
             per_head = rows // self.heads
@@ -314,20 +389,12 @@ class _Encoder:
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
             w = self._rows(r0, r1).reshape(r1 - r0, cols)
-            elem = None
-            if quant:  # per-weight importance: magnitude, times the input channel's E[x²] when calibrated
-                elem = saliency(w.reshape(-1, bt.block_size)).reshape(w.shape)
-                elem = elem if imp is None else elem.mul_(imp)
-            data = bt.encode(w, elem)
-            w_hat = w if self.ggml == "F32" else bt.dequantize(data).reshape(w.shape)
-            self._account(w, w_hat, r0, rows)
+            if self.ggml in FLOAT_TYPES:
+                data = bt.encode(w)
+            else:  # the data-free block search of the type's layout
+                sch = parse_scheme(self.ggml.lower())
+                data = layout_of(sch).quantize(w, sch).codes.reshape(r1 - r0, -1)
+            w_hat = w if self.ggml == "F32" else bt.dequantize(data.reshape(-1, bt.type_size)).reshape(w.shape)
+            self._err += float((w_hat - w).double().square().sum())
+            self._ref += float(w.double().square().sum())
             yield data.numpy()
-
-    def _account(self, w: torch.Tensor, w_hat: torch.Tensor, r0: int, rows: int) -> None:
-        self._err += float((w_hat - w).double().square().sum())
-        self._ref += float(w.double().square().sum())
-        if self.keep and self.ggml != "F32":
-            if self.w_hat is None:
-                self.w_hat = torch.empty(rows, w.shape[-1])
-            part = w_hat if self.heads is None else unpermute_qk(w_hat, self.heads * w.shape[0] // rows)
-            self.w_hat[r0:r0 + w.shape[0]] = part

@@ -15,14 +15,20 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
+from torch import nn
 
 from lowbit.core.scheme import Scheme
 from lowbit.errors import LowbitError
+from lowbit.layouts.ggml import FALLBACK
+from lowbit.methods.registry import MethodConfig
+from lowbit.model.plan import Plan
+from lowbit.primitives.ggml_types import GGML_SCHEMES
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
-BLOCK_TYPE_NAMES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+BLOCK_TYPE_NAMES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
 # mix name -> (base type, llama.cpp file type)
 MIXES: dict[str, tuple[str, LlamaFileType]] = {
     "F32": ("F32", LlamaFileType.ALL_F32), "F16": ("F16", LlamaFileType.MOSTLY_F16),
@@ -34,11 +40,10 @@ MIXES: dict[str, tuple[str, LlamaFileType]] = {
     "Q3_K_L": ("Q3_K", LlamaFileType.MOSTLY_Q3_K_L), "Q4_K_S": ("Q4_K", LlamaFileType.MOSTLY_Q4_K_S),
     "Q4_K_M": ("Q4_K", LlamaFileType.MOSTLY_Q4_K_M), "Q5_K_S": ("Q5_K", LlamaFileType.MOSTLY_Q5_K_S),
     "Q5_K_M": ("Q5_K", LlamaFileType.MOSTLY_Q5_K_M), "Q6_K": ("Q6_K", LlamaFileType.MOSTLY_Q6_K),
+    "IQ4_NL": ("IQ4_NL", LlamaFileType.MOSTLY_IQ4_NL), "IQ4_XS": ("IQ4_XS", LlamaFileType.MOSTLY_IQ4_XS),
 }
 # llama-quantize's aliases
 ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
-# a type whose block does not fit a row -> the type llama.cpp tries next
-FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 
 
 @dataclass(frozen=True)
@@ -195,6 +200,8 @@ def type_for_scheme(scheme: Scheme | None, float_type: str = "F32") -> tuple[str
     """
     if scheme is None:
         return float_type, ""
+    if scheme.block is not None:  # a GGML type: itself
+        return scheme.block.ggml, ""
     fmt = scheme.format
     if fmt in ("fp16", "bf16"):
         return ("F16" if fmt == "fp16" else "BF16"), ""
@@ -209,3 +216,68 @@ def type_for_scheme(scheme: Scheme | None, float_type: str = "F32") -> tuple[str
         return t, "" if exact else f"{scheme.name} has no GGML twin: {t}"
     t = "Q8_0" if bits >= 8 else "Q4_K"
     return t, f"{scheme.name} has no GGML twin: {t}"
+
+
+def model_facts(config: Any, has_imatrix: bool = False) -> ModelFacts:
+    """What the mix rules look at, from a transformers config."""
+    from lowbit.io.gguf.writer import arch_spec
+
+    spec = arch_spec(config)
+    n_layer = int(config.num_hidden_layers)
+    return ModelFacts(n_layer, int(config.num_attention_heads),
+                      int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads),
+                      bool(getattr(config, "tie_word_embeddings", False)), has_imatrix=has_imatrix,
+                      is_70b=spec.gguf_arch == "llama" and n_layer == 80)
+
+
+def is_mix(name: str) -> bool:
+    """A llama.cpp file type (``Q4_K_M``, ``Q3_K_S`` …) rather than a single type's scheme (``q4_k``)."""
+    return isinstance(name, str) and name.strip().upper() in MIXES and name.strip().upper() not in FLOAT_TYPES \
+        and name.strip().lower() not in GGML_SCHEMES
+
+
+def ggml_scheme(ggml: str) -> str | None:
+    """The lowbit scheme storing GGML type ``ggml`` (None for F32: kept in float)."""
+    return {"F32": None, "F16": "fp16", "BF16": "bf16"}.get(ggml, ggml.lower())
+
+
+def mix_plan(model: nn.Module, mix: str, method: str = "rtn", config: MethodConfig | None = None,
+             has_imatrix: bool = False, pure: bool = False) -> Plan:
+    """llama.cpp's mix ``mix`` as a lowbit Plan: one rule per layer with the GGML type llama-quantize would
+    give it, quantized by ``method`` (embeddings and the head by the data-free block search, as llama.cpp
+    has no activations for them). Fallbacks for rows that blocks do not fit happen when the Plan resolves.
+
+    >>> plan = mix_plan(model, "Q4_K_M", "gptq")
+    >>> plan.resolve(model)["model.layers.0.mlp.down_proj"].scheme.name
+    'q6_k'
+    """
+    from lowbit.io.gguf.writer import arch_spec, gguf_names
+    from lowbit.model.plan import Rule, layer_kind
+
+    cfg = model.config
+    spec = arch_spec(cfg)
+    facts = model_facts(cfg, has_imatrix)
+    tied = facts.tied_embeddings
+    mods = {n: m for n, m in model.named_modules() if layer_kind(m)}
+    keys = [f"{n}.weight" for n in mods if not (tied and n == "lm_head")]
+    names = gguf_names(spec, cfg, keys)
+    rules: list[Rule] = []
+    by_kind: dict[str, str | None] = {}
+    for n, m in mods.items():
+        g = names.get(f"{n}.weight")
+        if g is None:  # a tied head: the embedding's type
+            continue
+        w = m.weight
+        shape = tuple(w.shape) if layer_kind(m) == "embedding" or not hasattr(m, "in_features") else (
+            m.out_features, m.in_features)
+        t = mix_type(g, shape, mix, facts, pure) if quantizable(g, shape) else "F32"
+        sch = ggml_scheme(t)
+        by_kind[n] = sch
+        inside = category(g) not in ("token_embd", "output")
+        meth = method if inside else "rtn"
+        cf = (config or MethodConfig()) if inside else MethodConfig()
+        rules.append(Rule(n, sch, meth, cf, kind=layer_kind(m)))
+    if tied and "lm_head" in mods:
+        emb = next(n for n, m in mods.items() if layer_kind(m) == "embedding")
+        rules.append(Rule("lm_head", by_kind.get(emb), "rtn", MethodConfig(), kind="linear"))
+    return Plan(tuple(rules))

@@ -2,8 +2,6 @@
 
 * :func:`open_source` — a transformers model (float, or with lowbit's QLinear/QEmbedding, dequantized on
   demand) or a Hugging Face safetensors folder read tensor by tensor, behind one small interface;
-* :class:`Calibrator` — walks the model's blocks in order, collecting each block's input statistics and then
-  running the block with the weights just written, so the next block sees the quantized model's activations;
 * :func:`read_gguf_weights` / :func:`load_gguf_into` — a GGUF file's tensors dequantized with lowbit's own
   block code (no float copy on disk), mapped back to Hugging Face names and layouts.
 
@@ -24,9 +22,8 @@ from torch import nn
 
 from lowbit.core.scheme import Scheme
 from lowbit.errors import LowbitError
-from lowbit.io.gguf.blocks import BLOCK_TYPES
 from lowbit.io.gguf.writer import GGUFExportError, arch_spec, gguf_names, qk_heads, unpermute_qk
-from lowbit.methods.registry import LayerStats
+from lowbit.layouts.ggml import BLOCK_TYPES
 
 
 @dataclass
@@ -39,6 +36,7 @@ class TensorSource:
     model: nn.Module | None
     entries: dict[str, tuple[tuple[int, ...], torch.dtype, Callable[[int, int], torch.Tensor]]]
     schemes: dict[str, Scheme] = field(default_factory=dict)  # quantized layers' weights
+    qtensors: dict[str, Any] = field(default_factory=dict)  # their QTensors (GGML blocks are written as stored)
 
     @property
     def names(self) -> list[str]:
@@ -83,6 +81,7 @@ def _from_model(model: nn.Module, tokenizer: Any) -> TensorSource:
 
     entries: dict[str, tuple[tuple[int, ...], torch.dtype, Callable[[int, int], torch.Tensor]]] = {}
     schemes: dict[str, Scheme] = {}
+    qtensors: dict[str, Any] = {}
     for n, m in model.named_modules():
         if isinstance(m, QLinear | QEmbedding):
             if isinstance(m, QLinear) and (m.act_scheme or m.input_scale is not None):
@@ -91,12 +90,13 @@ def _from_model(model: nn.Module, tokenizer: Any) -> TensorSource:
             q = m.qweight
             entries[f"{n}.weight"] = (tuple(q.shape), q.dtype, _rows_of_qtensor(q))
             schemes[f"{n}.weight"] = q.scheme
+            qtensors[f"{n}.weight"] = q
     for k, v in model.state_dict().items():
         if k not in entries:
             entries[k] = (tuple(v.shape), v.dtype, lambda r0, r1, v=v: v.detach()[r0:r1] if v.dim() > 1 else v.detach())
     _drop_tied(model.config, entries)
     label = Path(str(getattr(model.config, "_name_or_path", "") or type(model).__name__)).name
-    return TensorSource(model.config, tokenizer, label, model, entries, schemes)
+    return TensorSource(model.config, tokenizer, label, model, entries, schemes, qtensors)
 
 
 def _from_folder(path: Path, tokenizer: Any) -> TensorSource:
@@ -138,76 +138,6 @@ def open_source(model: nn.Module | str | os.PathLike, tokenizer: Any = None) -> 
             raise GGUFExportError(f"{type(model).__name__} has no transformers config: cannot name its tensors")
         return _from_model(model, tokenizer)
     return _from_folder(Path(model), tokenizer)
-
-
-class Calibrator:
-    """Block-by-block statistics for export: block i's stats come from inputs produced by blocks < i running
-    with the weights already encoded (recorded with :meth:`record`), as GPTQ's sequential mode wants.
-
-    >>> cal = Calibrator(model, windows, want_xtx=True)
-    >>> st = cal.stats("model.layers.0.self_attn.q_proj")   # LayerStats with xtx, sq_mean
-    """
-
-    def __init__(self, model: nn.Module, windows: torch.Tensor, want_xtx: bool, batch_size: int = 8):
-        from lowbit.model.arch import arch_for, blocks_of
-        from lowbit.model.calibrate import capture_block_inputs
-
-        self.blocks_name, self.blocks = blocks_of(model, arch_for(model))
-        self.want_xtx = want_xtx
-        self.inputs = capture_block_inputs(model, self.blocks[0], windows.long(), batch_size)
-        self.current = -1
-        self._stats: dict[str, LayerStats] = {}
-        self._quant: dict[str, torch.Tensor] = {}
-
-    def _block_index(self, layer: str) -> int | None:
-        prefix = f"{self.blocks_name}."
-        if not layer.startswith(prefix):
-            return None
-        return int(layer[len(prefix):].split(".", 1)[0])
-
-    def _advance(self) -> None:
-        from lowbit.model.calibrate import collect_stats, run_block
-
-        if self.current >= 0:
-            block = self.blocks[self.current]
-            saved = {}
-            prefix = f"{self.blocks_name}.{self.current}."
-            for layer, w_hat in self._quant.items():
-                m = block.get_submodule(layer[len(prefix):])
-                if not isinstance(m, nn.Linear):
-                    continue  # lowbit's QLinear already computes with its quantized weight
-                saved[m] = m.weight.data
-                m.weight.data = w_hat.to(m.weight.dtype)
-            try:
-                self.inputs = run_block(block, self.inputs)
-            finally:
-                for m, old in saved.items():
-                    m.weight.data = old
-        self.current += 1
-        block = self.blocks[self.current]
-        prefix = f"{self.blocks_name}.{self.current}."
-        layers = {prefix + n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
-        self._stats = collect_stats(block, self.inputs, layers, set(layers) if self.want_xtx else set())
-        self._quant = {}
-
-    def stats(self, layer: str) -> LayerStats | None:
-        """Statistics of a module (full name); None outside the blocks (embeddings, head)."""
-        i = self._block_index(layer)
-        if i is None:
-            return None
-        if i < self.current:
-            raise LowbitError(f"calibration: layer {layer} asked for after block {self.current}")
-        while self.current < i:
-            self._advance()
-        return self._stats.get(layer)
-
-    def record(self, layer: str, w_hat: torch.Tensor) -> None:
-        """The weight just encoded for ``layer`` (HF layout), used when this block's outputs are recomputed."""
-        if self._block_index(layer) == self.current:
-            self._quant[layer] = w_hat
-
-    def close(self) -> None:
-        self.inputs, self._stats, self._quant = [], {}, {}
 
 
 # -- reading back ----------------------------------------------------------------------------------------

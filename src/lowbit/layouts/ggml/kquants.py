@@ -19,8 +19,8 @@ from typing import ClassVar
 
 import torch
 
-from lowbit.io.gguf import search as S
-from lowbit.io.gguf.blocks import (
+from lowbit.layouts.ggml import search as S
+from lowbit.layouts.ggml.base import (
     U8,
     BlockType,
     Params,

@@ -1,0 +1,102 @@
+"""The layout interface and its registry.
+
+>>> layout_of(parse_scheme("int4-g128")).family
+'affine'
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Protocol
+
+import torch
+
+from lowbit.core.qtensor import QTensor
+from lowbit.core.scheme import Scheme
+from lowbit.errors import SchemeError
+
+Params = Any  # a layout's own fitted parameters (tensors), opaque to methods
+
+
+class ColumnGrid(Protocol):
+    """The grid of one column group, fitted once, as GPTQ's sweep rounds it column by column."""
+
+    def round(self, i: int, col: torch.Tensor) -> torch.Tensor:
+        """Values ``(rows,)`` of column ``i`` of the group (0-based within it) rounded onto the grid."""
+        ...
+
+
+class Layout:
+    """One storage family. Subclasses set ``family`` and implement the steps; :func:`register_layout`."""
+
+    family: ClassVar[str] = ""
+    # GPTQ's column order when the method does not say: True = decreasing Hessian diagonal with every
+    # group's grid fitted up front (static groups); False = natural order, each group fitted when reached.
+    gptq_act_order: ClassVar[bool] = True
+
+    def check(self, scheme: Scheme, shape: tuple[int, ...]) -> None:
+        """Raise a LowbitError when ``shape`` cannot be stored in ``scheme``."""
+
+    def nbytes(self, scheme: Scheme, shape: tuple[int, ...]) -> int:
+        raise NotImplementedError
+
+    def fit(self, w: torch.Tensor, scheme: Scheme, importance: torch.Tensor | None = None,
+            observer: str = "minmax") -> Params:
+        """The stored grid for ``w``; ``importance`` ``(in,)`` weights each input channel's error."""
+        raise NotImplementedError
+
+    def encode(self, w: torch.Tensor, scheme: Scheme, params: Params) -> QTensor:
+        raise NotImplementedError
+
+    def decode(self, q: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return q.dequantize(dtype)
+
+    def quantize(self, w: torch.Tensor, scheme: Scheme, importance: torch.Tensor | None = None,
+                 observer: str = "minmax") -> QTensor:
+        """fit then encode."""
+        self.check(scheme, tuple(w.shape))
+        return self.encode(w, scheme, self.fit(w, scheme, importance, observer))
+
+    def fake(self, w: torch.Tensor, scheme: Scheme, params: Params | None = None) -> torch.Tensor:
+        """Differentiable quantize→dequantize: the forward value of the stored grid, the gradient straight
+        through to ``w`` (subclasses may also pass gradients to learnable scales)."""
+        p = self.fit(w.detach(), scheme) if params is None else params
+        wq = self.encode(w.detach(), scheme, p).dequantize(torch.float32).to(w.dtype)
+        return w + (wq - w).detach()
+
+    # -- GPTQ's column sweep ---------------------------------------------------------------------
+    def group_width(self, scheme: Scheme, cols: int) -> int:
+        """Columns sharing one grid (a group, a block; all of them for per-channel grids)."""
+        raise NotImplementedError
+
+    def fit_group(self, w: torch.Tensor, scheme: Scheme, hdiag: torch.Tensor, importance: torch.Tensor | None,
+                  observer: str, rows_total: int) -> ColumnGrid:
+        """The grid of one column group ``w`` ``(rows, g)``; ``hdiag`` ``(g,)`` = E[x²] of its inputs,
+        ``importance`` the method's own weighting (None: the layout's default)."""
+        raise NotImplementedError
+
+    def assemble(self, scheme: Scheme, shape: tuple[int, ...], dtype: torch.dtype, grids: list[ColumnGrid],
+                 w_hat: torch.Tensor) -> QTensor:
+        """The QTensor of GPTQ's result ``w_hat`` ``(rows, cols)``, every group on its own grid."""
+        raise NotImplementedError
+
+
+_LAYOUTS: dict[str, Layout] = {}
+
+
+def register_layout(cls: type[Layout]) -> type[Layout]:
+    if cls.family in _LAYOUTS:
+        raise SchemeError(f"layout family {cls.family!r} is already registered")
+    _LAYOUTS[cls.family] = cls()
+    return cls
+
+
+def layout_of(scheme: Scheme) -> Layout:
+    """The registered layout storing ``scheme``."""
+    try:
+        return _LAYOUTS[scheme.layout]
+    except KeyError:
+        raise SchemeError(f"unknown layout {scheme.layout!r} (known: {', '.join(sorted(_LAYOUTS))})") from None
+
+
+def layout_names() -> list[str]:
+    return sorted(_LAYOUTS)

@@ -1,0 +1,112 @@
+"""The GGML family as a layout: a scheme ``q4_k`` … stores its weight as that type's blocks along each row.
+
+``fit`` is the type's importance-weighted block search: each weight counts by its magnitude (``|w| + rms``
+of its block, as llama.cpp's k-quants weigh it) times ``importance`` of its input channel (E[x²] from
+calibration, llama.cpp's imatrix) when given. Rows are encoded in chunks so memory stays bounded.
+
+>>> s = parse_scheme("q6_k")
+>>> q = layout_of(s).quantize(torch.randn(4, 512), s)
+>>> q.codes.numel() == 4 * 2 * 210, q.bits_per_weight
+(True, 6.5625)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.core.qtensor import QTensor
+from lowbit.core.scheme import Scheme
+from lowbit.errors import LowbitError
+from lowbit.layouts.base import Layout, register_layout
+from lowbit.layouts.ggml import BLOCK_TYPES, BlockType
+from lowbit.layouts.ggml.search import saliency
+from lowbit.primitives.quant import as_matrix
+
+CHUNK = 1 << 20  # weights fitted per step: big enough to amortise thread start-up, small enough for cache
+
+
+def block_type(scheme: Scheme) -> type[BlockType]:
+    assert scheme.block is not None
+    return BLOCK_TYPES[scheme.block.ggml]
+
+
+class _BlockGrid:
+    """One column block of GPTQ's sweep: the block's fitted params and the codes rounded so far."""
+
+    def __init__(self, bt: type[BlockType], p: dict[str, torch.Tensor], rows: int):
+        self.bt, self.p = bt, p
+        self.rnd = bt.column_rounder(p)
+        self.codes = torch.zeros(rows, bt.block_size, dtype=torch.uint8)
+
+    def round(self, i: int, col: torch.Tensor) -> torch.Tensor:
+        q, v = self.rnd(i // self.bt.sub, col)
+        self.codes[:, i] = q.to(torch.uint8)
+        return v
+
+
+@register_layout
+class GGMLLayout(Layout):
+    family = "ggml"
+    gptq_act_order = False  # measured on SmolLM2: each block fitted on the error-updated weights when reached
+
+    def check(self, scheme, shape):
+        bs = scheme.block.block_size
+        cols = as_matrix(tuple(shape))[1]
+        if len(shape) != 2 or cols % bs:
+            raise LowbitError(f"{scheme.name}: a weight {list(shape)} does not split into rows of whole blocks of "
+                              f"{bs} (plan a fallback type, as llama.cpp does)")
+
+    def nbytes(self, scheme, shape):
+        rows, cols = as_matrix(tuple(shape))
+        return rows * (cols // scheme.block.block_size) * scheme.block.type_size
+
+    def _weights(self, w: torch.Tensor, bt: type[BlockType], importance: torch.Tensor | None) -> torch.Tensor:
+        elem = saliency(w.reshape(-1, bt.block_size)).reshape(w.shape)
+        return elem if importance is None else elem.mul_(importance.float().reshape(1, -1))
+
+    def fit(self, w, scheme, importance=None, observer="minmax"):
+        self.check(scheme, tuple(w.shape))
+        bt = block_type(scheme)
+        w = w.detach().float()
+        return bt.fit(w.reshape(-1, bt.block_size), self._weights(w, bt, importance).reshape(-1, bt.block_size))
+
+    def encode(self, w, scheme, params):
+        bt = block_type(scheme)
+        x = w.detach().float().reshape(-1, bt.block_size)
+        return QTensor(bt.pack(bt.quantize(x, params), params).reshape(-1), None, None, tuple(w.shape), w.dtype,
+                       scheme)
+
+    def quantize(self, w, scheme, importance=None, observer="minmax"):
+        """The block search in row chunks (fit + encode of each chunk: blocks never span rows)."""
+        self.check(scheme, tuple(w.shape))
+        bt = block_type(scheme)
+        rows, cols = w.shape
+        x = w.detach().float()
+        if not bool(torch.isfinite(x).all()):
+            raise LowbitError("the tensor holds NaN or Inf values")
+        step = max(1, CHUNK // cols)
+        parts = []
+        for r0 in range(0, rows, step):
+            xc = x[r0:r0 + step]
+            parts.append(bt.encode(xc, self._weights(xc, bt, importance)).reshape(-1))
+        return QTensor(torch.cat(parts), None, None, (rows, cols), w.dtype, scheme)
+
+    # -- GPTQ ----------------------------------------------------------------------------------
+    def group_width(self, scheme, cols):
+        return scheme.block.block_size
+
+    def fit_group(self, w, scheme, hdiag, importance, observer, rows_total):
+        bt = block_type(scheme)
+        imp = hdiag if importance is None else importance
+        imp = imp.float() + 1e-6 * imp.float().mean().clamp(min=1e-30)  # every weight counts a little
+        p = bt.fit(w.float().contiguous(), imp.reshape(1, -1).expand(w.shape[0], -1))
+        return _BlockGrid(bt, p, w.shape[0])
+
+    def assemble(self, scheme, shape, dtype, grids, w_hat):
+        bt = block_type(scheme)
+        bg: list[_BlockGrid] = grids  # type: ignore[assignment]
+        rows, nb = shape[0], len(bg)
+        codes = torch.stack([g.codes for g in bg], dim=1).reshape(rows * nb, bt.block_size)  # block (r, b)
+        params = {k: torch.stack([g.p[k] for g in bg], dim=1).reshape(rows * nb, *bg[0].p[k].shape[1:])
+                  for k in bg[0].p}
+        return QTensor(bt.pack(codes, params).reshape(-1), None, None, tuple(shape), dtype, scheme)
