@@ -12,6 +12,7 @@ from rich.table import Table
 
 import lowbit
 from lowbit.errors import LowbitError
+from lowbit.io.exporters import Exporter, ExportOptions
 from lowbit.methods.registry import MethodConfig, method_spec
 from lowbit.model.plan import Plan
 from lowbit.model.quantize import QuantReport
@@ -259,84 +260,75 @@ def _streamable_folder(source: str) -> Path | None:
     return folder if any(folder.glob("*.safetensors")) else None
 
 
-def cmd_export(args: argparse.Namespace) -> dict[str, Any] | None:
-    from lowbit.io.gguf import export_gguf
-    from lowbit.methods.registry import method_spec
+def option_flag(name: str) -> str:
+    """The command-line flag of an exporter option: ``calib_windows`` -> ``--calib-windows``."""
+    return "--" + name.replace("_", "-")
 
-    if args.method is not None and args.method != "search":
-        spec = method_spec(args.method)
-        if (spec.needs or spec.transform) and not args.calib:
-            raise LowbitError(f"--method {args.method} needs calibration text: pass --calib FILE (or --calib random)")
-    if Path(args.out).exists() and not args.force:
-        raise LowbitError(f"{args.out}: already exists (pass --force to replace it)")
-    _check_calib(args)
-    folder = None if args.calib else _streamable_folder(args.model)
-    if folder is not None:  # no calibration: read the weights tensor by tensor, never the whole model
+
+def option_dest(name: str) -> str:
+    """Where argparse keeps an exporter option: apart from the quantize flags an exporter may also take."""
+    return f"export_{name}"
+
+
+def _export_options(exporter: Exporter, args: argparse.Namespace) -> ExportOptions:
+    """The exporter's Options from its flags; a bad value is one line naming the flag."""
+    from lowbit.io.exporters import OptionError, option_specs
+
+    values = {s.name: getattr(args, option_dest(s.name)) for s in option_specs(exporter.Options)}
+    try:
+        return exporter.Options(**values)
+    except OptionError as e:
+        given = "" if e.value is None else f" {e.value}"
+        raise LowbitError(f"{option_flag(e.option)}{given}: {e.problem}") from None
+
+
+def _quantizes_first(exporter: Exporter, args: argparse.Namespace) -> bool:
+    """For an exporter that takes the quantize flags: whether MODEL is a float model to quantize first (a lowbit
+    directory is exported as it is). The quantize flags are checked here, before anything loads."""
+    from lowbit.io.save import is_lowbit_dir
+
+    if is_lowbit_dir(args.model):
+        if args.scheme or args.plan or args.rule or args.keep:
+            raise LowbitError(f"{args.model}: already quantized by lowbit; drop --scheme/--plan/--rule/--keep "
+                              f"(or give the float model to quantize it again)")
+        return False
+    if not (args.scheme or args.plan):
+        raise LowbitError(f"{args.model}: not a lowbit model directory: pass --scheme (e.g. int4-g128, int8; "
+                          f"with --method/--calib as for quantize) to quantize it first")
+    if exporter.weight_only and (args.act or args.method == "smoothquant"):
+        raise LowbitError(f"--act / --method smoothquant quantize activations; the {exporter.name} export is "
+                          f"weight-only")
+    args.scheme = args.scheme or "int4-g128"  # with --plan alone the plan's rules decide
+    _validate(args)
+    return True
+
+
+def cmd_export(args: argparse.Namespace) -> dict[str, Any] | None:
+    """``lowbit export NAME``: every registered exporter through the same steps."""
+    from lowbit.io.exporters import get_exporter
+
+    exporter = get_exporter(args.format)
+    options = _export_options(exporter, args)
+    quantize = exporter.quantizes_first and _quantizes_first(exporter, args)
+    _check_out(args.out, args.force, args.model)
+    exporter.preflight(options)
+    folder = None if quantize or not exporter.streams(options) else _streamable_folder(args.model)
+    if folder is not None:  # read the weights tensor by tensor, never the whole model
         model, tok = folder, None
     else:
         model, tok = lowbit.load(args.model)
-    calib = None
-    if args.calib:
-        calib = lowbit.calibration_windows(tok, args.calib, args.calib_windows, args.window_len)
-    from lowbit.io.save import is_lowbit_dir
-
-    gtype = args.type or (None if is_lowbit_dir(args.model) else "Q4_K_M")
-    report = export_gguf(model, tok, args.out, gtype, calib=calib, method=args.method,
-                         progress=None if not args.json else False, threads=args.threads)
-    check = None
-    if args.check:  # llama.cpp in a child process: a crash there is a one-line error, the file stays written
-        from lowbit.io.gguf import llamacpp
-
-        check = llamacpp.check(args.out, threads=args.threads or 1)
-    if args.json:
-        return report.to_dict() | ({"check": check.to_dict()} if check else {})
-    for w in report.warnings:
-        out.print(f"[yellow]warning[/]: {w}")
-    if report.method:
-        why = " (the default with calibration text: the best measured on SmolLM2)" if args.method is None and \
-            args.calib else (" (the block search; pass --calib for calibrated methods)" if args.method is None else "")
-        out.print(f"quantized with method {report.method}{why}")
-    size = Path(args.out).stat().st_size
-    out.print(f"wrote {args.out} ({_mb(size)}, {report.bpw:.2f} bpw, {len(report.fallbacks)} tensors fell back to "
-              f"another type because their rows do not fit the block)")
-    if check:
-        out.print(f"llama.cpp runs it: perplexity {check.perplexity:.2f} on {check.tokens} tokens of a built-in "
-                  f"paragraph; it continues {check.continuation!r}")
-    out.print(f"next: lowbit eval {args.out} --reference {args.model} --data held_out.txt")
-    return None
-
-
-def cmd_export_hf(args: argparse.Namespace) -> dict[str, Any] | None:
-    from lowbit.io.save import is_lowbit_dir
-
-    quantized = is_lowbit_dir(args.model)
-    if quantized and (args.scheme or args.plan or args.rule or args.keep):
-        raise LowbitError(f"{args.model}: already quantized by lowbit; drop --scheme/--plan/--rule/--keep "
-                          f"(or give the float model to quantize it again)")
-    if not quantized and not (args.scheme or args.plan):
-        raise LowbitError(f"{args.model}: not a lowbit model directory: pass --scheme (e.g. int4-g128, int8; "
-                          f"with --method/--calib as for quantize) to quantize it first")
-    if not quantized:
-        if args.act or args.method == "smoothquant":
-            raise LowbitError("--act / --method smoothquant quantize activations; the hf export is weight-only")
-        args.scheme = args.scheme or "int4-g128"  # with --plan alone the plan's rules decide
-        _validate(args)
-    _check_out(args.out, args.force, args.model)
-    model, tok = lowbit.load(args.model)
-    if not quantized:
+    if quantize:
         model, qreport = _quantize(args, model, tok)
         if not args.json:
             out.print(layer_table(qreport))
-    report = lowbit.export_hf(model, args.out, tokenizer=tok, force=args.force, strict=args.strict)
+    report = exporter.export(model, args.out, tok, options, force=args.force,
+                             progress=None if not args.json else False)
     if args.json:
         return report.to_dict()
     for w in report.warnings:
         out.print(f"[yellow]warning[/]: {w}")
-    out.print(f"wrote {args.out} ({_mb(report.bytes_on_disk)}; {len(report.packed)} linear layers packed at "
-              f"{report.packed_bpw:.2f} bpw, {len(report.floated)} quantized layers written as float)")
-    how = ", which dequantizes its asymmetric layers as it loads" if report.dequantize_on_load else ""
-    out.print(f"next: transformers.AutoModelForCausalLM.from_pretrained({str(args.out)!r}) with compressed-tensors "
-              f"installed{how}")
+    for line in exporter.summary(report, args.model):
+        out.print(line, markup=False)
     return None
 
 

@@ -1,4 +1,4 @@
-"""``lowbit quantize | eval | inspect | size | plan | demo``.
+"""``lowbit quantize | eval | inspect | size | plan | export NAME | demo``.
 
 Every verb prints a table at the end (``--json`` for scripts). Bad input is one line on stderr
 (``error: ...``) and exit code 2.
@@ -11,9 +11,11 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from lowbit.cli import commands
 from lowbit.errors import LowbitError
+from lowbit.io.exporters import OptionSpec, exporter_names, get_exporter, option_specs
 from lowbit.methods.registry import options_help
 
 
@@ -45,6 +47,41 @@ def _quant_args(p: argparse.ArgumentParser, default_scheme: str | None = "int4-g
                    help="extra rule, e.g. 'mlp.down_proj=int8' (repeatable; later rules win)")
     p.add_argument("--keep", action="append", default=[], metavar="PATTERN",
                    help="keep matching layers in float, e.g. lm_head (repeatable)")
+
+
+def _add_option(p: argparse.ArgumentParser, spec: OptionSpec) -> None:
+    """One exporter option as a flag: ``calib_windows: int = 128`` becomes ``--calib-windows CALIB_WINDOWS``."""
+    quiet = spec.kind is bool or spec.default is None or "default" in spec.help  # a --x/--no-x flag says its own
+    help = spec.help if quiet else f"{spec.help} (default {spec.default})"
+    kw: dict[str, Any] = {"dest": commands.option_dest(spec.name), "default": spec.default, "help": help}
+    if spec.kind is bool:
+        kw["action"] = argparse.BooleanOptionalAction if spec.default else "store_true"
+    else:
+        kw |= {"type": spec.kind, "choices": spec.choices}
+        if spec.choices is None:  # {a,b} for choices; otherwise the option's own name, not its dest
+            kw["metavar"] = spec.name.upper()
+    p.add_argument(commands.option_flag(spec.name), **kw)
+
+
+def _export_parsers(sub: argparse._SubParsersAction) -> None:
+    """``lowbit export NAME`` for every registered exporter: MODEL, -o, the exporter's options as flags (the
+    quantize flags too, for an exporter that quantizes a float model first), --force, --json."""
+    names = exporter_names()
+    ex = sub.add_parser("export", help=f"write a model in a runtime's format: {', '.join(names)}",
+                        description="Export MODEL (anything `lowbit load` takes) in a runtime's format.")
+    formats = ex.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    for name in names:
+        exporter = get_exporter(name)
+        x = formats.add_parser(name, help=exporter.help, description=exporter.description or exporter.help)
+        x.add_argument("model")
+        x.add_argument("-o", "--out", required=True, help=exporter.out_help)
+        if exporter.quantizes_first:
+            _quant_args(x, default_scheme=None)
+        for spec in option_specs(exporter.Options):
+            _add_option(x, spec)
+        x.add_argument("--force", action="store_true", help="replace an existing output")
+        x.add_argument("--json", action="store_true", help="print the report as JSON")
+        x.set_defaults(func=commands.cmd_export)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,45 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     _quant_args(pl)
     pl.set_defaults(func=commands.cmd_plan)
 
-    ex = sub.add_parser("export", help="write a model in a runtime's format: gguf (llama.cpp / Ollama) or hf "
-                                       "(compressed-tensors, for transformers)",
-                        description="Export MODEL (anything `lowbit load` takes) in a runtime's format.")
-    formats = ex.add_subparsers(dest="format", required=True, metavar="FORMAT")
-    x = formats.add_parser("gguf", help="a GGUF file llama.cpp / Ollama load",
-                           description="Export MODEL (anything `lowbit load` takes) as a GGUF file llama.cpp loads.")
-    x.add_argument("model")
-    x.add_argument("-o", "--out", required=True, help="output .gguf file (must not exist unless --force)")
-    x.add_argument("--type", default=None, help="llama.cpp type or mix: Q8_0 Q6_K Q5_K_M Q4_K_M Q4_0 Q3_K_M Q2_K "
-                                                "IQ4_XS F16 BF16 … (default Q4_K_M; a lowbit model: its own types)")
-    x.add_argument("--method", default=None,
-                   help="any quantization method (rtn = the block search, gptq, awq, awq+gptq …; see `lowbit "
-                        "quantize --help`); default: gptq with --calib, else rtn")
-    x.add_argument("--calib", help="calibration text file (importance statistics; required by --method gptq), or "
-                   "'random' for statistics from random tokens")
-    x.add_argument("--calib-windows", type=int, default=128)
-    x.add_argument("--window-len", type=int, default=512)
-    x.add_argument("--threads", type=int, default=None, help="torch threads while encoding")
-    x.add_argument("--check", action="store_true",
-                   help="load the written file in llama.cpp (llama-cpp-python, in a child process) and run it on a "
-                        "short text: perplexity and a greedy continuation")
-    x.add_argument("--force", action="store_true")
-    x.add_argument("--json", action="store_true")
-    x.set_defaults(func=commands.cmd_export)
-
-    h = formats.add_parser(
-        "hf", help="a Hugging Face folder (compressed-tensors pack-quantized) transformers loads",
-        description="Export MODEL as a Hugging Face folder that transformers loads natively (with compressed-tensors "
-                    "installed): int2/int4/int8 linear layers packed, embeddings and layers the format cannot pack "
-                    "written as float (reported). MODEL is a lowbit model directory, or a float model with --scheme "
-                    "(and --method, --calib ...) to quantize it first.")
-    h.add_argument("model")
-    h.add_argument("-o", "--out", required=True, help="output directory (must not exist unless --force)")
-    _quant_args(h, default_scheme=None)
-    h.add_argument("--strict", action="store_true",
-                   help="fail instead of writing a quantized linear layer the format cannot pack as float")
-    h.add_argument("--force", action="store_true", help="replace an existing output directory")
-    h.add_argument("--json", action="store_true")
-    h.set_defaults(func=commands.cmd_export_hf)
+    _export_parsers(sub)
 
     d = sub.add_parser(
         "demo", help="quantize the embedded SmolLM2-135M to 4 bits and compare it with the float model",
