@@ -179,6 +179,8 @@ def _why_not_packed(q: QTensor, target: nn.Module) -> str | None:
     s = q.scheme
     if not isinstance(target, nn.Linear):
         return f"{type(target).__name__} layers are not packed (the format packs nn.Linear)"
+    if s.block is not None:
+        return f"{s.name} is a GGML block type (export it as GGUF); compressed-tensors has no such layout"
     if not isinstance(s.number_format, IntFormat):
         return f"{s.name} is not an integer grid"
     if s.bits not in PACKABLE_BITS:

@@ -131,6 +131,35 @@ class StatsCollector:
             self.samples.append(x[torch.randperm(x.shape[0], generator=g)[:k]].clone())
         self.tokens += x.shape[0]
 
+    def merge(self, other: StatsCollector) -> StatsCollector:
+        """Add what ``other`` saw of the same layer (another shard of the calibration windows): sums add,
+        maxima take the max, samples are kept in order; merged statistics equal one pass over both shards
+        up to float summation order.
+        """
+        if other.name != self.name or other.want_xtx != self.want_xtx:
+            raise LowbitError(f"calibration: cannot merge statistics of {other.name} into {self.name}")
+        if other.tokens == 0:
+            return self
+        if self.tokens == 0:
+            for f in ("xtx", "sq_sum", "absmax", "cross", "hist"):
+                setattr(self, f, getattr(other, f))
+            self.samples = list(other.samples)
+            self.tokens = other.tokens
+            return self
+
+        def add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+            return None if a is None or b is None else a + b
+
+        self.xtx, self.sq_sum, self.cross = add(self.xtx, other.xtx), add(self.sq_sum, other.sq_sum), add(
+            self.cross, other.cross)
+        assert self.absmax is not None and other.absmax is not None
+        self.absmax = torch.maximum(self.absmax, other.absmax)
+        if other.hist is not None:
+            self.hist = other.hist if self.hist is None else self.hist.merge(other.hist)
+        self.samples += other.samples
+        self.tokens += other.tokens
+        return self
+
     def stats(self) -> LayerStats:
         if self.tokens == 0:
             return LayerStats()

@@ -138,8 +138,13 @@ class QEmbedding(nn.Module):
 def rows_of(q: QTensor, uniq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Dequantize only rows ``uniq`` (sorted) of a row-grouped QTensor; None when rows are not byte-aligned."""
     scheme = q.scheme
-    fmt = scheme.number_format
     rows, cols = q.shape
+    if scheme.block is not None:  # whole blocks per row: dequantize only the rows looked up
+        from lowbit.layouts.ggml import decode_blocks
+
+        row_bytes = cols // scheme.block.block_size * scheme.block.type_size
+        return uniq, decode_blocks(q.codes.view(rows, row_bytes)[uniq], scheme.block.ggml, (len(uniq), cols))
+    fmt = scheme.number_format
     if scheme.granularity not in ("channel", "group") or (cols * fmt.bits) % 8 or isinstance(fmt, FloatFormat):
         return None
     row_bytes = cols * fmt.bits // 8

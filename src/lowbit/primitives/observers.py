@@ -134,18 +134,35 @@ class HistogramObserver:
         a = x.detach().abs().float().reshape(-1)
         m = float(a.max()) if a.numel() else 0.0
         if m > self.amax:
-            if self.amax > 0:
-                # Re-bin the old histogram onto the wider range.
-                centers = (torch.arange(self.bins, dtype=torch.float64) + 0.5) * (self.amax / self.bins)
-                idx = (centers / m * self.bins).long().clamp(max=self.bins - 1)
-                new = torch.zeros_like(self.hist)
-                new.index_add_(0, idx, self.hist)
-                self.hist = new
-            self.amax = m
+            self._widen(m)
         if self.amax == 0:
             self.hist[0] += a.numel()
             return
         self.hist += torch.histc(a, bins=self.bins, min=0, max=self.amax).double()
+
+    def _widen(self, m: float) -> None:
+        """Re-bin the histogram onto the wider range [0, m]."""
+        if self.amax > 0:
+            centers = (torch.arange(self.bins, dtype=torch.float64) + 0.5) * (self.amax / self.bins)
+            idx = (centers / m * self.bins).long().clamp(max=self.bins - 1)
+            new = torch.zeros_like(self.hist)
+            new.index_add_(0, idx, self.hist)
+            self.hist = new
+        self.amax = m
+
+    def merge(self, other: HistogramObserver) -> HistogramObserver:
+        """Add another observer's counts (e.g. from another process's shard), on the wider of the two ranges."""
+        if other.bins != self.bins:
+            raise ValueError(f"cannot merge histograms of {self.bins} and {other.bins} bins")
+        o = HistogramObserver(other.bins)
+        o.hist, o.amax = other.hist.clone(), other.amax
+        top = max(self.amax, o.amax)
+        if top > self.amax:
+            self._widen(top)
+        if top > o.amax:
+            o._widen(top)
+        self.hist += o.hist
+        return self
 
     def percentile(self, q: float = 99.99) -> float:
         c = torch.cumsum(self.hist, 0)
