@@ -25,7 +25,7 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.model.arch import arch_for, blocks_of
-from lowbit.model.sizecalc import auto_model_class
+from lowbit.model.shape import auto_model_class
 from lowbit.model.streaming import ATTR, StreamedWeights, read_safetensors_header
 
 INDEX_FILE = "model.safetensors.index.json"

@@ -27,7 +27,8 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.io.atomic import atomic_dir
 from lowbit.io.inspect import GGUF_MAGIC, InspectError, read_gguf_index
-from lowbit.model.sizecalc import GENERIC_DIR_NAMES, auto_model_class
+from lowbit.model.hfconfig import GENERIC_DIR_NAMES
+from lowbit.model.shape import auto_model_class
 
 logger = logging.getLogger(__name__)
 
