@@ -27,22 +27,21 @@ from pathlib import Path
 from typing import Any
 
 from lowbit.core.scheme import Scheme
-from lowbit.errors import LowbitError, SchemeError
+from lowbit.errors import SchemeError, WeightsFileError
+from lowbit.io.safetensors_header import (
+    SafetensorsHeader,
+    TensorEntry,
+    dtype_bits,
+    dtype_name,
+    read_safetensors_header,
+    torch_dtype,
+)
 
 GGUF_MAGIC = b"GGUF"
 GGUF_DEFAULT_ALIGNMENT = 32
 
-# safetensors dtype -> (torch-style name, bits per element)
-SAFETENSORS_DTYPES: dict[str, tuple[str, int]] = {
-    "F64": ("float64", 64), "F32": ("float32", 32), "F16": ("float16", 16), "BF16": ("bfloat16", 16),
-    "F8_E4M3": ("float8_e4m3fn", 8), "F8_E5M2": ("float8_e5m2", 8), "F8_E8M0": ("float8_e8m0fnu", 8),
-    "I64": ("int64", 64), "I32": ("int32", 32), "I16": ("int16", 16), "I8": ("int8", 8),
-    "U64": ("uint64", 64), "U32": ("uint32", 32), "U16": ("uint16", 16), "U8": ("uint8", 8), "BOOL": ("bool", 8),
-}
-
-
-class InspectError(LowbitError, ValueError):
-    """A file inspect cannot read: missing, of an unknown kind, truncated or corrupt."""
+# inspect's errors are the file readers' errors: one class whichever kind of file failed
+InspectError = WeightsFileError
 
 
 @dataclass(frozen=True)
@@ -100,60 +99,18 @@ def inspect_path(path: str | os.PathLike) -> list[TensorRow]:
 # -- safetensors --------------------------------------------------------------------------------------
 
 
-def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
-    """The JSON header of a safetensors file, with every tensor's byte range checked against the file size.
-
-    >>> read_safetensors_header("model.safetensors")["lm_head.weight"]["dtype"]
-    'F32'
-    """
-    p = Path(path)
-    size = p.stat().st_size
-    with open(p, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise InspectError(f"{p}: truncated safetensors file (no header)")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8:
-            raise InspectError(f"{p}: truncated or corrupt safetensors header (says {n} bytes, file has {size})")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise InspectError(f"{p}: corrupt safetensors header ({e})") from None
-    if not isinstance(header, dict):
-        raise InspectError(f"{p}: corrupt safetensors header (not a JSON object)")
-    data_len = size - 8 - n
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            start, end = (int(v) for v in info["data_offsets"])
-            shape = [int(d) for d in info["shape"]]
-            str(info["dtype"])
-        except (KeyError, TypeError, ValueError):
-            raise InspectError(f"{p}: corrupt safetensors entry for tensor {name!r}") from None
-        if not 0 <= start <= end <= data_len or any(d < 0 for d in shape):
-            raise InspectError(f"{p}: tensor {name!r} is truncated (needs byte {end}, file has {data_len})")
-    return header
-
-
-def _plain_row(name: str, info: dict[str, Any]) -> TensorRow:
-    shape = tuple(int(d) for d in info["shape"])
-    start, end = info["data_offsets"]
-    fmt, bits = SAFETENSORS_DTYPES.get(info["dtype"], (str(info["dtype"]).lower(), 0))
-    numel = 1
-    for d in shape:
-        numel *= d
-    bpw = float(bits) if bits else (8 * (end - start) / numel if numel else 0.0)
-    return TensorRow(name, shape, fmt, bpw, end - start)
+def _plain_row(t: TensorEntry) -> TensorRow:
+    dt, bits = torch_dtype(t.dtype), dtype_bits(t.dtype)
+    bpw = float(bits) if bits else (8 * t.nbytes / t.numel if t.numel else 0.0)  # unknown dtype: from its bytes
+    return TensorRow(t.name, t.shape, t.dtype.lower() if dt is None else dtype_name(dt), bpw, t.nbytes)
 
 
 def _safetensors_rows(p: Path) -> list[TensorRow]:
     header = read_safetensors_header(p)
-    meta = header.get("__metadata__") or {}
-    if "lowbit" not in meta:
-        return [_plain_row(k, v) for k, v in header.items() if k != "__metadata__"]
+    if "lowbit" not in header.metadata:
+        return [_plain_row(t) for t in header.tensors.values()]
     try:
-        doc = json.loads(meta["lowbit"])
+        doc = json.loads(header.metadata["lowbit"])
         entries = doc["tensors"]
         rows = [_lowbit_row(header, name, entry) for name, entry in entries.items()]
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
@@ -163,20 +120,15 @@ def _safetensors_rows(p: Path) -> list[TensorRow]:
     return rows
 
 
-def _lowbit_row(header: dict[str, Any], name: str, entry: dict[str, Any]) -> TensorRow:
+def _lowbit_row(header: SafetensorsHeader, name: str, entry: dict[str, Any]) -> TensorRow:
     if entry.get("kind") == "tensor":
-        return _plain_row(name, header[name])
+        return _plain_row(header.tensors[name])
     scheme = Scheme.from_dict(entry["scheme"])
     shape = tuple(int(d) for d in entry["shape"])
     # bytes actually stored for this QTensor: its codes, scales and zero-points parts
-    nbytes = 0
-    for part in ("codes", "scales", "zeros"):
-        info = header.get(f"{name}.{part}")
-        if info is not None:
-            nbytes += info["data_offsets"][1] - info["data_offsets"][0]
-    numel = 1
-    for d in shape:
-        numel *= d
+    nbytes = sum(header.tensors[f"{name}.{part}"].nbytes for part in ("codes", "scales", "zeros")
+                 if f"{name}.{part}" in header.tensors)
+    numel = math.prod(shape)
     return TensorRow(name, shape, scheme.name, 8 * nbytes / numel if numel else 0.0, nbytes)
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowbit.errors import LowbitError
+from lowbit.errors import LowbitError, WeightsFileError
 from lowbit.io.atomic import atomic_dir
 from lowbit.io.inspect import GGUF_MAGIC, InspectError, read_gguf_index
 from lowbit.model.hfconfig import GENERIC_DIR_NAMES
@@ -198,6 +198,8 @@ def _load_lazy(ref: str, label: str, config: Any, dtype: torch.dtype) -> nn.Modu
 
     try:
         model = load_lazy(ref, config, dtype)
+    except WeightsFileError as e:  # a corrupt safetensors file: the whole load would fail on it too
+        raise SourceError(str(e)) from None
     except NotStreamable as e:
         logger.warning("%s: cannot stream its weights block by block (%s); loading the whole model", label, e)
         return None

@@ -103,6 +103,8 @@ def _from_folder(path: Path, tokenizer: Any) -> TensorSource:
     from safetensors import safe_open
     from transformers import AutoConfig, AutoTokenizer
 
+    from lowbit.io.safetensors_header import torch_dtype
+
     files = sorted(path.glob("*.safetensors"))
     if not (path / "config.json").is_file() or not files:
         raise GGUFExportError(f"{path}: expected a Hugging Face folder with config.json and *.safetensors files")
@@ -112,8 +114,7 @@ def _from_folder(path: Path, tokenizer: Any) -> TensorSource:
         with safe_open(f, "pt") as h:
             for k in h.keys():
                 sl = h.get_slice(k)
-                dt = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(sl.get_dtype(),
-                                                                                            torch.float32)
+                dt = torch_dtype(sl.get_dtype()) or torch.float32
 
                 def get(r0: int, r1: int, f=f, k=k) -> torch.Tensor:
                     with safe_open(f, "pt") as h2:
