@@ -26,7 +26,7 @@ from torch import nn
 
 from lowbit.errors import LowbitError, WeightsFileError
 from lowbit.io.atomic import atomic_dir
-from lowbit.io.inspect import GGUF_MAGIC, InspectError, read_gguf_index
+from lowbit.io.gguf.reader import GGUF_MAGIC, read_gguf_index
 from lowbit.model.hfconfig import GENERIC_DIR_NAMES
 from lowbit.model.shape import auto_model_class
 
@@ -237,7 +237,7 @@ def _load_gguf(path: Path) -> tuple[nn.Module, Any]:
 
     try:
         read_gguf_index(path)  # a truncated or corrupt file fails here, cheaply, naming the file
-    except InspectError as e:
+    except WeightsFileError as e:
         raise SourceError(str(e)) from None
     kw: dict[str, Any] = {"gguf_file": path.name}
     try:
