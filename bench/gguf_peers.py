@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 import lowbit
-from lowbit.assets import smollm2_gguf, wikitext
+from lowbit.cli.assets import smollm2_gguf, wikitext
 from lowbit.eval.windows import read_text, token_windows
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))

@@ -12,7 +12,7 @@ import argparse
 import torch
 
 import lowbit
-from lowbit.assets import minilm_dir, wikitext
+from lowbit.cli.assets import minilm_dir, wikitext
 from lowbit.eval.windows import read_text
 
 

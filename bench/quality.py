@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 import lowbit
-from lowbit.assets import smollm2_gguf, wikitext
+from lowbit.cli.assets import smollm2_gguf, wikitext
 from lowbit.eval import metrics
 from lowbit.eval.windows import read_text, token_windows
 from lowbit.methods.registry import method_names

@@ -236,7 +236,7 @@ def tiny_gguf(tmp_path_factory, tiny_tokenizer) -> TinyGGUF:
 def smollm2_dir() -> Path:
     """SmolLM2-135M-Instruct as a float32 Hugging Face folder: lowbit's float cache of the packaged GGUF
     (built once per machine, ~30 s; then instant). Tests using it are marked integration automatically."""
-    from lowbit.assets import smollm2_gguf
+    from lowbit.cli.assets import smollm2_gguf
     from lowbit.io.loaders import cached_float_dir
 
     with pytest.MonkeyPatch.context() as mp:
@@ -250,6 +250,6 @@ def smollm2_dir() -> Path:
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
     """The all-MiniLM-L6-v2 Hugging Face folder (float32 safetensors + tokenizer). Marked integration."""
-    from lowbit.assets import minilm_dir as find
+    from lowbit.cli.assets import minilm_dir as find
 
     return find()

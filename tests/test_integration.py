@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import lowbit
-from lowbit.assets import wikitext
+from lowbit.cli.assets import wikitext
 from lowbit.eval.windows import read_text, token_windows
 from lowbit.methods.registry import MethodConfig
 

@@ -25,7 +25,7 @@ from lowbit.io.hf_export import export_hf as _export_hf
 from lowbit.io.save import is_lowbit_dir, load_quantized
 from lowbit.io.save import save as _save
 from lowbit.methods.registry import MethodConfig
-from lowbit.model.arch import ARCHITECTURES, resolve_path
+from lowbit.model.arch import arch_for_type, resolve_path
 from lowbit.model.plan import Plan
 from lowbit.model.quantize import QuantReport, quantize_model
 
@@ -68,7 +68,7 @@ def export_hf(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = Non
 def default_plan(model: nn.Module, scheme: str, method: str = "rtn", config: MethodConfig | None = None) -> Plan:
     """Every linear layer at ``scheme`` with ``method``; the family's embeddings and head at 8 bits."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    info = next((a for a in ARCHITECTURES if model_type in a.model_types), None)
+    info = arch_for_type(model_type)
     if info is None:
         return Plan.default(scheme, method, config=config)
     emb = tuple(p for p in (resolve_path(model, e) for e in info.embeddings) if p)

@@ -11,3 +11,7 @@ class SchemeError(LowbitError, ValueError):
 
 class CheckpointError(LowbitError):
     """A lowbit checkpoint that is missing, truncated, tampered with or of an unknown version."""
+
+
+class WeightsFileError(LowbitError, ValueError):
+    """A weights file (safetensors, GGUF) that is missing, of an unknown kind, truncated or corrupt."""

@@ -325,7 +325,7 @@ def test_gptq_export_with_calibration(tmp_path):
 # -- the real model -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def smollm2():
-    from lowbit.assets import smollm2_gguf
+    from lowbit.cli.assets import smollm2_gguf
     from lowbit.io.loaders import load_float
 
     # one thread: on a 2-core machine shared with other jobs, spinning thread pools cost 10x (measured)

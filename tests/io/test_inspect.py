@@ -91,7 +91,7 @@ def test_summarize_weights_by_params():
 
 @pytest.mark.integration
 def test_smollm2_gguf():
-    from lowbit.assets import smollm2_gguf
+    from lowbit.cli.assets import smollm2_gguf
 
     rows = inspect_path(smollm2_gguf())
     assert Counter(r.format for r in rows) == {"Q4_1": 210, "F32": 61, "Q8_0": 1}  # as ASSETS.md says

@@ -227,7 +227,7 @@ def test_resolve_and_describe(tmp_path, tiny_llama_dir, tiny_gguf):
 
 @pytest.mark.integration
 def test_smollm2_gguf_direct_and_cached_agree(smollm2_dir, caplog):
-    from lowbit.assets import smollm2_gguf
+    from lowbit.cli.assets import smollm2_gguf
 
     gguf = smollm2_gguf()
     direct, tok = load_float(gguf, cache=False)

@@ -158,7 +158,7 @@ def test_bad_inputs(tmp_path):
 
 @pytest.mark.integration
 def test_smollm2_gguf_metadata_matches_its_tensors():
-    from lowbit.assets import smollm2_gguf
+    from lowbit.cli.assets import smollm2_gguf
     from lowbit.io.inspect import inspect_path, summarize
 
     s = model_shape(smollm2_gguf())
@@ -168,7 +168,7 @@ def test_smollm2_gguf_metadata_matches_its_tensors():
 
 @pytest.mark.integration
 def test_q4_k_m_matches_llama_cpp_quantize(tmp_path):
-    from lowbit.assets import smollm2_gguf
+    from lowbit.cli.assets import smollm2_gguf
     from lowbit.io.gguf import llamacpp  # llama.cpp (a test dependency) in a child process
     from lowbit.io.inspect import inspect_path, summarize
 

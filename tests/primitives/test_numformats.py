@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from lowbit.errors import SchemeError
-from lowbit.primitives.numformats import IntFormat, format_names, get_format
+from lowbit.primitives.numformats import IntFormat, format_names, get_format, register_format
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
@@ -46,3 +46,11 @@ def test_unknown_format_lists_known():
     with pytest.raises(SchemeError, match="int4"):
         get_format("int7")
     assert "nf4" in format_names()
+    with pytest.raises(SchemeError, match=r"^unknown number format 'int7' \(known: bf16, fp16, fp8_e4m3fn, "):
+        get_format("int7")
+
+
+def test_a_format_name_registers_once():
+    with pytest.raises(SchemeError, match="number format 'int4' is already registered"):
+        register_format(IntFormat("int4", 4))
+    assert get_format("int4").signed

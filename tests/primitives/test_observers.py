@@ -3,7 +3,14 @@ import torch
 
 import lowbit
 from lowbit.core.scheme import parse_scheme
-from lowbit.primitives.observers import HistogramObserver, MinMaxObserver, get_observer
+from lowbit.errors import SchemeError
+from lowbit.primitives.observers import (
+    HistogramObserver,
+    MinMaxObserver,
+    get_observer,
+    observer_names,
+    register_observer,
+)
 from lowbit.primitives.quant import fake_quantize, group_view
 
 
@@ -79,3 +86,11 @@ def test_fake_equals_encode_decode_bit_exact(scheme):
     lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
     sc, z = s.grid.qparams(lo, hi)
     assert torch.equal(s.grid.fake(x, sc, z), s.grid.decode(s.grid.encode(x, sc, z), sc, z))
+
+
+def test_observer_registry_names_and_errors():
+    assert observer_names() == ["minmax", "mse", "percentile"]
+    with pytest.raises(SchemeError, match=r"^unknown observer 'entropy' \(known: minmax, mse, percentile\)$"):
+        get_observer("entropy")
+    with pytest.raises(SchemeError, match="observer 'mse' is already registered"):
+        register_observer("mse")(lambda xg, grid, importance=None: (xg, xg))

@@ -44,7 +44,7 @@ def _texts(args: argparse.Namespace) -> tuple[str, str, str]:
         if Path(args.calib).resolve() == Path(args.data).resolve():
             raise LowbitError("--calib and --data are the same file: evaluate on text the model was not calibrated on")
         return read_text(args.calib), read_text(args.data), f"{args.calib} / {args.data}"
-    from lowbit.assets import demo_texts
+    from lowbit.cli.assets import demo_texts
 
     calib, held = demo_texts()
     calib = read_text(args.calib) if args.calib else calib
@@ -64,7 +64,7 @@ def run_demo(args: argparse.Namespace, out: Console, err: Console) -> dict[str, 
     if args.model:
         source = args.model
     else:
-        from lowbit.assets import smollm2_gguf
+        from lowbit.cli.assets import smollm2_gguf
 
         source = str(smollm2_gguf())
     err.print(f"model         {source}")

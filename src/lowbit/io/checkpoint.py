@@ -25,9 +25,9 @@ from safetensors.torch import save_file
 
 from lowbit.core.qtensor import QTensor
 from lowbit.core.scheme import Scheme
-from lowbit.errors import CheckpointError, LowbitError
+from lowbit.errors import CheckpointError, LowbitError, WeightsFileError
 from lowbit.io.atomic import atomic_file
-from lowbit.io.inspect import InspectError, read_safetensors_header
+from lowbit.io.safetensors_header import SafetensorsHeader, dtype_from_name, dtype_name, read_safetensors_header
 
 CHECKPOINT_VERSION = 1
 PARTS = ("codes", "scales", "zeros")
@@ -35,10 +35,6 @@ PARTS = ("codes", "scales", "zeros")
 
 def _crc(t: torch.Tensor) -> int:
     return zlib.crc32(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-
-
-def _dtype_name(dt: torch.dtype) -> str:
-    return str(dt).removeprefix("torch.")
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, QTensor | torch.Tensor],
@@ -54,7 +50,7 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, QTensor | torch.Ten
             raise LowbitError(f"tensor name {name!r} ends in a reserved suffix ({', '.join(PARTS)})")
         if isinstance(t, QTensor):
             entry: dict[str, Any] = {
-                "kind": "qtensor", "shape": list(t.shape), "dtype": _dtype_name(t.dtype),
+                "kind": "qtensor", "shape": list(t.shape), "dtype": dtype_name(t.dtype),
                 "scheme": t.scheme.to_dict(), "crc32": {},
             }
             for part in PARTS:
@@ -73,11 +69,11 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, QTensor | torch.Ten
         save_file(flat, str(tmp), metadata={"lowbit": json.dumps(doc)})
 
 
-def _read_header(path: Path) -> dict[str, Any]:
-    """The raw safetensors header, every tensor's byte range validated against the file's size."""
+def _read_header(path: Path) -> SafetensorsHeader:
+    """The safetensors header, validated against the file (byte ranges, overlaps, dtype × shape sizes)."""
     try:
         return read_safetensors_header(path)
-    except InspectError as e:
+    except WeightsFileError as e:
         raise CheckpointError(str(e)) from None
 
 
@@ -86,8 +82,7 @@ def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") ->
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"{p}: no such checkpoint file")
-    raw = _read_header(p)
-    meta = raw.get("__metadata__") or {}
+    meta = _read_header(p).metadata
     if "lowbit" not in meta:
         raise CheckpointError(f"{p}: not a lowbit checkpoint (no 'lowbit' metadata)")
     try:
@@ -132,7 +127,9 @@ def _load_entry(f, stored: set[str], name: str, entry: dict[str, Any]) -> QTenso
         raise CheckpointError(f"tensor {name!r}: unknown kind {entry.get('kind')!r}")
     scheme = Scheme.from_dict(entry["scheme"])
     shape = tuple(int(d) for d in entry["shape"])
-    dtype = getattr(torch, entry["dtype"])
+    dtype = dtype_from_name(entry["dtype"])
+    if dtype is None:
+        raise CheckpointError(f"tensor {name!r}: unknown dtype {entry['dtype']!r}")
     crcs = entry.get("crc32", {})
     parts = {part: _check(f, stored, f"{name}.{part}", crcs.get(part), name) if part in crcs else None
              for part in PARTS}

@@ -19,30 +19,28 @@ from __future__ import annotations
 
 import json
 import math
-import mmap
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lowbit.core.scheme import Scheme
-from lowbit.errors import LowbitError, SchemeError
+from lowbit.errors import SchemeError, WeightsFileError
+from lowbit.io.gguf.reader import GGUF_MAGIC, GGUFIndex, GGUFTensorInfo, read_gguf_index
+from lowbit.io.safetensors_header import (
+    SafetensorsHeader,
+    TensorEntry,
+    dtype_bits,
+    dtype_name,
+    read_safetensors_header,
+    torch_dtype,
+)
 
-GGUF_MAGIC = b"GGUF"
-GGUF_DEFAULT_ALIGNMENT = 32
-
-# safetensors dtype -> (torch-style name, bits per element)
-SAFETENSORS_DTYPES: dict[str, tuple[str, int]] = {
-    "F64": ("float64", 64), "F32": ("float32", 32), "F16": ("float16", 16), "BF16": ("bfloat16", 16),
-    "F8_E4M3": ("float8_e4m3fn", 8), "F8_E5M2": ("float8_e5m2", 8), "F8_E8M0": ("float8_e8m0fnu", 8),
-    "I64": ("int64", 64), "I32": ("int32", 32), "I16": ("int16", 16), "I8": ("int8", 8),
-    "U64": ("uint64", 64), "U32": ("uint32", 32), "U16": ("uint16", 16), "U8": ("uint8", 8), "BOOL": ("bool", 8),
-}
-
-
-class InspectError(LowbitError, ValueError):
-    """A file inspect cannot read: missing, of an unknown kind, truncated or corrupt."""
+# inspect's errors are the file readers' errors: one class whichever kind of file failed
+InspectError = WeightsFileError
+# the GGUF index lives with the GGUF reader; these names stay importable from here
+__all__ = ["GGUF_MAGIC", "GGUFIndex", "GGUFTensorInfo", "InspectError", "TensorRow", "inspect_path",
+           "read_gguf_index", "summarize"]
 
 
 @dataclass(frozen=True)
@@ -100,60 +98,18 @@ def inspect_path(path: str | os.PathLike) -> list[TensorRow]:
 # -- safetensors --------------------------------------------------------------------------------------
 
 
-def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
-    """The JSON header of a safetensors file, with every tensor's byte range checked against the file size.
-
-    >>> read_safetensors_header("model.safetensors")["lm_head.weight"]["dtype"]
-    'F32'
-    """
-    p = Path(path)
-    size = p.stat().st_size
-    with open(p, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise InspectError(f"{p}: truncated safetensors file (no header)")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8:
-            raise InspectError(f"{p}: truncated or corrupt safetensors header (says {n} bytes, file has {size})")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise InspectError(f"{p}: corrupt safetensors header ({e})") from None
-    if not isinstance(header, dict):
-        raise InspectError(f"{p}: corrupt safetensors header (not a JSON object)")
-    data_len = size - 8 - n
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            start, end = (int(v) for v in info["data_offsets"])
-            shape = [int(d) for d in info["shape"]]
-            str(info["dtype"])
-        except (KeyError, TypeError, ValueError):
-            raise InspectError(f"{p}: corrupt safetensors entry for tensor {name!r}") from None
-        if not 0 <= start <= end <= data_len or any(d < 0 for d in shape):
-            raise InspectError(f"{p}: tensor {name!r} is truncated (needs byte {end}, file has {data_len})")
-    return header
-
-
-def _plain_row(name: str, info: dict[str, Any]) -> TensorRow:
-    shape = tuple(int(d) for d in info["shape"])
-    start, end = info["data_offsets"]
-    fmt, bits = SAFETENSORS_DTYPES.get(info["dtype"], (str(info["dtype"]).lower(), 0))
-    numel = 1
-    for d in shape:
-        numel *= d
-    bpw = float(bits) if bits else (8 * (end - start) / numel if numel else 0.0)
-    return TensorRow(name, shape, fmt, bpw, end - start)
+def _plain_row(t: TensorEntry) -> TensorRow:
+    dt, bits = torch_dtype(t.dtype), dtype_bits(t.dtype)
+    bpw = float(bits) if bits else (8 * t.nbytes / t.numel if t.numel else 0.0)  # unknown dtype: from its bytes
+    return TensorRow(t.name, t.shape, t.dtype.lower() if dt is None else dtype_name(dt), bpw, t.nbytes)
 
 
 def _safetensors_rows(p: Path) -> list[TensorRow]:
     header = read_safetensors_header(p)
-    meta = header.get("__metadata__") or {}
-    if "lowbit" not in meta:
-        return [_plain_row(k, v) for k, v in header.items() if k != "__metadata__"]
+    if "lowbit" not in header.metadata:
+        return [_plain_row(t) for t in header.tensors.values()]
     try:
-        doc = json.loads(meta["lowbit"])
+        doc = json.loads(header.metadata["lowbit"])
         entries = doc["tensors"]
         rows = [_lowbit_row(header, name, entry) for name, entry in entries.items()]
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
@@ -163,157 +119,19 @@ def _safetensors_rows(p: Path) -> list[TensorRow]:
     return rows
 
 
-def _lowbit_row(header: dict[str, Any], name: str, entry: dict[str, Any]) -> TensorRow:
+def _lowbit_row(header: SafetensorsHeader, name: str, entry: dict[str, Any]) -> TensorRow:
     if entry.get("kind") == "tensor":
-        return _plain_row(name, header[name])
+        return _plain_row(header.tensors[name])
     scheme = Scheme.from_dict(entry["scheme"])
     shape = tuple(int(d) for d in entry["shape"])
     # bytes actually stored for this QTensor: its codes, scales and zero-points parts
-    nbytes = 0
-    for part in ("codes", "scales", "zeros"):
-        info = header.get(f"{name}.{part}")
-        if info is not None:
-            nbytes += info["data_offsets"][1] - info["data_offsets"][0]
-    numel = 1
-    for d in shape:
-        numel *= d
+    nbytes = sum(header.tensors[f"{name}.{part}"].nbytes for part in ("codes", "scales", "zeros")
+                 if f"{name}.{part}" in header.tensors)
+    numel = math.prod(shape)
     return TensorRow(name, shape, scheme.name, 8 * nbytes / numel if numel else 0.0, nbytes)
 
 
 # -- GGUF ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class GGUFTensorInfo:
-    """One tensor of a GGUF file. ``shape`` is in PyTorch order (GGUF stores ne0 = the fastest dim first)."""
-
-    name: str
-    shape: tuple[int, ...]
-    ggml_type: int
-    offset: int  # absolute byte offset of the tensor data in the file
-    nbytes: int
-
-    @property
-    def type_name(self) -> str:
-        from gguf.constants import GGMLQuantizationType
-
-        return GGMLQuantizationType(self.ggml_type).name
-
-
-@dataclass(frozen=True)
-class GGUFIndex:
-    """A GGUF file's metadata (scalars, strings and short arrays; long arrays as their length) and tensors."""
-
-    version: int
-    metadata: dict[str, Any]
-    tensors: tuple[GGUFTensorInfo, ...]
-
-
-# GGUF value type id -> struct format of one element (8 = string and 9 = array are handled apart)
-_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_SHORT_ARRAY = 64  # arrays up to this length are kept in the metadata; longer ones (vocabularies) are skipped
-
-
-class _Cursor:
-    """Little-endian reads from a memory map, raising IndexError past the end."""
-
-    def __init__(self, buf: mmap.mmap) -> None:
-        self.buf, self.pos = buf, 0
-
-    def take(self, fmt: str) -> Any:
-        size = struct.calcsize(fmt)
-        if self.pos + size > len(self.buf):
-            raise IndexError("read past the end of the file")
-        (v,) = struct.unpack_from(fmt, self.buf, self.pos)
-        self.pos += size
-        return v
-
-    def string(self) -> str:
-        n = self.take("<Q")
-        if self.pos + n > len(self.buf):
-            raise IndexError("string runs past the end of the file")
-        s = self.buf[self.pos:self.pos + n].decode("utf-8", errors="replace")
-        self.pos += n
-        return s
-
-    def value(self, vtype: int) -> Any:
-        if vtype == 8:
-            return self.string()
-        if vtype == 9:
-            etype, count = self.take("<I"), self.take("<Q")
-            if count > _SHORT_ARRAY:  # skip without building Python objects for every element
-                if etype == 8:
-                    for _ in range(count):
-                        n = self.take("<Q")
-                        self.pos += n
-                else:
-                    self.pos += count * struct.calcsize(_GGUF_SCALARS[etype])
-                return {"array_length": count}
-            return [self.value(etype) for _ in range(count)]
-        return self.take(_GGUF_SCALARS[vtype])
-
-
-def read_gguf_index(path: str | os.PathLike) -> GGUFIndex:
-    """Parse a GGUF header (metadata + tensor table) and check that every tensor lies inside the file.
-
-    ~50× faster than ``gguf.GGUFReader`` on a model with a 50k-token vocabulary, because long arrays
-    are skipped rather than materialised.
-
-    >>> idx = read_gguf_index("SmolLM2-135M-Instruct.Q4_1.gguf")
-    >>> idx.metadata["general.architecture"], len(idx.tensors)
-    ('llama', 272)
-    """
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    p = Path(path)
-    size = p.stat().st_size
-    if size < 24:
-        raise InspectError(f"{p}: truncated GGUF file ({size} bytes)")
-    with open(p, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        if buf[:4] != GGUF_MAGIC:
-            raise InspectError(f"{p}: not a GGUF file (bad magic {bytes(buf[:4])!r})")
-        c = _Cursor(buf)
-        c.pos = 4
-        try:
-            version = c.take("<I")
-            if version not in (2, 3):
-                raise InspectError(f"{p}: GGUF version {version} is not supported (big-endian or corrupt file?)")
-            n_tensors, n_kv = c.take("<Q"), c.take("<Q")
-            if n_tensors > size or n_kv > size:
-                raise InspectError(f"{p}: corrupt GGUF header ({n_tensors} tensors, {n_kv} metadata keys)")
-            meta: dict[str, Any] = {}
-            for _ in range(n_kv):
-                key = c.string()
-                meta[key] = c.value(c.take("<I"))
-            raw = []
-            for _ in range(n_tensors):
-                name = c.string()
-                ndim = c.take("<I")
-                if ndim > 8:
-                    raise InspectError(f"{p}: corrupt GGUF tensor entry {name!r} ({ndim} dims)")
-                dims = [c.take("<Q") for _ in range(ndim)]
-                raw.append((name, dims, c.take("<I"), c.take("<Q")))
-        except (IndexError, KeyError, struct.error) as e:
-            raise InspectError(f"{p}: truncated or corrupt GGUF header ({e})") from None
-        align = int(meta.get("general.alignment", GGUF_DEFAULT_ALIGNMENT))
-        data_start = -(-c.pos // align) * align  # round up to the alignment
-    tensors = []
-    for name, dims, gtype, offset in raw:
-        try:
-            block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(gtype)]
-        except (ValueError, KeyError):
-            raise InspectError(f"{p}: tensor {name!r} has unknown GGML type {gtype}") from None
-        numel = 1
-        for d in dims:
-            numel *= d
-        if numel % block:
-            raise InspectError(f"{p}: tensor {name!r} has {numel} elements, not whole blocks of {block}")
-        nbytes = numel // block * block_bytes
-        start = data_start + offset
-        if start + nbytes > size:
-            raise InspectError(f"{p}: tensor {name!r} is truncated (needs byte {start + nbytes}, file has {size})")
-        tensors.append(GGUFTensorInfo(name, tuple(int(d) for d in reversed(dims)), gtype, start, nbytes))
-    return GGUFIndex(version, meta, tuple(tensors))
 
 
 def _gguf_rows(p: Path) -> list[TensorRow]:

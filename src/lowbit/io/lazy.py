@@ -17,16 +17,18 @@ loads the model whole.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import nn
 
-from lowbit.errors import LowbitError
+from lowbit.errors import LowbitError, WeightsFileError
+from lowbit.io.safetensors_header import TensorEntry, read_safetensors_header, torch_dtype
 from lowbit.model.arch import arch_for, blocks_of
-from lowbit.model.sizecalc import auto_model_class
-from lowbit.model.streaming import ATTR, StreamedWeights, read_safetensors_header
+from lowbit.model.shape import auto_model_class
+from lowbit.model.streaming import ATTR, StreamedWeights
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -42,9 +44,45 @@ def weight_files(folder: Path) -> dict[str, Path] | None:
         weight_map = json.loads((folder / INDEX_FILE).read_text())["weight_map"]
         return {k: folder / f for k, f in weight_map.items()}
     if (folder / SINGLE_FILE).is_file():
-        with open(folder / SINGLE_FILE, "rb") as f:
-            return dict.fromkeys(read_safetensors_header(f)[0], folder / SINGLE_FILE)
+        return dict.fromkeys(read_safetensors_header(folder / SINGLE_FILE).tensors, folder / SINGLE_FILE)
     return None
+
+
+# -- reading safetensors without a memory map ---------------------------------------------------------
+# safetensors' own reader memory-maps the file and hands out tensors backed by the map: a page once read
+# stays in the process's resident memory until every tensor from that file is freed, which for a file
+# holding the (always loaded) embeddings is never, so streaming the blocks would end with the whole file
+# resident. Plain reads into a fresh tensor cost exactly the tensor.
+
+
+def read_safetensors_tensors(file: str, keys: Sequence[str]) -> Iterator[torch.Tensor]:
+    """The tensors ``keys`` of a safetensors file, in that order, each read into new memory (no memory map).
+
+    >>> [t.shape for t in read_safetensors_tensors("model.safetensors", ["model.norm.weight"])]
+    [torch.Size([576])]
+    """
+    header = read_safetensors_header(file)
+    with open(file, "rb", buffering=0) as f:
+        for key in keys:
+            if key not in header:
+                raise WeightsFileError(f"{file}: no tensor {key!r}")
+            yield _read_tensor(f, file, header.data_start, header[key])
+
+
+def _read_tensor(f: BinaryIO, file: str, data_start: int, t: TensorEntry) -> torch.Tensor:
+    dtype = torch_dtype(t.dtype)
+    if dtype is None:
+        raise WeightsFileError(f"{file}: tensor {t.name!r} has dtype {t.dtype}, which lowbit cannot stream")
+    out = torch.empty(t.shape, dtype=dtype)
+    buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())  # the header reader checked len == t.nbytes
+    f.seek(data_start + t.begin)
+    done = 0
+    while done < len(buf):  # raw reads may return less than asked
+        got = f.readinto(buf[done:])
+        if not got:
+            raise WeightsFileError(f"{file}: tensor {t.name!r} ends early (file truncated since it was opened?)")
+        done += got
+    return out  # little-endian, as the format stores it
 
 
 def hub_folder(repo_id: str) -> Path | None:
@@ -104,7 +142,7 @@ def load_lazy(ref: str | Path, config: Any, dtype: torch.dtype = torch.float32) 
             locations[name] = (str(files[key]), key)
         elif t.is_meta:
             missing.append(name)
-    stream = StreamedWeights(prefixes, locations)
+    stream = StreamedWeights(prefixes, locations, read_safetensors_tensors)
     buffers = {n for n, _ in model.named_buffers()}
     # now: everything outside the blocks, and any buffer the checkpoint holds (a normal load reads them too)
     stream.load(model, [n for n in locations if not n.startswith(prefixes) or n in buffers])

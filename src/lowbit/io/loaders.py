@@ -24,10 +24,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowbit.errors import LowbitError
+from lowbit.errors import LowbitError, WeightsFileError
 from lowbit.io.atomic import atomic_dir
-from lowbit.io.inspect import GGUF_MAGIC, InspectError, read_gguf_index
-from lowbit.model.sizecalc import GENERIC_DIR_NAMES, auto_model_class
+from lowbit.io.gguf.reader import GGUF_MAGIC, read_gguf_index
+from lowbit.model.hfconfig import GENERIC_DIR_NAMES
+from lowbit.model.shape import auto_model_class
 
 logger = logging.getLogger(__name__)
 
@@ -197,6 +198,8 @@ def _load_lazy(ref: str, label: str, config: Any, dtype: torch.dtype) -> nn.Modu
 
     try:
         model = load_lazy(ref, config, dtype)
+    except WeightsFileError as e:  # a corrupt safetensors file: the whole load would fail on it too
+        raise SourceError(str(e)) from None
     except NotStreamable as e:
         logger.warning("%s: cannot stream its weights block by block (%s); loading the whole model", label, e)
         return None
@@ -234,7 +237,7 @@ def _load_gguf(path: Path) -> tuple[nn.Module, Any]:
 
     try:
         read_gguf_index(path)  # a truncated or corrupt file fails here, cheaply, naming the file
-    except InspectError as e:
+    except WeightsFileError as e:
         raise SourceError(str(e)) from None
     kw: dict[str, Any] = {"gguf_file": path.name}
     try:

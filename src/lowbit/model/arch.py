@@ -1,9 +1,14 @@
 """Architecture facts as data: where the blocks are, which layers run in sequence, which pair for AWQ.
 
-One entry per family. A new architecture is a new entry here, not a code branch elsewhere.
+One entry per family (:data:`FAMILIES`, keyed by family name; each ``model_type`` belongs to one family).
+A new architecture is a new entry here, or ``register_arch(ArchInfo(...))`` from its own file, not a code
+branch elsewhere.
 Layer names are relative to a block; ``embeddings``/``head`` are relative to the model.
 Each path may list alternatives (``a|b``): the first that exists in the model is used (e.g. a bare
 ``BertModel`` has ``encoder.layer``, ``BertForMaskedLM`` has ``bert.encoder.layer``).
+
+>>> arch_for_type("qwen2").family, FAMILIES.get("gpt2").blocks
+('llama', 'transformer.h')
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -54,7 +60,22 @@ _LLAMA_LIKE = dict(
     residual_last=True,
 )
 
-ARCHITECTURES: tuple[ArchInfo, ...] = (
+FAMILIES: Registry[ArchInfo] = Registry("architecture family")
+_BY_MODEL_TYPE: Registry[ArchInfo] = Registry("model type")
+
+
+def register_arch(info: ArchInfo) -> ArchInfo:
+    """Add a family to the table; its name and every one of its model types must be new."""
+    taken = [t for t in info.model_types if t in _BY_MODEL_TYPE]
+    if taken:
+        raise LowbitError(f"model type {taken[0]!r} is already in family {_BY_MODEL_TYPE.get(taken[0]).family!r}")
+    FAMILIES.add(info.family, info)
+    for t in info.model_types:
+        _BY_MODEL_TYPE.add(t, info)
+    return info
+
+
+for _info in (
     ArchInfo("llama", ("llama", "mistral", "qwen2", "qwen3"), **_LLAMA_LIKE),
     # Gemma norms compute x * (1 + w): a scale folds into (1 + w), not w, so no AWQ pairs through norms.
     ArchInfo(
@@ -107,16 +128,23 @@ ARCHITECTURES: tuple[ArchInfo, ...] = (
         scale_pairs=(("attention.self.value", ("attention.output.dense",)),),
         causal=False,
     ),
-)
+):
+    register_arch(_info)
+del _info
+
+
+def arch_for_type(model_type: str | None) -> ArchInfo | None:
+    """The table entry of a transformers ``model_type``, None when no family has it."""
+    return _BY_MODEL_TYPE.get(model_type) if model_type in _BY_MODEL_TYPE else None
 
 
 def arch_for(model: nn.Module) -> ArchInfo:
     """The table entry for ``model`` (by ``config.model_type``), or a clear error saying what to add."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    for info in ARCHITECTURES:
-        if model_type in info.model_types:
-            return info
-    known = sorted(t for a in ARCHITECTURES for t in a.model_types)
+    info = arch_for_type(model_type)
+    if info is not None:
+        return info
+    known = _BY_MODEL_TYPE.names()
     raise LowbitError(
         f"architecture {model_type!r} ({type(model).__name__}) is not in lowbit's table: add an ArchInfo entry "
         f"to lowbit/model/arch.py naming its blocks, embeddings, head and sequential layer groups "

@@ -23,6 +23,7 @@ from torch import nn
 from lowbit.core.qtensor import QTensor
 from lowbit.errors import LowbitError
 from lowbit.model.qmodules import QEmbedding, QLinear
+from lowbit.registry import Registry
 
 PROBE_TOL = 1e-3  # relative difference allowed between the float module and the quantized arithmetic
 
@@ -34,29 +35,36 @@ class Conversion:
     accepts: Callable[[nn.Module], bool]  # this module's forward is what ``build`` reproduces
 
 
-_CONVERSIONS: list[Conversion] = []
+CONVERSIONS: Registry[Conversion] = Registry("conversion")
 
 
 def _same_forward(base: type[nn.Module]) -> Callable[[nn.Module], bool]:
     return lambda m: type(m).forward is base.forward
 
 
-def register_conversion(float_type: type[nn.Module], accepts: Callable[[nn.Module], bool] | None = None):
+def register_conversion(float_type: type[nn.Module], accepts: Callable[[nn.Module], bool] | None = None,
+                        name: str | None = None):
     """Register ``build(float_module, qtensor) -> quantized module`` for ``float_type``; later ones win.
 
     ``accepts`` (default: the module's class does not override ``float_type.forward``) says which
-    instances the conversion reproduces exactly.
+    instances the conversion reproduces exactly. ``name`` (default: the build function's name without
+    leading underscores) must be new.
     """
 
     def deco(build: Callable[[nn.Module, QTensor], nn.Module]):
-        _CONVERSIONS.insert(0, Conversion(float_type, build, accepts or _same_forward(float_type)))
+        key = name or build.__name__.lstrip("_")
+        CONVERSIONS.add(key, Conversion(float_type, build, accepts or _same_forward(float_type)))
         return build
 
     return deco
 
 
+def _latest_first() -> list[Conversion]:
+    return CONVERSIONS.values()[::-1]
+
+
 def conversion_for(mod: nn.Module) -> Conversion | None:
-    return next((c for c in _CONVERSIONS if isinstance(mod, c.float_type) and c.accepts(mod)), None)
+    return next((c for c in _latest_first() if isinstance(mod, c.float_type) and c.accepts(mod)), None)
 
 
 def weight_matrix(mod: nn.Module) -> torch.Tensor:
@@ -75,7 +83,7 @@ def check_convertible(name: str, mod: nn.Module) -> None:
     if isinstance(mod, nn.Embedding) and mod.max_norm is not None:
         why = "renormalises rows to max_norm on every lookup"
     else:
-        base = next((c.float_type.__name__ for c in _CONVERSIONS if isinstance(mod, c.float_type)), "nn.Module")
+        base = next((c.float_type.__name__ for c in _latest_first() if isinstance(mod, c.float_type)), "nn.Module")
         why = f"overrides {base}.forward with arithmetic lowbit has no conversion for"
     raise LowbitError(f"layer {name}: {cls} {why}; quantizing it would change what the model computes — "
                       f"keep it in float (--keep {name}) or register a conversion in lowbit.model.convert")

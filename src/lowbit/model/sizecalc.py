@@ -1,7 +1,8 @@
-"""How big a model is in each storage format, from its config alone.
+"""How big a model is in each storage format, from its config alone: the table ``lowbit size`` prints.
 
-The model is built on the meta device from its transformers config, so parameter counts are exact for
-any architecture transformers knows, with no weights read or allocated.
+The parameters come from :func:`lowbit.model.shape.model_shape` (the model built on the meta device from
+the config :func:`lowbit.model.hfconfig.load_config` reads), so counts are exact for any architecture
+transformers knows, with no weights read or allocated. Those modules' names are importable from here too.
 
 Storage rule (one row of :func:`size_table` per format):
 
@@ -23,219 +24,40 @@ context × ``kv_bytes``) for causal LMs; activations and framework overhead are 
 
 from __future__ import annotations
 
-import json
-import math
-import os
 import re
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from lowbit.core.qtensor import QTensor
 from lowbit.core.scheme import Scheme, parse_scheme
-from lowbit.errors import LowbitError
+from lowbit.model.hfconfig import GENERIC_DIR_NAMES, ConfigError, load_config
+from lowbit.model.shape import (
+    ARCH_SUFFIX_TASKS,
+    ENCODER_MODEL_TYPES,
+    TASK_AUTO_CLASSES,
+    ModelShape,
+    TensorShape,
+    auto_model_class,
+    model_shape,
+    model_task,
+)
+
+__all__ = [
+    "ARCH_SUFFIX_TASKS", "DEFAULT_FORMATS", "EMBED_FALLBACK", "ENCODER_MODEL_TYPES", "GENERIC_DIR_NAMES",
+    "GGUF_CATEGORIES", "GGUF_FALLBACK", "GGUF_RECIPES", "OTHER_BYTES", "TASK_AUTO_CLASSES", "ModelShape",
+    "SizeError", "SizeReport", "SizeRow", "TensorShape", "auto_model_class", "format_report", "gguf_tensor_type",
+    "kv_cache_bytes", "load_config", "model_shape", "model_task", "scheme_nbytes", "size_report", "size_table",
+    "tensor_nbytes",
+]
 
 DEFAULT_FORMATS = ("fp32", "bf16", "fp8", "int8", "int4-g128", "int3-g64", "int2-g64", "Q4_K_M")
 EMBED_FALLBACK = "int8"  # embeddings / head of schemes below 8 bits
 OTHER_BYTES = 2  # norms and biases, except in the fp32 row
 
-# -- which transformers class a config is loaded with (architecture knowledge as data) ---------------
-# (suffix of config.architectures[0], task); the first match wins
-ARCH_SUFFIX_TASKS: tuple[tuple[str, str], ...] = (
-    ("ForCausalLM", "causal-lm"),
-    ("LMHeadModel", "causal-lm"),
-    ("ForMaskedLM", "masked-lm"),
-    ("ForSequenceClassification", "sequence-classification"),
-    ("Model", "encoder"),
-)
-# model types that are encoders even though transformers also registers a causal-LM head for them
-ENCODER_MODEL_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "camembert", "electra", "ernie", "mpnet",
-                                 "distilbert", "albert", "deberta", "deberta-v2", "modernbert", "nomic_bert"})
-TASK_AUTO_CLASSES = {
-    "causal-lm": "AutoModelForCausalLM",
-    "masked-lm": "AutoModelForMaskedLM",
-    "sequence-classification": "AutoModelForSequenceClassification",
-    "encoder": "AutoModel",
-}
-
-
-class SizeError(LowbitError, ValueError):
-    """A config the size calculator cannot read or build."""
-
-
-def model_task(config: Any) -> str:
-    """``"causal-lm"``, ``"encoder"``, … from ``config.architectures``, else from ``config.model_type``.
-
-    >>> model_task(BertConfig(architectures=["BertModel"]))
-    'encoder'
-    """
-    for arch in getattr(config, "architectures", None) or ():
-        for suffix, task in ARCH_SUFFIX_TASKS:
-            if arch.endswith(suffix):
-                return task
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    model_type = getattr(config, "model_type", None)
-    if model_type in ENCODER_MODEL_TYPES or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        return "encoder"
-    return "causal-lm"
-
-
-def auto_model_class(config: Any) -> type:
-    """The transformers Auto class that builds ``config``'s model (AutoModelForCausalLM, AutoModel, …)."""
-    import transformers
-
-    return getattr(transformers, TASK_AUTO_CLASSES[model_task(config)])
-
-
-# -- reading a config -------------------------------------------------------------------------------
-
-
-def load_config(source: Any) -> Any:
-    """A transformers config from a config object, a dict, a config.json, a model folder, a .gguf or a hub id.
-
-    >>> load_config({"model_type": "llama", "hidden_size": 64}).hidden_size
-    64
-    """
-    from transformers import AutoConfig, PretrainedConfig
-
-    if isinstance(source, PretrainedConfig):
-        return source
-    try:
-        if isinstance(source, dict):
-            d = dict(source)
-            if "model_type" not in d:
-                raise SizeError("config dict has no 'model_type'")
-            return AutoConfig.for_model(d.pop("model_type"), **d)
-        text = os.fspath(source)
-        p = Path(text).expanduser()
-        if not p.exists() and (p.suffix in (".json", ".gguf") or text.startswith(("/", ".", "~"))):
-            raise SizeError(f"{p}: no such file or directory")
-        if p.is_file() and p.suffix == ".json":
-            d = json.loads(p.read_text())
-            if not isinstance(d, dict) or "model_type" not in d:
-                raise SizeError(f"{p}: not a transformers config (no 'model_type')")
-            return load_config(d)
-        if p.is_file() and p.suffix == ".gguf":
-            return AutoConfig.from_pretrained(str(p.parent), gguf_file=p.name)
-        if p.is_dir():
-            if not (p / "config.json").is_file():
-                raise SizeError(f"{p}: no config.json in this folder")
-            return AutoConfig.from_pretrained(str(p))
-        if p.exists():
-            raise SizeError(f"{p}: unknown file type (expected config.json, a model folder or a .gguf)")
-        return AutoConfig.from_pretrained(str(source))  # a hub id (needs network)
-    except LowbitError:
-        raise
-    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SizeError(f"{source}: cannot read a model config ({first})") from None
-
-
-# -- shapes -----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TensorShape:
-    """One parameter. ``role``: linear | embedding | head | other; linear shapes are (out, in)."""
-
-    name: str
-    shape: tuple[int, ...]
-    role: str
-    is_head: bool = False  # the output head, or the input embedding tied to it
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """Every parameter of a model (each shared tensor once) plus what the KV cache needs."""
-
-    name: str
-    model_type: str
-    task: str
-    tensors: tuple[TensorShape, ...]
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    tied: bool
-
-    def params(self, role: str | None = None) -> int:
-        return sum(t.numel for t in self.tensors if role is None or t.role == role)
-
-
-def model_shape(source: Any) -> ModelShape:
-    """Build ``source``'s model on the meta device and list its parameters by role.
-
-    >>> s = model_shape({"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
-    ...                  "num_hidden_layers": 32, "num_attention_heads": 32, "vocab_size": 32000})
-    >>> s.params()
-    6738415616
-    """
-    from accelerate import init_empty_weights
-    from transformers.pytorch_utils import Conv1D
-
-    config = load_config(source)
-    task = model_task(config)
-    try:
-        with init_empty_weights():
-            model = auto_model_class(config).from_config(config)
-        # from_config under init_empty_weights leaves tied weights as two tensors; tie them outside it
-        # (inside, accelerate's hook would wrap the shared tensor in a new Parameter again)
-        model.tie_weights()
-    except (ValueError, KeyError, TypeError, AttributeError, ImportError, RuntimeError) as e:
-        raise SizeError(f"{_label(source, config)}: transformers cannot build this model ({e})") from None
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    head_w = getattr(head, "weight", None)
-    seen: set[int] = set()
-    tensors = []
-    for mname, module in model.named_modules():
-        for pname, p in module.named_parameters(recurse=False):
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            name = f"{mname}.{pname}" if mname else pname
-            shape = tuple(p.shape)
-            if isinstance(module, nn.Embedding):
-                role = "embedding"
-            elif p is head_w:
-                role = "head"
-            elif pname == "weight" and len(shape) >= 2:
-                role = "linear"
-                if isinstance(module, Conv1D):  # GPT-2 stores (in, out)
-                    shape = shape[::-1]
-                shape = (p.numel() // shape[-1], shape[-1])  # conv / expert stacks as (rows, in)
-            else:
-                role = "other"
-            tensors.append(TensorShape(name, shape, role, is_head=p is head_w))
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    n_heads = int(getattr(text, "num_attention_heads", 0) or 0)
-    kv_heads = int(getattr(text, "num_key_value_heads", None) or n_heads)
-    head_dim = int(getattr(text, "head_dim", None) or (text.hidden_size // n_heads if n_heads else 0))
-    return ModelShape(
-        name=_label(source, config), model_type=str(config.model_type), task=task, tensors=tuple(tensors),
-        num_layers=int(getattr(text, "num_hidden_layers", 0) or 0), num_kv_heads=kv_heads, head_dim=head_dim,
-        tied=head_w is not None and not any(t.role == "head" for t in tensors),
-    )
-
-
-GENERIC_DIR_NAMES = frozenset({"model", "models", "hf", "float", "weights", "checkpoint", "snapshot"})
-
-
-def _label(source: Any, config: Any) -> str:
-    if isinstance(source, (str, os.PathLike)):
-        p = Path(os.fspath(source))
-        if p.name == "config.json":
-            p = p.parent
-        if p.name in GENERIC_DIR_NAMES and p.parent.name:
-            return f"{p.parent.name}/{p.name}"
-        return p.name or str(source)
-    return str(getattr(config, "name_or_path", "") or getattr(config, "model_type", "model"))
+# what the size calculator raises: a config it cannot read or build (the same class), or a bad request
+SizeError = ConfigError
 
 
 # -- bytes per format -------------------------------------------------------------------------------

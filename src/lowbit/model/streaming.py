@@ -2,9 +2,9 @@
 
 ``lowbit.load(source, lazy=True)`` builds such a model (see :mod:`lowbit.io.lazy`): embeddings, final
 norm and head are real, each block's parameters are shapes only, and :class:`StreamedWeights` remembers
-where each of them lives (safetensors file + key). ``quantize_model`` loads a block right before it
-quantizes it; the float weights of the layers it replaces go with them, so memory holds one float
-block at a time, never the whole model.
+where each of them lives (safetensors file + key) with the reader the loader handed it (this layer opens
+no files itself). ``quantize_model`` loads a block right before it quantizes it; the float weights of the
+layers it replaces go with them, so memory holds one float block at a time, never the whole model.
 
 >>> model, tok = lowbit.load("SmolLM2-135M-Instruct", lazy=True)
 >>> model.model.layers[3].mlp.up_proj.weight.is_meta
@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import json
 import sys
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO
 
 import torch
 from torch import nn
@@ -30,17 +28,22 @@ from lowbit.errors import LowbitError
 
 ATTR = "lowbit_stream"  # the model attribute holding its StreamedWeights
 
+# reads the tensors ``keys`` of one weights file, in that order, into new memory
+TensorReader = Callable[[str, Sequence[str]], Iterable[torch.Tensor]]
+
 
 @dataclass
 class StreamedWeights:
-    """Where a model's not-yet-loaded tensors live.
+    """Where a model's not-yet-loaded tensors live, and how to read them.
 
     ``blocks``: the module prefixes loaded one at a time (``"model.layers.0."`` …), in execution order;
-    ``locations``: state_dict name -> (safetensors file, key in that file).
+    ``locations``: state_dict name -> (weights file, key in that file); ``read``: the file reader (the
+    loader that built the model gives it: :func:`lowbit.io.lazy.read_safetensors_tensors`).
     """
 
     blocks: tuple[str, ...]
     locations: dict[str, tuple[str, str]]
+    read: TensorReader
 
     def pending(self, model: nn.Module, prefix: str = "") -> list[str]:
         """Names under ``prefix`` still on the meta device."""
@@ -53,10 +56,8 @@ class StreamedWeights:
             file, key = self.locations[n]
             by_file[file].append((n, key))
         for file, items in by_file.items():
-            with open(file, "rb", buffering=0) as f:
-                header, base = read_safetensors_header(f)
-                for n, key in items:
-                    _set(model, n, read_safetensors_tensor(f, header, base, key))
+            for (n, _), value in zip(items, self.read(file, [key for _, key in items]), strict=True):
+                _set(model, n, value)
 
     def load_block(self, model: nn.Module, prefix: str) -> None:
         """Load every tensor under the module prefix ``prefix`` (a block) that is not loaded yet."""
@@ -94,45 +95,6 @@ def streamed_weights(model: nn.Module) -> StreamedWeights | None:
     """The model's :class:`StreamedWeights` if it was loaded lazily and still has blocks on meta, else None."""
     stream = getattr(model, ATTR, None)
     return stream if isinstance(stream, StreamedWeights) and stream.pending(model) else None
-
-
-# -- reading safetensors without a memory map ---------------------------------------------------------
-# safetensors' own reader memory-maps the file and hands out tensors backed by the map: a page once read
-# stays in the process's resident memory until every tensor from that file is freed, which for a file
-# holding the (always loaded) embeddings is never, so streaming the blocks would end with the whole file
-# resident. Plain reads into a fresh tensor cost exactly the tensor.
-
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
-           "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-
-
-def read_safetensors_header(f: BinaryIO) -> tuple[dict, int]:
-    """The header (key -> dtype, shape, data_offsets) of an open safetensors file and where its data starts."""
-    n = int.from_bytes(f.read(8), "little")
-    header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return header, 8 + n
-
-
-def read_safetensors_tensor(f: BinaryIO, header: dict, base: int, key: str) -> torch.Tensor:
-    """One tensor of an open safetensors file, read into new memory (little-endian, as the format stores it)."""
-    info = header[key]
-    if info["dtype"] not in _DTYPES:
-        raise LowbitError(f"{key}: safetensors dtype {info['dtype']} is not supported for streaming")
-    out = torch.empty(info["shape"], dtype=_DTYPES[info["dtype"]])
-    begin, end = info["data_offsets"]
-    buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())
-    if len(buf) != end - begin:
-        raise LowbitError(f"{key}: the safetensors header gives {end - begin} bytes for shape {tuple(out.shape)}")
-    f.seek(base + begin)
-    done = 0
-    while done < len(buf):  # raw reads may return less than asked
-        got = f.readinto(buf[done:])
-        if not got:
-            raise LowbitError(f"{key}: the safetensors file ends early (truncated?)")
-        done += got
-    return out
 
 
 def _own_tensor(model: nn.Module, name: str) -> torch.Tensor | None:

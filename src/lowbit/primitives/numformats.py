@@ -20,24 +20,21 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.errors import SchemeError
+from lowbit.registry import Registry
 
-_FORMATS: dict[str, NumberFormat] = {}
+FORMATS: Registry[NumberFormat] = Registry("number format", SchemeError)
 
 
 def register_format(fmt: NumberFormat) -> NumberFormat:
-    _FORMATS[fmt.name] = fmt
-    return fmt
+    return FORMATS.add(fmt.name, fmt)
 
 
 def get_format(name: str) -> NumberFormat:
-    try:
-        return _FORMATS[name]
-    except KeyError:
-        raise SchemeError(f"unknown number format {name!r} (known: {', '.join(sorted(_FORMATS))})") from None
+    return FORMATS.get(name)
 
 
 def format_names() -> list[str]:
-    return sorted(_FORMATS)
+    return FORMATS.names()
 
 
 @dataclass(frozen=True)

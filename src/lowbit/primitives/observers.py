@@ -16,28 +16,22 @@ import torch
 
 from lowbit.errors import SchemeError
 from lowbit.primitives.quant import Grid
+from lowbit.registry import Registry
 
 WeightObserver = Callable[..., tuple[torch.Tensor, torch.Tensor]]
-_OBSERVERS: dict[str, WeightObserver] = {}
+OBSERVERS: Registry[WeightObserver] = Registry("observer", SchemeError)
 
 
 def register_observer(name: str) -> Callable[[WeightObserver], WeightObserver]:
-    def deco(fn: WeightObserver) -> WeightObserver:
-        _OBSERVERS[name] = fn
-        return fn
-
-    return deco
+    return OBSERVERS.register(name)
 
 
 def get_observer(name: str) -> WeightObserver:
-    try:
-        return _OBSERVERS[name]
-    except KeyError:
-        raise SchemeError(f"unknown observer {name!r} (known: {', '.join(sorted(_OBSERVERS))})") from None
+    return OBSERVERS.get(name)
 
 
 def observer_names() -> list[str]:
-    return sorted(_OBSERVERS)
+    return OBSERVERS.names()
 
 
 @register_observer("minmax")

@@ -7,14 +7,16 @@
 Modules: :mod:`.blocks` / :mod:`.kquants` (one class per GGML type: fit, quantize, pack, dequantize),
 :mod:`.search` (the scale searches), :mod:`.gptq` (GPTQ on a block type's grid), :mod:`.mixes`
 (llama.cpp's type rules and fallbacks), :mod:`.writer` (metadata, tokenizer, file), :mod:`.source`
-(models, safetensors folders, calibration, reading a GGUF back), :mod:`.export` (``export_gguf``).
+(models, safetensors folders, calibration), :mod:`.reader` (reading a GGUF file: index, bytes, weights),
+:mod:`.export` (``export_gguf``).
 """
 
 from lowbit.io.gguf.export import ExportReport, TensorReport, export_gguf
 from lowbit.io.gguf.mixes import MIXES, choose_type
-from lowbit.io.gguf.source import load_gguf_into, read_gguf_weights
+from lowbit.io.gguf.reader import GGUFIndex, iter_gguf_tensors, load_gguf_into, read_gguf_index, read_gguf_weights
 from lowbit.io.gguf.writer import ARCHITECTURES, GGUFExportError
 from lowbit.layouts.ggml import BLOCK_TYPES, BlockType
 
-__all__ = ["ARCHITECTURES", "BLOCK_TYPES", "MIXES", "BlockType", "ExportReport", "GGUFExportError", "TensorReport",
-           "choose_type", "export_gguf", "load_gguf_into", "read_gguf_weights"]
+__all__ = ["ARCHITECTURES", "BLOCK_TYPES", "MIXES", "BlockType", "ExportReport", "GGUFExportError", "GGUFIndex",
+           "TensorReport", "choose_type", "export_gguf", "iter_gguf_tensors", "load_gguf_into", "read_gguf_index",
+           "read_gguf_weights"]

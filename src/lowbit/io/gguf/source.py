@@ -2,8 +2,8 @@
 
 * :func:`open_source` — a transformers model (float, or with lowbit's QLinear/QEmbedding, dequantized on
   demand) or a Hugging Face safetensors folder read tensor by tensor, behind one small interface;
-* :func:`read_gguf_weights` / :func:`load_gguf_into` — a GGUF file's tensors dequantized with lowbit's own
-  block code (no float copy on disk), mapped back to Hugging Face names and layouts.
+* :func:`read_gguf_weights` / :func:`load_gguf_into` — reading a GGUF file back; they live in
+  :mod:`lowbit.io.gguf.reader` and are importable from here too.
 
 >>> sd = load_gguf_into(model, "smollm2-q4km.gguf")   # model now computes what the file stores
 """
@@ -16,14 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from lowbit.core.scheme import Scheme
-from lowbit.errors import LowbitError
-from lowbit.io.gguf.writer import GGUFExportError, arch_spec, gguf_names, qk_heads, unpermute_qk
-from lowbit.layouts.ggml import BLOCK_TYPES
+from lowbit.io.gguf.reader import load_gguf_into, read_gguf_weights  # noqa: F401  (re-exported)
+from lowbit.io.gguf.writer import GGUFExportError
 
 
 @dataclass
@@ -103,6 +101,8 @@ def _from_folder(path: Path, tokenizer: Any) -> TensorSource:
     from safetensors import safe_open
     from transformers import AutoConfig, AutoTokenizer
 
+    from lowbit.io.safetensors_header import torch_dtype
+
     files = sorted(path.glob("*.safetensors"))
     if not (path / "config.json").is_file() or not files:
         raise GGUFExportError(f"{path}: expected a Hugging Face folder with config.json and *.safetensors files")
@@ -112,8 +112,7 @@ def _from_folder(path: Path, tokenizer: Any) -> TensorSource:
         with safe_open(f, "pt") as h:
             for k in h.keys():
                 sl = h.get_slice(k)
-                dt = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(sl.get_dtype(),
-                                                                                            torch.float32)
+                dt = torch_dtype(sl.get_dtype()) or torch.float32
 
                 def get(r0: int, r1: int, f=f, k=k) -> torch.Tensor:
                     with safe_open(f, "pt") as h2:
@@ -138,53 +137,3 @@ def open_source(model: nn.Module | str | os.PathLike, tokenizer: Any = None) -> 
             raise GGUFExportError(f"{type(model).__name__} has no transformers config: cannot name its tensors")
         return _from_model(model, tokenizer)
     return _from_folder(Path(model), tokenizer)
-
-
-# -- reading back ----------------------------------------------------------------------------------------
-def read_gguf_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Every tensor of a GGUF file (GGUF names), dequantized to float32 with lowbit's block code.
-
-    >>> read_gguf_weights("model.gguf")["blk.0.attn_q.weight"].shape
-    torch.Size([576, 576])
-    """
-    from gguf.constants import GGMLQuantizationType
-
-    from lowbit.io.inspect import read_gguf_index
-
-    idx = read_gguf_index(path)
-    raw = np.memmap(path, dtype=np.uint8, mode="r")
-    out = {}
-    for t in idx.tensors:
-        name = GGMLQuantizationType(t.ggml_type).name
-        if name not in BLOCK_TYPES:
-            raise LowbitError(f"{path}: tensor {t.name} has type {name}, which lowbit cannot dequantize")
-        bt = BLOCK_TYPES[name]
-        data = torch.from_numpy(np.array(raw[t.offset:t.offset + t.nbytes])).reshape(-1, bt.type_size)
-        out[t.name] = bt.dequantize(data).reshape(t.shape)
-    return out
-
-
-def load_gguf_into(model: nn.Module, path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Overwrite ``model``'s weights with a GGUF file's (dequantized, Q/K rows back in HF order).
-
-    Every tensor of the model must be in the file (a tied head takes the embedding). Returns the HF state dict.
-    """
-    spec = arch_spec(model.config)
-    weights = read_gguf_weights(path)
-    sd = model.state_dict()
-    names = gguf_names(spec, model.config, [k for k in sd if not k.startswith("lm_head") or
-                                            not getattr(model.config, "tie_word_embeddings", False)])
-    new = {}
-    for hf, g in names.items():
-        if g not in weights:
-            raise LowbitError(f"{path}: no tensor {g} for {hf}")
-        w = weights[g]
-        heads = qk_heads(spec, model.config, hf)
-        new[hf] = (w if heads is None else unpermute_qk(w, heads)).to(sd[hf].dtype)
-    if getattr(model.config, "tie_word_embeddings", False) and "lm_head.weight" in sd:
-        new["lm_head.weight"] = new["model.embed_tokens.weight"]
-    missing = set(sd) - set(new)
-    if missing:
-        raise LowbitError(f"{path}: the file lacks {sorted(missing)[:3]} …")
-    model.load_state_dict(new)
-    return new

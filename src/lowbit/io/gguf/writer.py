@@ -30,7 +30,6 @@ from gguf.constants import GGML_QUANT_SIZES, MODEL_ARCH, GGMLQuantizationType, R
 
 from lowbit.errors import LowbitError
 from lowbit.io.atomic import atomic_file
-from lowbit.io.loaders import SOURCE_GGUF_ATTR
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +193,8 @@ PRE_TOKENIZERS: dict[tuple, str] = {
 
 def source_gguf(tokenizer: Any) -> Path | None:
     """The GGUF file a tokenizer was read from (directly, or through lowbit's float cache), if any."""
+    from lowbit.io.loaders import SOURCE_GGUF_ATTR  # here, not at the top: the loaders import the GGUF reader
+
     direct = getattr(tokenizer, SOURCE_GGUF_ATTR, None)
     if direct and Path(direct).is_file():
         return Path(direct)
@@ -264,7 +265,7 @@ def _add_bpe(w: GGUFWriter, tok: Any, j: dict[str, Any], vocab_size: int) -> lis
     src = source_gguf(tok)
     pre = None
     if src is not None:
-        from lowbit.io.inspect import read_gguf_index
+        from lowbit.io.gguf.reader import read_gguf_index
 
         pre = read_gguf_index(src).metadata.get("tokenizer.ggml.pre")
     if pre is None:

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from lowbit import assets
+from lowbit.cli import assets
 from lowbit.errors import LowbitError
 
 
@@ -101,3 +101,11 @@ def test_demo_texts_give_enough_smollm2_windows(texts, smollm2_dir):
     n_calib = len(tok(calib, add_special_tokens=False).input_ids) // 512
     n_held = len(tok(held, add_special_tokens=False).input_ids) // 512
     assert n_calib >= 140 and n_held >= 45, (n_calib, n_held)
+
+
+def test_repo_root_and_old_import_path():
+    import lowbit.assets
+
+    assert (assets._repo_root() / "pyproject.toml").is_file()  # src/lowbit/cli/assets.py is three levels down
+    assert lowbit.assets.smollm2_gguf is assets.smollm2_gguf and lowbit.assets.AssetError is assets.AssetError
+    assert all(getattr(lowbit.assets, name) is getattr(assets, name) for name in lowbit.assets.__all__)
