@@ -56,6 +56,15 @@ class Registry(Generic[T]):
         except (KeyError, TypeError):  # TypeError: an unhashable name is unknown too
             raise self.error(f"unknown {self.kind} {name!r} (known: {', '.join(self.names())})") from None
 
+    def __getitem__(self, name: str) -> T:
+        return self.get(name)
+
+    def remove(self, name: str) -> T:
+        """Unregister ``name`` (tests that register their own); unknown names raise as :meth:`get` does."""
+        obj = self.get(name)
+        del self._items[name]
+        return obj
+
     def names(self) -> list[str]:
         """Every registered name, sorted."""
         return sorted(self._items)

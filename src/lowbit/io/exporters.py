@@ -35,11 +35,12 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol, Union, get_args, get_origin, get_type_hints
 
 from lowbit.errors import LowbitError
+from lowbit.registry import Registry
 
 # Modules whose exporters register themselves on import; loaded on the first registry look-up, so importing this
 # module stays light and an exporter file only depends on this one.
 _BUILTINS = ("lowbit.io.gguf.exporter", "lowbit.io.hf_exporter")
-_EXPORTERS: dict[str, type[Exporter]] = {}
+_EXPORTERS: Registry[type[Exporter]] = Registry("exporter")
 _KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
@@ -256,27 +257,26 @@ def register_exporter(cls: type[Exporter]) -> type[Exporter]:
         raise LowbitError(f"{cls.__qualname__}: an exporter needs a lower-case name such as 'gguf'")
     if not getattr(cls, "help", None):
         raise LowbitError(f"{cls.__qualname__}: an exporter needs a one-line help")
-    if name in _EXPORTERS and _EXPORTERS[name] is not cls:
-        raise LowbitError(f"exporter {name!r} is already registered ({_EXPORTERS[name].__qualname__})")
     option_specs(cls.Options)  # an option the CLI cannot hold fails here, not at the first export
-    _EXPORTERS[name] = cls
+    if name in _EXPORTERS and _EXPORTERS[name] is cls:  # a module imported twice
+        return cls
+    _EXPORTERS.add(name, cls)
     return cls
 
 
 def unregister_exporter(name: str) -> None:
     """Remove an exporter (tests that register their own)."""
-    if _EXPORTERS.pop(name, None) is None:
-        raise LowbitError(f"unknown exporter {name!r} (known: {', '.join(exporter_names())})")
+    _EXPORTERS.remove(name)
 
 
-def _registry() -> dict[str, type[Exporter]]:
+def _registry() -> Registry[type[Exporter]]:
     for module in _BUILTINS:
         importlib.import_module(module)  # registers on first import; a dict look-up after that
     return _EXPORTERS
 
 
 def exporter_names() -> list[str]:
-    return sorted(_registry())
+    return _registry().names()
 
 
 def get_exporter(name: str) -> Exporter:
@@ -285,7 +285,4 @@ def get_exporter(name: str) -> Exporter:
     >>> get_exporter("onnx")
     LowbitError: unknown exporter 'onnx' (known: gguf, hf)
     """
-    cls = _registry().get(name)
-    if cls is None:
-        raise LowbitError(f"unknown exporter {name!r} (known: {', '.join(exporter_names())})")
-    return cls()
+    return _registry().get(name)()

@@ -13,6 +13,7 @@ import torch
 from lowbit.core.qtensor import QTensor
 from lowbit.core.scheme import Scheme
 from lowbit.errors import SchemeError
+from lowbit.registry import Registry
 
 Params = Any  # a layout's own fitted parameters (tensors), opaque to methods
 
@@ -80,23 +81,18 @@ class Layout:
         raise NotImplementedError
 
 
-_LAYOUTS: dict[str, Layout] = {}
+_LAYOUTS: Registry[Layout] = Registry("layout", SchemeError)
 
 
 def register_layout(cls: type[Layout]) -> type[Layout]:
-    if cls.family in _LAYOUTS:
-        raise SchemeError(f"layout family {cls.family!r} is already registered")
-    _LAYOUTS[cls.family] = cls()
+    _LAYOUTS.add(cls.family, cls())
     return cls
 
 
 def layout_of(scheme: Scheme) -> Layout:
     """The registered layout storing ``scheme``."""
-    try:
-        return _LAYOUTS[scheme.layout]
-    except KeyError:
-        raise SchemeError(f"unknown layout {scheme.layout!r} (known: {', '.join(sorted(_LAYOUTS))})") from None
+    return _LAYOUTS.get(scheme.layout)
 
 
 def layout_names() -> list[str]:
-    return sorted(_LAYOUTS)
+    return _LAYOUTS.names()

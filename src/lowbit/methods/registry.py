@@ -11,6 +11,7 @@ import torch
 from lowbit.core.qtensor import QTensor
 from lowbit.core.scheme import Scheme
 from lowbit.errors import SchemeError
+from lowbit.registry import Registry
 
 
 @dataclass
@@ -157,7 +158,7 @@ class MethodSpec:
 
 
 Method = Callable[[torch.Tensor, LayerStats, Scheme, MethodConfig], QuantResult]
-_METHODS: dict[str, MethodSpec] = {}
+_METHODS: Registry[MethodSpec] = Registry("method", SchemeError)
 
 
 def register_method(name: str, needs: tuple[str, ...] | frozenset[str] = (), *, needs_data: bool = False,
@@ -174,20 +175,15 @@ def register_method(name: str, needs: tuple[str, ...] | frozenset[str] = (), *, 
         raise SchemeError(f"method {name}: unknown statistic/transform {sorted(bad) or transform}")
 
     def deco(fn: Method) -> Method:
-        if name in _METHODS:
-            raise SchemeError(f"method {name!r} is already registered")
         doc = " ".join((fn.__doc__ or "").split()).split(". ")[0].rstrip(".")  # the first sentence
-        _METHODS[name] = MethodSpec(name, fn, need, transform, options, layouts, fallback, doc, act)
+        _METHODS.add(name, MethodSpec(name, fn, need, transform, options, layouts, fallback, doc, act))
         return fn
 
     return deco
 
 
 def method_spec(name: str) -> MethodSpec:
-    try:
-        return _METHODS[name]
-    except KeyError:
-        raise SchemeError(f"unknown method {name!r} (known: {', '.join(sorted(_METHODS))})") from None
+    return _METHODS.get(name)
 
 
 def get_method(name: str) -> Method:
@@ -195,7 +191,7 @@ def get_method(name: str) -> Method:
 
 
 def method_names() -> list[str]:
-    return sorted(_METHODS)
+    return _METHODS.names()
 
 
 def method_options(config: MethodConfig) -> dict[str, Any]:

@@ -27,9 +27,10 @@ import torch
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from lowbit.layouts.ggml import search as S
+from lowbit.registry import Registry
 
 Params = dict[str, torch.Tensor]
-BLOCK_TYPES: dict[str, type[BlockType]] = {}
+BLOCK_TYPES: Registry[type[BlockType]] = Registry("GGML type")
 U8 = torch.uint8
 
 
@@ -108,7 +109,7 @@ class BlockType:
         if cls.__dict__.get("name"):
             cls.ggml = GGMLQuantizationType[cls.name]
             cls.block_size, cls.type_size = GGML_QUANT_SIZES[cls.ggml]
-            BLOCK_TYPES[cls.name] = cls
+            BLOCK_TYPES.add(cls.name, cls)
 
     @classmethod
     def bits_per_weight(cls) -> float:
