@@ -145,7 +145,7 @@ class HistogramObserver:
         if self.amax == 0:
             self.hist[0] += a.numel()
             return
-        self.hist += torch.histc(a, bins=self.bins, min=0, max=self.amax).double()
+        self.hist += torch.histc(a, bins=self.bins, min=0, max=self.amax).double().cpu()  # bins stay on the CPU
 
     def percentile(self, q: float = 99.99) -> float:
         c = torch.cumsum(self.hist, 0)
