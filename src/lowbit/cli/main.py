@@ -45,6 +45,10 @@ def _quant_args(p: argparse.ArgumentParser, default_scheme: str | None = "int4-g
                    help="keep matching layers in float, e.g. lm_head (repeatable)")
 
 
+def _device_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--device", default="cpu", help=f"where {what}: cpu, cuda or cuda:N (default cpu)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="lowbit", description="Quantize trained models, measure what it cost, save.")
     ap.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -55,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("source")
     q.add_argument("-o", "--out", required=True, help="output directory (must not exist unless --force)")
     _quant_args(q)
+    _device_arg(q, "the quantization runs (one block at a time; the model itself stays in CPU memory)")
     q.add_argument("--force", action="store_true", help="replace an existing output directory")
     q.add_argument("--json", action="store_true", help="print the report as JSON")
     q.set_defaults(func=commands.cmd_quantize)
@@ -69,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-speed", action="store_true", help="skip the speed measurement")
     e.add_argument("--show-worst", type=int, default=0, metavar="N", help="print the N worst windows")
     e.add_argument("--report", help="write an HTML report with plots here")
+    _device_arg(e, "both models run")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=commands.cmd_eval)
 
@@ -123,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("model")
     h.add_argument("-o", "--out", required=True, help="output directory (must not exist unless --force)")
     _quant_args(h, default_scheme=None)
+    _device_arg(h, "a float MODEL is quantized")
     h.add_argument("--strict", action="store_true",
                    help="fail instead of writing a quantized linear layer the format cannot pack as float")
     h.add_argument("--force", action="store_true", help="replace an existing output directory")
