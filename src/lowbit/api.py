@@ -98,7 +98,7 @@ def quantize(model: nn.Module, tokenizer: Any = None, scheme: str = "int4-g128",
              calib: str | os.PathLike | Sequence[str] | torch.Tensor | None = None, windows: int = 128,
              window_len: int = 512, plan: Plan | None = None, rules: Sequence[str] = (), keep: Sequence[str] = (),
              config: MethodConfig | None = None, inplace: bool = False, progress: bool | None = None,
-             batch_size: int = 8) -> tuple[nn.Module, QuantReport]:
+             batch_size: int = 8, device: str | torch.device | None = None) -> tuple[nn.Module, QuantReport]:
     """Quantize ``model`` (a copy unless ``inplace``) and return ``(qmodel, report)``.
 
     ``scheme`` is a scheme (``int4-g128``, ``q4_k`` …) or a llama.cpp mix (``Q4_K_M``, ``Q3_K_S`` …: the
@@ -106,7 +106,11 @@ def quantize(model: nn.Module, tokenizer: Any = None, scheme: str = "int4-g128",
     ``calib``, rtn's block search is weighted by E[x²] as llama.cpp's imatrix weighs it).
     ``plan`` overrides ``scheme``/``method``; ``rules`` (``"mlp.down_proj=int8"``) and ``keep`` patterns are
     appended to it. Calibrated methods (``gptq``, ``awq``, importance-weighted ``rtn``) need ``calib``.
+    ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``; default: where the model is) is where the quantization
+    runs, one block at a time; the quantized model is returned where ``model`` was (``qmodel.to(device)``
+    moves it, quantized parts included).
 
+    >>> qmodel, report = lowbit.quantize(model, tok, "int4-g128", "gptq", calib="calib.txt", device="cuda")
     >>> qmodel, report = lowbit.quantize(model, tok, scheme="Q4_K_M", method="awq+gptq", calib="calib.txt")
     """
     from lowbit.io.gguf.mixes import is_mix, mix_plan
@@ -121,13 +125,25 @@ def quantize(model: nn.Module, tokenizer: Any = None, scheme: str = "int4-g128",
     full = base.with_rules(list(rules), list(keep), method=method, config=cfg)
     target = model if inplace else copy.deepcopy(model)
     win = None if calib is None else calibration_windows(tokenizer, calib, windows, window_len)
-    report = quantize_model(target, full, win, batch_size=batch_size, progress=progress)
+    report = quantize_model(target, full, win, batch_size=batch_size, progress=progress, device=device)
     target.lowbit_plan = full  # type: ignore[attr-defined]
     return target, report
 
 
-def evaluate(model: nn.Module, reference: nn.Module | None = None, **kwargs: Any):
-    """Perplexity, KL and top-1 vs ``reference`` (LMs) or embedding cosine (encoders); see lowbit.eval."""
-    from lowbit.eval import evaluate as _evaluate
+def evaluate(model: nn.Module, reference: nn.Module | None = None, *, device: str | torch.device | None = None,
+             **kwargs: Any):
+    """Perplexity, KL and top-1 vs ``reference`` (LMs) or embedding cosine (encoders); see lowbit.eval.
 
+    ``device`` (default: where each model is): both models are moved there (and stay there) to be evaluated.
+
+    >>> lowbit.evaluate(qmodel, reference=model, tokenizer=tok, text="held_out.txt", device="cuda").kl_mean
+    """
+    from lowbit.eval import evaluate as _evaluate
+    from lowbit.model.device import optional_device
+
+    dev = optional_device(device)
+    if dev is not None:
+        for m in (model, reference):
+            if m is not None:
+                m.to(dev)
     return _evaluate(model, reference=reference, **kwargs)

@@ -14,6 +14,7 @@ import lowbit
 from lowbit.errors import LowbitError
 from lowbit.io.exporters import Exporter, ExportOptions
 from lowbit.methods.registry import MethodConfig, method_spec
+from lowbit.model.device import parse_device
 from lowbit.model.plan import Plan
 from lowbit.model.quantize import QuantReport
 
@@ -129,10 +130,11 @@ def _quantize(args: argparse.Namespace, model, tok) -> tuple[Any, QuantReport]:
     return lowbit.quantize(model, tok, scheme=args.scheme, method=args.method, calib=args.calib,
                            windows=args.calib_windows, window_len=args.window_len, plan=_plan(args, model),
                            rules=args.rule, keep=args.keep, config=_config(args), inplace=True,
-                           progress=None if not args.json else False)
+                           progress=None if not args.json else False, device=parse_device(args.device))
 
 
 def cmd_quantize(args: argparse.Namespace) -> dict[str, Any] | None:
+    parse_device(args.device)  # before anything is loaded or written
     _validate(args)
     _check_out(args.out, args.force, args.source)
     t0 = time.perf_counter()
@@ -159,6 +161,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any] | None:
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any] | None:
     from lowbit.eval import format_table, read_text, write_report
 
+    device = parse_device(args.device)
     text = read_text(args.data)
     model, tok = lowbit.load(args.model)
     reference = None
@@ -167,7 +170,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any] | None:
         tok = tok or rtok
     if tok is None:
         raise LowbitError(f"{args.model}: no tokenizer found (and no --reference to take one from)")
-    res = lowbit.evaluate(model, reference=reference, tokenizer=tok, text=text, windows=args.windows,
+    res = lowbit.evaluate(model, reference=reference, device=device, tokenizer=tok, text=text, windows=args.windows,
                           window_len=args.window_len, speed=not args.no_speed, label=Path(args.model).name,
                           worst=max(args.show_worst, 2), progress=None if not args.json else False)
     if args.report:
@@ -309,6 +312,8 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any] | None:
 
     exporter = get_exporter(args.format)
     options = _export_options(exporter, args)
+    if exporter.quantizes_first:
+        parse_device(args.device)  # before anything is loaded or written
     quantize = exporter.quantizes_first and _quantizes_first(exporter, args)
     _check_out(args.out, args.force, args.model)
     exporter.preflight(options)

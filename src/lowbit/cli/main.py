@@ -77,11 +77,16 @@ def _export_parsers(sub: argparse._SubParsersAction) -> None:
         x.add_argument("-o", "--out", required=True, help=exporter.out_help)
         if exporter.quantizes_first:
             _quant_args(x, default_scheme=None)
+            _device_arg(x, "a float MODEL is quantized")
         for spec in option_specs(exporter.Options):
             _add_option(x, spec)
         x.add_argument("--force", action="store_true", help="replace an existing output")
         x.add_argument("--json", action="store_true", help="print the report as JSON")
         x.set_defaults(func=commands.cmd_export)
+
+
+def _device_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--device", default="cpu", help=f"where {what}: cpu, cuda or cuda:N (default cpu)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("source")
     q.add_argument("-o", "--out", required=True, help="output directory (must not exist unless --force)")
     _quant_args(q)
+    _device_arg(q, "the quantization runs (one block at a time; the model itself stays in CPU memory)")
     q.add_argument("--force", action="store_true", help="replace an existing output directory")
     q.add_argument("--json", action="store_true", help="print the report as JSON")
     q.set_defaults(func=commands.cmd_quantize)
@@ -110,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-speed", action="store_true", help="skip the speed measurement")
     e.add_argument("--show-worst", type=int, default=0, metavar="N", help="print the N worst windows")
     e.add_argument("--report", help="write an HTML report with plots here")
+    _device_arg(e, "both models run")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=commands.cmd_eval)
 

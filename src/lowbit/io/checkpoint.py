@@ -39,7 +39,8 @@ def _crc(t: torch.Tensor) -> int:
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, QTensor | torch.Tensor],
                  metadata: dict[str, Any] | None = None) -> None:
-    """Write ``{name: QTensor | Tensor}`` to ``path`` atomically (temporary file, then rename).
+    """Write ``{name: QTensor | Tensor}`` to ``path`` atomically (temporary file, then rename). Tensors on any
+    device are written from CPU copies, so the file does not depend on where the model ran.
 
     >>> save_tensors("w.safetensors", {"w": quantize_tensor(torch.randn(64, 64), "int4-g32")})
     """
@@ -56,11 +57,11 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, QTensor | torch.Ten
             for part in PARTS:
                 v = getattr(t, part)
                 if v is not None:
-                    flat[f"{name}.{part}"] = v.contiguous()
-                    entry["crc32"][part] = _crc(v)
+                    flat[f"{name}.{part}"] = v.detach().cpu().contiguous()
+                    entry["crc32"][part] = _crc(flat[f"{name}.{part}"])
             header[name] = entry
         elif isinstance(t, torch.Tensor):
-            flat[name] = t.detach().contiguous()
+            flat[name] = t.detach().cpu().contiguous()
             header[name] = {"kind": "tensor", "crc32": _crc(flat[name])}
         else:
             raise LowbitError(f"tensor {name!r}: cannot save a {type(t).__name__} (QTensor or torch.Tensor)")

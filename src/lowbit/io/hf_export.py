@@ -54,7 +54,7 @@ from lowbit.core.qtensor import QTensor
 from lowbit.errors import LowbitError
 from lowbit.io.atomic import atomic_dir
 from lowbit.io.save import add_plain_tensors, save_companions
-from lowbit.model.qmodules import QEmbedding, QLinear
+from lowbit.model.qmodules import QEmbedding, QLinear, quantized_state_keys
 from lowbit.primitives.numformats import IntFormat
 from lowbit.primitives.packing import pack, unpack
 
@@ -330,7 +330,7 @@ def _tensors(model: nn.Module, skeleton: nn.Module, ct: dict[str, CTScheme], tie
         if not isinstance(skeleton.get_submodule(name), nn.Linear | nn.Embedding):  # Conv1D: (in, out)
             w = w.T
         out[f"{name}.weight"] = w.contiguous()
-    add_plain_tensors(model, out, skip=tied)
+    add_plain_tensors(model, out, skip=tied | quantized_state_keys(model))
     expected = {k: v for k, v in skeleton.state_dict().items() if k not in tied}
     for name in ct:
         expected.pop(f"{name}.weight")
@@ -400,6 +400,7 @@ def export_hf(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = Non
     packed_bytes = sum(t.numel() * t.element_size() for k, t in tensors.items()
                        if k.rpartition(".")[0] in ct and not k.endswith(".weight_shape"))
     report.packed_bpw = 8 * packed_bytes / sum(math.prod(model.get_submodule(n).qweight.shape) for n in ct)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}  # the same file from any device
     with atomic_dir(out, force=force) as tmp:
         save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         config.save_pretrained(tmp)

@@ -24,7 +24,7 @@ from lowbit.errors import CheckpointError, LowbitError
 from lowbit.io.atomic import atomic_dir
 from lowbit.io.checkpoint import load_tensors, save_tensors
 from lowbit.model.convert import quantized_module
-from lowbit.model.qmodules import QEmbedding, QLinear
+from lowbit.model.qmodules import QEmbedding, QLinear, quantized_state_keys
 
 FORMAT_VERSION = 1
 QUANT_FILE = "quantization.json"
@@ -93,7 +93,7 @@ def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None, pl
             for extra in EXTRAS:
                 if getattr(mod, extra, None) is not None:
                     tensors[f"{name}.{extra}"] = getattr(mod, extra)
-    add_plain_tensors(model, tensors)
+    add_plain_tensors(model, tensors, skip=quantized_state_keys(model))  # the parts went in as QTensors
     doc = {
         "format": "lowbit", "version": FORMAT_VERSION, "layers": layers, "tied": tied,
         "plan": None if plan is None else plan.to_dict(),
@@ -191,6 +191,8 @@ def load_quantized(path: str | os.PathLike) -> tuple[nn.Module, Any]:
     float_state = {k: v for k, v in tensors.items()
                    if isinstance(v, torch.Tensor) and not k.endswith(tuple(f".{e}" for e in EXTRAS))}
     missing, unexpected = model.load_state_dict(float_state, strict=False)
+    quantized = quantized_state_keys(model)  # the layers already hold them
+    missing = [k for k in missing if k not in quantized]
     if unexpected:
         raise CheckpointError(f"{p / WEIGHTS_FILE}: tensors not in the model: {', '.join(unexpected[:5])}")
     if missing:

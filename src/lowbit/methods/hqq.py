@@ -124,7 +124,7 @@ class _Best:
         self.grid, self.xg, self.w = grid, xg, w
         self.s: torch.Tensor | None = None
         self.z: torch.Tensor | None = None
-        self.err = torch.full((*xg.shape[:-1], 1), float("inf"))
+        self.err = torch.full((*xg.shape[:-1], 1), float("inf"), device=xg.device)
 
     def offer(self, s: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
         """Store-round (s, z), keep them where they beat the best so far; return the codes ``(r, G, g)``."""
@@ -233,7 +233,8 @@ def hqq_quantize(
     if scheme.granularity == "tensor":
         w = torch.ones_like(xg)
     else:
-        w = group_view(torch.ones(1, as_matrix(shape)[1]), scheme.granularity, scheme.group_size)
+        w = group_view(torch.ones(1, as_matrix(shape)[1], device=weight.device), scheme.granularity,
+                       scheme.group_size)
     if importance is not None:
         w = w * importance_view(importance, shape, scheme)
     if o.weighting == "magnitude":  # data-free emphasis on large weights: (group rms + |x|) per element

@@ -17,6 +17,7 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.methods.registry import LayerStats
+from lowbit.model.device import module_device
 from lowbit.primitives.observers import HistogramObserver
 
 
@@ -33,8 +34,10 @@ class BlockInput:
 
 def capture_block_inputs(model: nn.Module, block: nn.Module, windows: torch.Tensor,
                          batch_size: int = 8) -> list[BlockInput]:
-    """Run ``model`` on ``windows`` (N, T) up to ``block`` and return what ``block`` was called with."""
+    """Run ``model`` on ``windows`` (N, T) up to ``block`` and return what ``block`` was called with (on the
+    model's device)."""
     captured: list[BlockInput] = []
+    device = module_device(model)
     state = {"start": 0}
 
     def pre_hook(mod, args, kwargs):
@@ -49,7 +52,7 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, windows: torch.Tens
         with torch.no_grad():
             for start in range(0, windows.shape[0], batch_size):
                 state["start"] = start
-                batch = windows[start : start + batch_size]
+                batch = windows[start : start + batch_size].to(device)
                 try:
                     model(input_ids=batch, attention_mask=torch.ones_like(batch), use_cache=False)
                 except _StopForward:
@@ -101,7 +104,7 @@ class StatsCollector:
         if x_ref is not None:
             xr = x_ref.reshape(-1, x_ref.shape[-1]).to(torch.float32)  # (tokens, in), same tokens as x
             if self.cross is None:
-                self.cross = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+                self.cross = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
             self.cross += (xr.T @ x).double()
         if "amax" not in shared:
             shared["amax"] = x.abs().amax(dim=0)
@@ -110,10 +113,10 @@ class StatsCollector:
             raise LowbitError(f"layer {self.name}: NaN/Inf in its input activations "
                               f"(calibration batch starting at window {self.window})")
         if self.sq_sum is None:
-            self.sq_sum = torch.zeros(x.shape[1], dtype=torch.float64)
-            self.absmax = torch.zeros(x.shape[1])
+            self.sq_sum = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+            self.absmax = torch.zeros(x.shape[1], device=x.device)
             if self.want_xtx:
-                self.xtx = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+                self.xtx = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
         if self.act_observer in ("percentile", "entropy"):
             self.hist = self.hist or HistogramObserver()
             self.hist.update(x)
@@ -126,9 +129,9 @@ class StatsCollector:
                 shared["xtx"] = (x.T @ x).double()
             self.xtx += shared["xtx"]
         if self.sample_rows:
-            g = torch.Generator().manual_seed(self.tokens)
+            g = torch.Generator().manual_seed(self.tokens)  # on the CPU: the same rows on every device
             k = min(x.shape[0], max(1, self.sample_rows // 16))
-            self.samples.append(x[torch.randperm(x.shape[0], generator=g)[:k]].clone())
+            self.samples.append(x[torch.randperm(x.shape[0], generator=g)[:k].to(x.device)].clone())
         self.tokens += x.shape[0]
 
     def merge(self, other: StatsCollector) -> StatsCollector:

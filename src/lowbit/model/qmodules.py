@@ -4,10 +4,14 @@ The quantized model stays a normal transformers model: only leaf layers are swap
 through a kernel chosen from a registry (``@register_kernel``); the fallback dequantizes the weight
 into the activation dtype and runs the float op. A kernel is ``(module, x) -> y`` plus a predicate
 saying whether it can serve a module; the first registered kernel that can, wins (newest first).
+
+Both layers are :class:`QModule`\\ s: the weight's QTensor parts are registered buffers, so ``.to(device)``,
+``state_dict`` and ``load_state_dict`` work as on any torch module.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,6 +22,8 @@ from torch import nn
 from lowbit.core.qtensor import QTensor
 from lowbit.primitives.numformats import FloatFormat
 from lowbit.primitives.quant import ungroup
+
+QPARTS = ("codes", "scales", "zeros")  # a QTensor's tensor fields; a layout may leave any but codes None
 
 
 @dataclass(frozen=True)
@@ -44,29 +50,133 @@ def kernel_names() -> list[str]:
     return [k.name for k in _LINEAR_KERNELS]
 
 
-class QLinear(nn.Module):
-    """``y = x Ŵᵀ + b`` with Ŵ stored as a QTensor of shape (out_features, in_features)."""
+def _moved(t: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``fn`` (what ``nn.Module._apply`` applies) taken for its device only: ``t`` keeps its stored dtype.
 
-    def __init__(self, qweight: QTensor, bias: torch.Tensor | None = None):
+    Where torch can swap the storage in place (cpu <-> cuda) ``t`` itself is moved, as torch moves parameters,
+    so a part two layers share (a tied head) stays one tensor; otherwise (to or from meta) a new tensor."""
+    probe = fn(torch.empty(0, dtype=t.dtype, device=t.device))
+    new = fn(t) if probe.dtype == t.dtype else t.to(probe.device)
+    if new is t:
+        return t
+    if torch._has_compatible_shallow_copy_type(t, new):
+        t.data = new
+        return t
+    return new
+
+
+class QModule(nn.Module):
+    """Base of the quantized layers: the weight's QTensor parts are buffers, ``qweight`` is their QTensor view.
+
+    Buffers ``qweight_codes`` / ``qweight_scales`` / ``qweight_zeros`` hold the parts (None where the layout
+    has none), whatever they mean to the layout; the rest of the QTensor (shape, dtype, scheme) is what the
+    layer *is*, kept as attributes, like a float layer's sizes. ``QUANT_BUFFERS`` names every buffer that is
+    part of the quantization (subclasses add theirs): ``.to(torch.bfloat16)`` / ``.half()`` never cast those
+    (codes stay integers, scales keep their scheme's dtype); they set ``compute_dtype``, the dtype the layer
+    computes in. Moves are in place where torch allows (see :func:`_moved`), so layers sharing one QTensor
+    still share it on the new device; to and from ``meta`` each layer gets its own copy, as tied parameters
+    do. Everything derived from the parts (dequantized or packed weights, the chosen kernel) is dropped on
+    every move and on ``load_state_dict``; a state dict must hold the parts in their stored dtypes.
+
+    >>> layer = QLinear(lowbit.quantize_tensor(torch.randn(32, 64), "int4-g32"))
+    >>> sorted(layer.state_dict())
+    ['qweight_codes', 'qweight_scales', 'qweight_zeros']
+    >>> layer = layer.to(torch.bfloat16); layer.qweight_scales.dtype, layer.compute_dtype
+    (torch.float16, torch.bfloat16)
+    """
+
+    QUANT_BUFFERS: tuple[str, ...] = tuple(f"qweight_{p}" for p in QPARTS)
+
+    def __init__(self, qweight: QTensor):
         super().__init__()
         self.qweight = qweight
+        self.compute_dtype: torch.dtype = qweight.dtype
+
+    @property
+    def qweight(self) -> QTensor:
+        """The QTensor over the buffers (the same object while the buffers are the same tensors)."""
+        view = self._qview
+        parts = {p: self._buffers[f"qweight_{p}"] for p in QPARTS}
+        if any(getattr(view, p) is not t for p, t in parts.items()):
+            view = dataclasses.replace(view, **parts)
+            self._qview = view
+        return view
+
+    @qweight.setter
+    def qweight(self, q: QTensor) -> None:
+        for p in QPARTS:
+            self.register_buffer(f"qweight_{p}", getattr(q, p))
+        self._qview = q
+        self.drop_cache()
+
+    def drop_cache(self) -> None:
+        """Forget everything derived from the parts (subclasses hold the caches)."""
+
+    def _apply(self, fn, recurse=True):
+        order = list(self._buffers)
+        parts = {k: self._buffers.pop(k) for k in self.QUANT_BUFFERS if k in self._buffers}
+        try:
+            super()._apply(fn, recurse)  # parameters (a bias) and other buffers, as torch does
+        finally:
+            rest = dict(self._buffers)
+            self._buffers.clear()
+            self._buffers.update({k: parts[k] if k in parts else rest[k] for k in order})
+        for k, t in parts.items():
+            if t is not None:
+                self._buffers[k] = _moved(t, fn)
+        self.compute_dtype = fn(torch.empty(0, dtype=self.compute_dtype, device=self.qweight_codes.device)).dtype
+        self.drop_cache()
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        for k in self.QUANT_BUFFERS:
+            mine, theirs = self._buffers.get(k), state_dict.get(prefix + k)
+            if isinstance(mine, torch.Tensor) and isinstance(theirs, torch.Tensor) and theirs.dtype != mine.dtype:
+                error_msgs.append(f"{prefix}{k}: the state dict holds {theirs.dtype}, the layer stores {mine.dtype} "
+                                  f"(quantized parts are loaded as stored, never cast)")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        self.drop_cache()
+
+
+def quantized_state_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of the quantized layers' own tensors (weight parts, activation scales): savers write
+    them through the layer's QTensor and extras, never as plain tensors."""
+    return {f"{n}.{k}" if n else k for n, m in model.named_modules(remove_duplicate=False)
+            if isinstance(m, QModule) for k in m.QUANT_BUFFERS}
+
+
+class QLinear(QModule):
+    """``y = x Ŵᵀ + b`` with Ŵ stored as a QTensor of shape (out_features, in_features).
+
+    It computes in its input's dtype; ``compute_dtype`` is the default dtype of :meth:`cache_weight`.
+    """
+
+    QUANT_BUFFERS = (*QModule.QUANT_BUFFERS, "input_scale", "act_scale")
+
+    def __init__(self, qweight: QTensor, bias: torch.Tensor | None = None):
+        super().__init__(qweight)
         self.out_features, self.in_features = qweight.shape
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.act_scheme: str | None = None  # activation quantization, set by W8A8 methods
-        self.input_scale: torch.Tensor | None = None  # per-input-channel divisor (SmoothQuant, unfoldable pairs)
-        self.act_scale: torch.Tensor | None = None  # static per-tensor activation scale
-        self._kernel: Kernel | None = None
-        self.weight_cache: torch.Tensor | None = None  # dequantized weight, while cache_weight() holds it
+        self.input_scale: torch.Tensor | None
+        self.act_scale: torch.Tensor | None
+        self.register_buffer("input_scale", None)  # per-input-channel divisor (SmoothQuant, unfoldable pairs)
+        self.register_buffer("act_scale", None)  # static per-tensor activation scale
 
-    def cache_weight(self, dtype: torch.dtype = torch.float32) -> None:
-        """Keep the dequantized weight in memory (float memory for speed: no dequantize per call) until
-        :meth:`drop_cache`. Not saved; weight-only layers only (activation kernels ignore it)."""
-        self.weight_cache = self.qweight.dequantize(dtype)
+    def cache_weight(self, dtype: torch.dtype | None = None) -> None:
+        """Keep the dequantized weight (default: in ``compute_dtype``) in memory (float memory for speed: no
+        dequantize per call) until :meth:`drop_cache`. Not saved; weight-only layers only (activation kernels
+        ignore it)."""
+        self.weight_cache = self.qweight.dequantize(dtype or self.compute_dtype)
         self._kernel = None  # choose again: the cached kernel now can run
 
     def drop_cache(self) -> None:
-        self.weight_cache = None
-        self._kernel = None
+        self.weight_cache: torch.Tensor | None = None  # dequantized weight, while cache_weight() holds it
+        self._kernel: Kernel | None = None
+        self._w_int8: torch.Tensor | None = None  # the int8 kernel's packed weight (in, out) and scales (1, out)
+        self._w_scale: torch.Tensor | None = None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -94,18 +204,18 @@ def _dequant_linear(m: QLinear, x: torch.Tensor) -> torch.Tensor:
     return m.linear_with(x, m.qweight.dequantize(x.dtype))
 
 
-class QEmbedding(nn.Module):
+class QEmbedding(QModule):
     """Embedding lookup from a QTensor of shape (num_embeddings, embedding_dim), times ``embed_scale`` if set.
 
-    Rows come out in the float weight's dtype, as the float module's do. Only the looked-up rows are
-    dequantized when a row's codes fill whole bytes (e.g. 576 × 3 bits). ``embed_scale`` (a 0-d tensor) is
-    what Gemma's ``*ScaledWordEmbedding`` multiplies its rows by (√hidden); it is rebuilt from the config on
-    load, like the float module's, so it is not in the state dict.
+    Rows come out in ``compute_dtype``: the float weight's dtype, as the float module's do, until the model is
+    cast (``.to(torch.bfloat16)``). Only the looked-up rows are dequantized when a row's codes fill whole bytes
+    (e.g. 576 × 3 bits). ``embed_scale`` (a 0-d tensor) is what Gemma's ``*ScaledWordEmbedding`` multiplies its
+    rows by (√hidden); it is rebuilt from the config on load, like the float module's, so it is not in the
+    state dict.
     """
 
     def __init__(self, qweight: QTensor, padding_idx: int | None = None, embed_scale: torch.Tensor | None = None):
-        super().__init__()
-        self.qweight = qweight
+        super().__init__(qweight)
         self.num_embeddings, self.embedding_dim = qweight.shape
         self.padding_idx = padding_idx
         self.embed_scale: torch.Tensor | None
@@ -124,11 +234,11 @@ class QEmbedding(nn.Module):
         q = self.qweight
         rows = rows_of(q, ids.reshape(-1).unique())
         if rows is None:
-            return self.finish(F.embedding(ids, q.dequantize(q.dtype), self.padding_idx))
+            return self.finish(F.embedding(ids, q.dequantize(self.compute_dtype), self.padding_idx))
         uniq, table = rows
         # map ids -> position in the unique table
         pos = torch.searchsorted(uniq, ids.contiguous())
-        return self.finish(table[pos].to(q.dtype))
+        return self.finish(table[pos].to(self.compute_dtype))
 
     def extra_repr(self) -> str:
         scale = "" if self.embed_scale is None else f", embed_scale={float(self.embed_scale):.4g}"
@@ -168,7 +278,7 @@ def quantize_activation(x: torch.Tensor, act_scheme: str, static_scale: torch.Te
     if act_scheme == "int8-static":
         if static_scale is None:
             raise ValueError("int8-static activations need a calibrated scale: run calibration first")
-        s = static_scale.to(x.dtype).reshape(*([1] * x.dim()))
+        s = static_scale.to(device=x.device, dtype=x.dtype).reshape(*([1] * x.dim()))
         return torch.clamp(torch.round(x / s), -127, 127).to(torch.int8), s
     amax = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8)
     if act_scheme == "int8-dynamic":
@@ -189,22 +299,23 @@ def _w8_int(m: QLinear) -> bool:
 def _fake_act_linear(m: QLinear, x: torch.Tensor) -> torch.Tensor:
     """Any weight scheme with quantized activations: quantize→dequantize x, then the float matmul."""
     if m.input_scale is not None:
-        x = x / m.input_scale.to(x.dtype)
+        x = x / m.input_scale.to(device=x.device, dtype=x.dtype)
     codes, s = quantize_activation(x, m.act_scheme, m.act_scale)
     xq = codes.to(x.dtype) * s
     return F.linear(xq, m.qweight.dequantize(x.dtype), None if m.bias is None else m.bias.to(x.dtype))
 
 
-@register_kernel("int8-int8", lambda m, x: m.act_scheme in ("int8-dynamic", "int8-static") and _w8_int(m))
+@register_kernel("int8-int8", lambda m, x: m.act_scheme in ("int8-dynamic", "int8-static") and _w8_int(m)
+                 and x.device.type == "cpu")  # torch._int_mm elsewhere has size and layout rules of its own
 def _int8_linear(m: QLinear, x: torch.Tensor) -> torch.Tensor:
     """int8 activations × int8 weights with int32 accumulation (torch._int_mm), rescaled per token/channel."""
     if m.input_scale is not None:
-        x = x / m.input_scale.to(x.dtype)
+        x = x / m.input_scale.to(device=x.device, dtype=x.dtype)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     codes, s = quantize_activation(x2, m.act_scheme, m.act_scale)
-    w_int8 = getattr(m, "_w_int8", None)
-    if w_int8 is None:
+    w_int8 = m._w_int8
+    if w_int8 is None:  # packed once; dropped with the other caches on a move or a load_state_dict
         # stored codes are offset by 128 (unsigned); the signed grid is codes - 128
         grouped = m.qweight.codes_grouped().reshape(m.out_features, -1)[:, : m.in_features]
         w_int8 = (grouped.to(torch.int16) - 128).to(torch.int8).T.contiguous()  # (in, out)

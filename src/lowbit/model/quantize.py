@@ -28,6 +28,7 @@ from lowbit.model.arch import ArchInfo, arch_for, blocks_of
 from lowbit.model.calibrate import BlockInput, FloatPath, capture_block_inputs, collect_stats, run_block
 from lowbit.model.convert import check_convertible, quantized_module
 from lowbit.model.convert import weight_matrix as _weight_matrix
+from lowbit.model.device import layer_on, optional_device, send, to_device
 from lowbit.model.plan import LayerPlan, Plan, unsupported_leaf
 from lowbit.model.qmodules import QLinear
 from lowbit.model.streaming import ATTR as STREAM_ATTR
@@ -205,7 +206,8 @@ class _Quantizer:
 def quantize_model(model: nn.Module, plan: Plan, calib: torch.Tensor | None = None, *, batch_size: int = 8,
                    sample_rows: int = 4096, progress: bool | None = None,
                    on_block: Callable[[int, int], None] | None = None,
-                   stats: dict[str, LayerStats] | None = None) -> QuantReport:
+                   stats: dict[str, LayerStats] | None = None,
+                   device: str | torch.device | None = None) -> QuantReport:
     """Quantize ``model`` in place following ``plan``; ``calib`` is a LongTensor of token windows (N, T).
 
     ``stats`` (layer name -> statistics, e.g. merged from other processes) stands in for calibration:
@@ -215,9 +217,13 @@ def quantize_model(model: nn.Module, plan: Plan, calib: torch.Tensor | None = No
     weights read right before the block is quantized, so one float block is in memory at a time; it comes
     out complete, like any other model.
 
+    ``device`` (default: where the model is) is where the work runs: each block and its calibration
+    activations (each layer, for data-free methods) go there to be quantized, then back to the model's device.
+
     >>> report = quantize_model(model, Plan.default("int4-g128", "gptq", embeddings=..., head=...), windows)
     """
     t_start = time.perf_counter()
+    device = optional_device(device)
     resolved = plan.resolve(model)
     report = QuantReport()
     for n, m in model.named_modules():
@@ -245,19 +251,20 @@ def quantize_model(model: nn.Module, plan: Plan, calib: torch.Tensor | None = No
             raise LowbitError(f"method {resolved[data_layers[0]].method} (layer {data_layers[0]}) needs calibration "
                               f"data: pass calibration text (--calib FILE)")
         info = arch_for(model)
-        _quantize_blocks(model, info, resolved, q, calib, batch_size, sample_rows, progress, on_block)
+        _quantize_blocks(model, info, resolved, q, calib, batch_size, sample_rows, progress, on_block, device)
         report.calib_windows, report.calib_tokens = int(calib.shape[0]), int(calib.numel())
     # Everything not handled block by block: data-free layers, and layers outside the blocks.
     done = {r.name for r in report.layers}
     rest = [n for n in planned if n not in done]
     if stream is not None and not data_layers:
-        rest = _quantize_streamed(model, stream, rest, q, progress, on_block)
+        rest = _quantize_streamed(model, stream, rest, q, progress, on_block, device)
     for n in tqdm(rest, desc="quantize", disable=_no_bar(progress), leave=False):
         if needs_data(resolved[n]):
             report.warnings.append(f"{n}: outside the transformer blocks, no calibration statistics; "
                                    f"quantized data-free")
             q.resolved[n] = replace(resolved[n], method="rtn")
-        q.quantize_layer(n, LayerStats())
+        with layer_on(model, n, device):
+            q.quantize_layer(n, LayerStats())
     if stream is not None:
         stream.load_all(model)  # whatever no block loop reached (nothing, normally): the model is whole now
         delattr(model, STREAM_ATTR)
@@ -285,7 +292,8 @@ def _no_bar(progress: bool | None) -> bool | None:
 
 
 def _quantize_streamed(model: nn.Module, stream: StreamedWeights, names: list[str], q: _Quantizer,
-                       progress: bool | None, on_block: Callable[[int, int], None] | None) -> list[str]:
+                       progress: bool | None, on_block: Callable[[int, int], None] | None,
+                       device: torch.device | None = None) -> list[str]:
     """Data-free layers of a streamed model, one block at a time: load the block, quantize its planned layers
     (the float weights go with the layers they replace), next block. Returns the layers outside the blocks."""
     for i in tqdm(range(len(stream.blocks)), desc="blocks", disable=_no_bar(progress)):
@@ -294,17 +302,18 @@ def _quantize_streamed(model: nn.Module, stream: StreamedWeights, names: list[st
         mine = [n for n in names if n.startswith(prefix)]
         check_finite_weights(model, mine)
         for n in mine:
-            q.quantize_layer(n, LayerStats())
+            with layer_on(model, n, device):
+                q.quantize_layer(n, LayerStats())
         if on_block:
             on_block(i + 1, len(stream.blocks))
     return [n for n in names if not n.startswith(stream.blocks)]
 
 
 def _quantize_blocks(model, info: ArchInfo, resolved, q: _Quantizer, calib, batch_size, sample_rows,
-                     progress, on_block) -> None:
+                     progress, on_block, device: torch.device | None = None) -> None:
     blocks_name, blocks = blocks_of(model, info)
     stream = streamed_weights(model)
-    inputs = capture_block_inputs(model, blocks[0], calib, batch_size)
+    inputs = to_device(capture_block_inputs(model, blocks[0], calib, batch_size), device)
     # Layers that aim at the float model's outputs need the float path's activations beside the quantized
     # path's: the float copy of each block runs on them, one block at a time.
     float_inputs = inputs if any(wants_float_target(lp) for lp in resolved.values()) else None
@@ -317,6 +326,7 @@ def _quantize_blocks(model, info: ArchInfo, resolved, q: _Quantizer, calib, batc
         if stream is not None:  # a lazily loaded model: this block's weights come in now
             stream.load_block(model, prefix)
             check_finite_weights(model, list(mine.values()))
+        home = send(block, device)  # the block is quantized on the device, then goes back
         _rescale_pairs(block, info, mine, resolved, inputs, q.report)
         float_block = copy.deepcopy(block) if float_inputs is not None else None
         groups = [tuple(g for g in grp if g in mine) for grp in info.sequential]
@@ -374,6 +384,7 @@ def _quantize_blocks(model, info: ArchInfo, resolved, q: _Quantizer, calib, batc
         for m in block.modules():
             if isinstance(m, QLinear):
                 m.drop_cache()
+        send(block, home)
         if float_block is not None:
             float_inputs = run_block(float_block, float_inputs)
             del float_block

@@ -132,7 +132,7 @@ class HistogramObserver:
         if self.amax == 0:
             self.hist[0] += a.numel()
             return
-        self.hist += torch.histc(a, bins=self.bins, min=0, max=self.amax).double()
+        self.hist += torch.histc(a, bins=self.bins, min=0, max=self.amax).double().cpu()  # bins stay on the CPU
 
     def _widen(self, m: float) -> None:
         """Re-bin the histogram onto the wider range [0, m]."""

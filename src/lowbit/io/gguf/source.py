@@ -65,7 +65,7 @@ def _rows_of_qtensor(q: Any) -> Callable[[int, int], torch.Tensor]:
 
     def get(r0: int, r1: int) -> torch.Tensor:
         if "w" not in cache or r0 == 0:
-            cache["w"] = q.dequantize(torch.float32)
+            cache["w"] = q.dequantize(torch.float32).cpu()
         out = cache["w"][r0:r1]
         if r1 >= q.shape[0]:
             cache.clear()
@@ -75,7 +75,7 @@ def _rows_of_qtensor(q: Any) -> Callable[[int, int], torch.Tensor]:
 
 
 def _from_model(model: nn.Module, tokenizer: Any) -> TensorSource:
-    from lowbit.model.qmodules import QEmbedding, QLinear
+    from lowbit.model.qmodules import QEmbedding, QLinear, quantized_state_keys
 
     entries: dict[str, tuple[tuple[int, ...], torch.dtype, Callable[[int, int], torch.Tensor]]] = {}
     schemes: dict[str, Scheme] = {}
@@ -89,9 +89,11 @@ def _from_model(model: nn.Module, tokenizer: Any) -> TensorSource:
             entries[f"{n}.weight"] = (tuple(q.shape), q.dtype, _rows_of_qtensor(q))
             schemes[f"{n}.weight"] = q.scheme
             qtensors[f"{n}.weight"] = q
+    quantized = quantized_state_keys(model)  # the layers' parts: their weights are the entries above
     for k, v in model.state_dict().items():
-        if k not in entries:
-            entries[k] = (tuple(v.shape), v.dtype, lambda r0, r1, v=v: v.detach()[r0:r1] if v.dim() > 1 else v.detach())
+        if k not in entries and k not in quantized:
+            entries[k] = (tuple(v.shape), v.dtype,
+                          lambda r0, r1, v=v: (v.detach()[r0:r1] if v.dim() > 1 else v.detach()).cpu())
     _drop_tied(model.config, entries)
     label = Path(str(getattr(model.config, "_name_or_path", "") or type(model).__name__)).name
     return TensorSource(model.config, tokenizer, label, model, entries, schemes, qtensors)
