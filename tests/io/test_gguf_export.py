@@ -322,6 +322,56 @@ def test_gptq_export_with_calibration(tmp_path):
         assert np.isfinite(llamacpp.logprobs(tmp_path / f, [5, 6, 7])).all()
 
 
+# -- one system: quantize to a llama.cpp mix in lowbit, evaluate, export the blocks unchanged --------------
+@pytest.mark.parametrize("method", ["gptq", "awq+gptq", "rtn"])
+def test_mix_quantized_in_lowbit_exports_its_blocks_unchanged(method, tmp_path):
+    import lowbit
+    from lowbit.io.gguf.writer import unpermute_qk
+    from lowbit.model.qmodules import QEmbedding, QLinear
+
+    model, tok = tiny_model(hidden=256, inter=512, layers=2, heads=4, kv=2), tiny_tokenizer()
+    g = torch.Generator().manual_seed(2)
+    windows = torch.randint(3, 264, (4, 32), generator=g)
+    qmodel, rep = lowbit.quantize(model, tok, scheme="Q4_K_M", method=method, calib=windows)
+    q = qmodel.get_submodule("model.layers.0.self_attn.q_proj")
+    assert isinstance(q, QLinear) and q.qweight.scheme.name == "q4_k"
+    assert qmodel.get_submodule("model.layers.1.mlp.down_proj").qweight.scheme.name == "q6_k"  # use_more_bits
+    assert isinstance(qmodel.model.embed_tokens, QEmbedding) and qmodel.model.embed_tokens.qweight.scheme.name == "q6_k"
+    assert {r.method for r in rep.layers if r.name.startswith("model.layers.")} == {method}
+    saved = lowbit.save(qmodel, tmp_path / "q", tokenizer=tok)
+    back, tok2 = lowbit.load(saved)  # evaluated in lowbit before any export: the same numbers
+    ids = tok("the thin cat sat", add_special_tokens=False)["input_ids"]
+    assert np.array_equal(torch_logprobs(back, ids), torch_logprobs(qmodel, ids))
+    out = tmp_path / "q.gguf"
+    report = export_gguf(back, tok2, out, type=None, progress=False)
+    assert report.method == "" and {t.method for t in report.tensors if t.ggml.startswith("Q")} == {"stored"}
+    w = read_gguf_weights(out)
+    got = unpermute_qk(w["blk.0.attn_q.weight"], 4)
+    assert torch.equal(got, q.qweight.dequantize(torch.float32))  # the stored blocks, unchanged
+    assert gguf_types(out)["blk.0.attn_q.weight"] == "Q4_K" and gguf_types(out)["token_embd.weight"] == "Q6_K"
+    # llama.cpp runs the same model: far closer to lowbit's than lowbit's is to float (llama.cpp also rounds the
+    # activations to 8 bits for its k-quant dot products)
+    ours = torch_logprobs(qmodel, ids)
+    assert mean_kl(ours, llamacpp.logprobs(out, ids)) < 0.25 * mean_kl(torch_logprobs(model, ids), ours)
+    one_step = export_gguf(model, tok, tmp_path / "one.gguf", "Q4_K_M", calib=windows, method=method, progress=False)
+    assert one_step.method == method
+    w1 = read_gguf_weights(tmp_path / "one.gguf")  # the one-step form quantizes the same way, deterministically
+    assert w1.keys() == w.keys() and all(torch.equal(w1[k], w[k]) for k in w)
+
+
+def test_gguf_typed_model_moves_to_meta_and_back():
+    import lowbit
+
+    model, tok = tiny_model(hidden=256, inter=512), tiny_tokenizer()
+    qmodel, _ = lowbit.quantize(model, tok, scheme="q4_k")
+    layer = qmodel.get_submodule("model.layers.0.mlp.up_proj")
+    codes = layer.qweight.codes.clone()
+    qmodel.to("meta")
+    assert layer.qweight.codes.is_meta
+    qmodel.to_empty(device="cpu")
+    assert layer.qweight.codes.shape == codes.shape and layer.qweight.scheme.name == "q4_k"
+
+
 # -- the real model -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def smollm2():
