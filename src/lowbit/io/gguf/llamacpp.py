@@ -4,8 +4,8 @@ llama.cpp is native code that can crash on a machine it was built wrongly for (i
 on some Sapphire Rapids CPUs): every call here runs in :func:`lowbit.isolate.run_isolated`, so a crash is
 one :class:`~lowbit.isolate.ChildFailed` error naming the file and the signal, never a dead process.
 
->>> lp = logprobs("model.gguf", [1, 2, 3])        # doctest: +SKIP   (T, vocab) float64 log-softmax
->>> quantize("model-f32.gguf", "model-q4km.gguf", "Q4_K_M")   # doctest: +SKIP   llama-quantize's own
+>>> lp = logprobs("model.gguf", [1, 2, 3])  # (T, vocab) float64 log-softmax  # doctest: +SKIP
+>>> quantize("model-f32.gguf", "model-q4km.gguf", "Q4_K_M")  # llama-quantize itself  # doctest: +SKIP
 """
 
 from __future__ import annotations
