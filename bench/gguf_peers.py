@@ -1,7 +1,8 @@
 """lowbit's GGUF files against llama.cpp's own, type for type, on SmolLM2-135M (shared/BENCHMARK.md).
 
-    .venv/bin/python bench/gguf_peers.py --llama-bin DIR [--types Q4_0 Q4_K_M Q3_K_M Q2_K] [--windows 40]
-        [--method gptq] [--json bench/results/gguf-peers.json] [--work DIR] [--reuse]
+    .venv/bin/python bench/gguf_peers.py --llama-bin DIR [--types Q2_K Q3_K_M Q4_0 Q4_K_M Q5_K_M Q6_K]
+        [--windows 40] [--methods gptq awq+gptq] [--threads 2] [--json bench/results/gguf-peers.json]
+        [--work DIR] [--reuse]
 
 DIR holds ``llama-quantize``, ``llama-imatrix`` and ``llama-perplexity`` built from llama.cpp's source
 (e.g. the ``vendor/llama.cpp`` of the ``llama-cpp-python`` sdist, ``cmake -B build && cmake --build build``),
@@ -10,8 +11,9 @@ outside this repository. Steps, all on the same data:
 1. the reference: SmolLM2's GGUF re-written as F32 by ``llama-quantize --allow-requantize``;
 2. llama.cpp's importance matrix from the first 128 × 512 tokens of WikiText-2 validation
    (``llama-imatrix -c 512 --chunks 128``) and ``llama-quantize`` with and without it, per type;
-3. ``lowbit export gguf`` per type (GPTQ on each type's block grid, calibrated on the same 128 windows),
-   wall time and peak RSS from ``os.wait4``;
+3. ``lowbit export gguf`` per type and method (any registered method onto each type's block grids, through
+   lowbit's one quantization pipeline, calibrated on the same 128 windows), wall time and peak RSS from
+   ``os.wait4``;
 4. every file evaluated twice: in lowbit's harness (the first N windows × 512 of WikiText-2 test, KL against
    the float32 model) and in ``llama-perplexity --kl-divergence`` (llama.cpp's own protocol: N chunks of
    512 tokens, the second half of each chunk scored, KL against the F32 file's logits).
@@ -63,10 +65,10 @@ def linear_bpw(path: Path) -> float:
     return 8 * nbytes / sum(t.shape[0] * t.shape[1] for t in rows)
 
 
-def llama_kld(bin_dir: Path, model: Path, base: Path, chunks: int, log: Path) -> dict:
+def llama_kld(bin_dir: Path, model: Path, base: Path, chunks: int, log: Path, threads: int = 2) -> dict:
     text = str(wikitext("test"))
     cmd = [str(bin_dir / "llama-perplexity"), "-m", str(model), "-f", text, "-c", "512", "--chunks", str(chunks),
-           "-t", "2", "--kl-divergence-base", str(base), "--kl-divergence"]
+           "-t", str(threads), "--kl-divergence-base", str(base), "--kl-divergence"]
     timed(cmd, log)
     out = log.read_text()
 
@@ -83,15 +85,16 @@ def llama_kld(bin_dir: Path, model: Path, base: Path, chunks: int, log: Path) ->
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--llama-bin", required=True, type=Path, help="folder with llama-quantize/-imatrix/-perplexity")
-    ap.add_argument("--types", nargs="+", default=["Q4_0", "Q4_K_M", "Q3_K_M", "Q2_K"])
+    ap.add_argument("--types", nargs="+", default=["Q2_K", "Q3_K_M", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K"])
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--calib-windows", type=int, default=128)
-    ap.add_argument("--method", default="gptq", choices=["gptq", "search"])
+    ap.add_argument("--methods", nargs="+", default=["gptq", "awq+gptq"], help="lowbit methods (any registered)")
+    ap.add_argument("--threads", type=int, default=2, help="threads of every tool (llama.cpp's and lowbit's)")
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / ".work-gguf")
     ap.add_argument("--reuse", action="store_true", help="keep files already in --work")
     ap.add_argument("--json")
     a = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(a.threads)
     w, b = a.work, a.llama_bin
     w.mkdir(parents=True, exist_ok=True)
     valid, test = str(wikitext("valid")), str(wikitext("test"))
@@ -106,11 +109,11 @@ def main() -> None:
     make(f32, [str(b / "llama-quantize"), "--allow-requantize", str(smollm2_gguf()), str(f32), "F32"])
     imat = w / "imatrix.gguf"
     make(imat, [str(b / "llama-imatrix"), "-m", str(f32), "-f", valid, "-c", "512", "--chunks",
-                str(a.calib_windows), "-t", "2", "-o", str(imat)])
+                str(a.calib_windows), "-t", str(a.threads), "-o", str(imat)])
     base = w / "f32.kld"
     if not (a.reuse and base.exists()):
         timed([str(b / "llama-perplexity"), "-m", str(f32), "-f", test, "-c", "512", "--chunks", str(a.windows),
-               "-t", "2", "--kl-divergence-base", str(base)], w / "f32-kld.log")
+               "-t", str(a.threads), "--kl-divergence-base", str(base)], w / "f32-kld.log")
 
     files: dict[str, dict] = {}
     for t in a.types:
@@ -121,13 +124,13 @@ def main() -> None:
         files[f"llama.cpp {t} + imatrix"] = {
             "type": t, "tool": "llama-quantize --imatrix", "path": p,
             **make(p, [str(b / "llama-quantize"), "--imatrix", str(imat), str(f32), str(p), t, "2"])}
-        p = w / f"lowbit-{t}.gguf"
-        cmd = [str(ROOT / ".venv" / "bin" / "lowbit"), "export", "gguf", str(smollm2_gguf()), "-o", str(p), "--type",
-               t, "--method", a.method, "--calib", valid, "--calib-windows", str(a.calib_windows), "--force",
-               "--threads", "2"]
-        files[f"lowbit {t} ({a.method})"] = {"type": t, "tool": f"lowbit export gguf --method {a.method}",
-                                             "path": p, **make(p, cmd),
-                                             "command": " ".join(cmd[1:]).replace(str(ROOT) + "/", "")}
+        for m in a.methods:
+            p = w / f"lowbit-{t}-{m.replace('+', '-')}.gguf"
+            cmd = [sys.executable, "-m", "lowbit.cli.main", "export", "gguf", str(smollm2_gguf()), "-o", str(p),
+                   "--type", t, "--method", m, "--calib", valid, "--calib-windows", str(a.calib_windows), "--force",
+                   "--threads", str(a.threads)]
+            files[f"lowbit {t} ({m})"] = {"type": t, "tool": f"lowbit export gguf --method {m}", "path": p,
+                                          **make(p, cmd), "command": "lowbit " + " ".join(cmd[3:])}
         print(f"{t}: files ready", file=sys.stderr, flush=True)
 
     reference, tok = lowbit.load(smollm2_gguf())
@@ -138,7 +141,7 @@ def main() -> None:
     for n, f in files.items():
         r = {"name": n, **{k: v for k, v in f.items() if k != "path"}, "file": f["path"].name,
              "bytes": f["path"].stat().st_size, "bpw": linear_bpw(f["path"]), **quality[n],
-             **llama_kld(b, f["path"], base, a.windows, f["path"].with_suffix(".kld.log"))}
+             **llama_kld(b, f["path"], base, a.windows, f["path"].with_suffix(".kld.log"), a.threads)}
         rows.append(r)
     print(f"\nSmolLM2-135M-Instruct · lowbit harness: {a.windows} windows × 512 of wikitext2-test, float32 ppl "
           f"{quality['float32']['ppl']:.3f} · llama-perplexity: {a.windows} chunks × 512 (second halves scored)")
