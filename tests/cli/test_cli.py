@@ -198,3 +198,30 @@ def test_export_gguf_streamed_nan_names_the_tensor(tmp_path, capsys, tiny_llama)
     code, _, err = run(capsys, "export", "gguf", str(bad), "-o", str(out), "--type", "Q8_0")
     assert code == 2 and "model.layers.1.mlp.up_proj" in err and "NaN" in err
     assert not out.exists() and not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".x.gguf*"))
+
+
+def test_quantize_to_a_llama_cpp_mix_then_eval_and_export(tmp_path, capsys, tiny_llama_dir, calib):
+    """`--scheme Q4_K_M` is a Plan of GGML types (fallbacks for rows the 256-blocks do not fit, reported), any
+    method quantizes onto it, `eval` measures it, `export gguf` writes its blocks and names no method."""
+    out = tmp_path / "q"
+    code, stdout, err = run(capsys, "quantize", str(tiny_llama_dir), "-o", str(out), "--scheme", "Q4_K_M",
+                            "--method", "awq+gptq", "--calib", str(calib), "--calib-windows", "4",
+                            "--window-len", "32")
+    assert code == 0, err
+    doc = json.loads((out / "quantization.json").read_text())
+    schemes = {v["scheme"] for v in doc["layers"].values()}
+    assert schemes <= {"q4_k", "q5_0", "q6_k", "q8_0", "fp16", "q4_0", "q5_1"} and schemes
+    assert "instead" in stdout  # the fallback notes of the layer table
+    code, stdout, err = run(capsys, "eval", str(out), "--reference", str(tiny_llama_dir), "--data", str(calib),
+                            "--windows", "2", "--window-len", "32", "--no-speed", "--json")
+    assert code == 0, err
+    res = json.loads(stdout)
+    assert res["kl_mean"] >= 0 and res["perplexity"] > 0
+    gguf = tmp_path / "q.gguf"
+    code, stdout, err = run(capsys, "export", "gguf", str(out), "-o", str(gguf))
+    assert code == 0, err
+    assert gguf.is_file() and "quantized with method" not in stdout  # nothing quantized a second time
+    code, stdout, err = run(capsys, "export", "gguf", str(tiny_llama_dir), "-o", str(tmp_path / "one.gguf"),
+                            "--calib", str(calib), "--calib-windows", "4", "--window-len", "32")
+    assert code == 0, err
+    assert "quantized with method gptq (the default with calibration text" in stdout
