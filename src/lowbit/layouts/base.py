@@ -33,6 +33,11 @@ class Layout:
     # GPTQ's column order when the method does not say: True = decreasing Hessian diagonal with every
     # group's grid fitted up front (static groups); False = natural order, each group fitted when reached.
     gptq_act_order: ClassVar[bool] = True
+    gptq_batch: ClassVar[int] = 128  # GPTQ's lazy-update batch (columns) when the method does not say
+
+    def gptq_importance(self, hdiag: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor | None:
+        """The per-input-channel weights ``(in,)`` GPTQ's grid fits use (None: unweighted)."""
+        return importance
 
     def check(self, scheme: Scheme, shape: tuple[int, ...]) -> None:
         """Raise a LowbitError when ``shape`` cannot be stored in ``scheme``."""

@@ -48,6 +48,12 @@ class _BlockGrid:
 class GGMLLayout(Layout):
     family = "ggml"
     gptq_act_order = False  # measured on SmolLM2: each block fitted on the error-updated weights when reached
+    gptq_batch = 256
+
+    def gptq_importance(self, hdiag, importance):
+        """The Hessian's diagonal (E[x²]) unless the method gives its own; every weight counts a little."""
+        imp = (hdiag if importance is None else importance).float()
+        return imp + 1e-6 * imp.mean().clamp(min=1e-30)
 
     def check(self, scheme, shape):
         bs = scheme.block.block_size
@@ -97,9 +103,8 @@ class GGMLLayout(Layout):
 
     def fit_group(self, w, scheme, hdiag, importance, observer, rows_total):
         bt = block_type(scheme)
-        imp = hdiag if importance is None else importance
-        imp = imp.float() + 1e-6 * imp.float().mean().clamp(min=1e-30)  # every weight counts a little
-        p = bt.fit(w.float().contiguous(), imp.reshape(1, -1).expand(w.shape[0], -1))
+        imp = hdiag if importance is None else importance  # already floored by gptq_importance
+        p = bt.fit(w.float().contiguous(), imp.float().reshape(1, -1).expand(w.shape[0], -1))
         return _BlockGrid(bt, p, w.shape[0])
 
     def assemble(self, scheme, shape, dtype, grids, w_hat):

@@ -92,7 +92,7 @@ def gptq_quantize(
     scheme: Scheme,
     observer: str = "minmax",
     importance: torch.Tensor | None = None,
-    block_size: int = 128,
+    block_size: int | None = None,
     damp: float = 0.01,
     damp_max: float = 1.0,
     act_order: bool | None = None,
@@ -122,6 +122,7 @@ def gptq_quantize(
         )
     if tokens <= 0:
         raise LowbitError("gptq: the statistics saw no tokens: run calibration first")
+    block_size = layout.gptq_batch if block_size is None else block_size
     if block_size < 1:
         raise LowbitError(f"gptq: option 'block_size' must be positive, got {block_size}")
     w0 = weight.detach().reshape(rows, n).to(torch.float32)
@@ -140,6 +141,7 @@ def gptq_quantize(
     w = w0.clone()
     w[:, dead] = 0.0
     imp = None if importance is None else importance.detach().float().to(w.device)
+    imp = layout.gptq_importance(hdiag, imp)
 
     g = layout.group_width(scheme, n)
     n_groups = -(-n // g)
@@ -245,7 +247,8 @@ def float_target_weight(weight: torch.Tensor, xtx: torch.Tensor, cross: torch.Te
 class GptqOptions:
     damp: float = field(default=0.01, metadata={"help": "Hessian dampening, a fraction of its mean diagonal"})
     damp_max: float = field(default=1.0, metadata={"help": "give up when dampening would exceed this"})
-    block_size: int = field(default=128, metadata={"help": "columns per lazy-update batch"})
+    block_size: int | None = field(default=None, metadata={
+        "help": "columns per lazy-update batch (default: the layout's: 128 grouped, 256 GGML)"})
     act_order: bool | None = field(default=None, metadata={
         "help": "columns by decreasing H_ii with static groups (default: the layout's: on for grouped "
                 "schemes, off for GGML blocks)"})
