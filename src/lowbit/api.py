@@ -65,6 +65,25 @@ def export_hf(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = Non
     return _export_hf(model, out_dir, tokenizer=tokenizer, force=force, strict=strict)
 
 
+def scheme_plan(model: nn.Module, scheme: str, method: str = "rtn", config: MethodConfig | None = None,
+                calibrated: bool = False) -> Plan:
+    """The Plan a ``--scheme`` asks for: a llama.cpp mix (``Q4_K_M`` …) as llama-quantize's per-layer GGML
+    types (with calibration, rtn's block search weighted by E[x²], as llama.cpp's imatrix), else
+    :func:`default_plan`.
+
+    >>> scheme_plan(model, "Q4_K_M", "gptq").resolve(model)["model.layers.1.mlp.down_proj"].scheme.name
+    'q6_k'
+    """
+    from lowbit.io.gguf.mixes import is_mix, mix_plan
+
+    cfg = config or MethodConfig()
+    if not is_mix(scheme):
+        return default_plan(model, scheme, method, cfg)
+    if method == "rtn" and calibrated:
+        cfg = replace(cfg, importance=True)
+    return mix_plan(model, scheme, method, cfg, has_imatrix=calibrated)
+
+
 def default_plan(model: nn.Module, scheme: str, method: str = "rtn", config: MethodConfig | None = None) -> Plan:
     """Every linear layer at ``scheme`` with ``method``; the family's embeddings and head at 8 bits."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -113,15 +132,8 @@ def quantize(model: nn.Module, tokenizer: Any = None, scheme: str = "int4-g128",
     >>> qmodel, report = lowbit.quantize(model, tok, "int4-g128", "gptq", calib="calib.txt", device="cuda")
     >>> qmodel, report = lowbit.quantize(model, tok, scheme="Q4_K_M", method="awq+gptq", calib="calib.txt")
     """
-    from lowbit.io.gguf.mixes import is_mix, mix_plan
-
     cfg = config or MethodConfig()
-    if plan is None and is_mix(scheme):
-        if method == "rtn" and calib is not None:
-            cfg = replace(cfg, importance=True)
-        base = mix_plan(model, scheme, method, cfg, has_imatrix=calib is not None)
-    else:
-        base = plan or default_plan(model, scheme, method, cfg)
+    base = plan or scheme_plan(model, scheme, method, cfg, calibrated=calib is not None)
     full = base.with_rules(list(rules), list(keep), method=method, config=cfg)
     target = model if inplace else copy.deepcopy(model)
     win = None if calib is None else calibration_windows(tokenizer, calib, windows, window_len)

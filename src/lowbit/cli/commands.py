@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 import lowbit
+from lowbit.api import scheme_plan
 from lowbit.errors import LowbitError
 from lowbit.io.exporters import Exporter, ExportOptions
 from lowbit.methods.registry import MethodConfig, method_spec
@@ -218,7 +219,8 @@ def cmd_size(args: argparse.Namespace) -> dict[str, Any] | None:
 def cmd_plan(args: argparse.Namespace) -> dict[str, Any] | None:
     _validate(args)
     model, _ = lowbit.load(args.source)
-    base = _plan(args, model) or lowbit.default_plan(model, args.scheme, args.method, _config(args))
+    base = _plan(args, model) or scheme_plan(model, args.scheme, args.method, _config(args),
+                                             calibrated=bool(args.calib))
     plan = base.with_rules(args.rule, args.keep, method=args.method, config=_config(args))
     for pat in plan.unmatched_patterns(model):
         err.print(f"[yellow]warning[/]: rule pattern {pat!r} matches no layer")
