@@ -102,3 +102,12 @@ def test_gptq_on_every_layout_beats_the_round_to_nearest_fit():
         assert torch.equal(q.dequantize(torch.float32), w_hat), name
         rtn = layout_of(s).quantize(w, s, importance=xtx.diagonal() / 2048).dequantize(torch.float32)
         assert reconstruction_loss(w, w_hat, xtx, 2048) < 0.9 * reconstruction_loss(w, rtn, xtx, 2048), name
+
+
+@pytest.mark.parametrize("name", GGML)
+def test_every_ggml_type_has_a_grouped_proxy_of_its_width_and_sub_block(name):
+    s = parse_scheme(name)
+    p = layout_of(s).proxy(s)
+    bt = BLOCK_TYPES[name.upper()]
+    assert p.layout == "affine" and p.bits == s.bits and p.group_size == bt.sub
+    assert layout_of(p).proxy(p) == p  # the affine family is its own proxy

@@ -39,6 +39,11 @@ class Layout:
         """The per-input-channel weights ``(in,)`` GPTQ's grid fits use (None: unweighted)."""
         return importance
 
+    def proxy(self, scheme: Scheme) -> Scheme:
+        """A grouped scheme of the same width and sub-block that searches (AWQ's scale search) can round with
+        cheaply, in place of this layout's own fit; the scheme itself for the affine family."""
+        return scheme
+
     def check(self, scheme: Scheme, shape: tuple[int, ...]) -> None:
         """Raise a LowbitError when ``shape`` cannot be stored in ``scheme``."""
 

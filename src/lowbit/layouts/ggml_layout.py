@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.core.qtensor import QTensor
-from lowbit.core.scheme import Scheme
+from lowbit.core.scheme import Scheme, parse_scheme
 from lowbit.errors import LowbitError
 from lowbit.layouts.base import Layout, register_layout
 from lowbit.layouts.ggml import BLOCK_TYPES, BlockType
@@ -23,6 +23,11 @@ from lowbit.layouts.ggml.search import saliency
 from lowbit.primitives.quant import as_matrix
 
 CHUNK = 1 << 20  # weights fitted per step: big enough to amortise thread start-up, small enough for cache
+# the grouped grid of each type's sub-block (same width, same sharing of one scale): searches that round a
+# weight many times (AWQ's 21 scalings per layer pair) rank candidates on it, not on the slower block search
+PROXY = {"q8_0": "int8-g32-sym", "q4_0": "int4-g32-sym", "q4_1": "int4-g32", "q5_0": "int5-g32-sym",
+         "q5_1": "int5-g32", "q2_k": "int2-g16", "q3_k": "int3-g16-sym", "q4_k": "int4-g32", "q5_k": "int5-g32",
+         "q6_k": "int6-g16-sym", "iq4_nl": "nf4-g32", "iq4_xs": "nf4-g32"}
 
 
 def block_type(scheme: Scheme) -> type[BlockType]:
@@ -54,6 +59,9 @@ class GGMLLayout(Layout):
         """The Hessian's diagonal (E[x²]) unless the method gives its own; every weight counts a little."""
         imp = (hdiag if importance is None else importance).float()
         return imp + 1e-6 * imp.mean().clamp(min=1e-30)
+
+    def proxy(self, scheme):
+        return parse_scheme(PROXY[scheme.name])
 
     def check(self, scheme, shape):
         bs = scheme.block.block_size

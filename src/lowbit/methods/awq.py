@@ -30,9 +30,9 @@ SHRINKS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
 
 
 def _fake(w: torch.Tensor, scheme: Scheme) -> torch.Tensor:
-    """RTN quantize → dequantize of a (out, in) weight on the scheme's layout, float32."""
-    if scheme.layout != "affine":
-        return layout_of(scheme).quantize(w, scheme).dequantize(torch.float32)
+    """RTN min-max quantize → dequantize of a (out, in) weight, float32; a GGML type is rounded on its
+    layout's grouped proxy (same width and sub-block), as AWQ's search only ranks candidate scalings."""
+    scheme = layout_of(scheme).proxy(scheme)
     xg = group_view(w, scheme.granularity, scheme.group_size)
     grid = scheme.grid
     s, z = grid.qparams(*minmax(xg, grid)) if grid.has_scale else (None, None)
