@@ -142,6 +142,12 @@ class BlockType:
         raise NotImplementedError
 
     @classmethod
+    def values(cls, codes: torch.Tensor, p: Params) -> torch.Tensor:
+        """The values ``(N, block_size)`` that ``codes`` stand for on the grid of ``p`` (float32)."""
+        s, off = cls.grid(p)  # (N, S, 1)
+        return (codes.reshape(s.shape[0], s.shape[1], -1).float() * s + off).reshape(codes.shape)
+
+    @classmethod
     def column_rounder(cls, p: Params) -> Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
         """For GPTQ: ``round(j, x) -> (codes, values)`` of one column ``x`` ``(N,)`` (one weight of each of the
         N blocks of ``p``) lying in sub-block ``j``, on the grid of ``p``. The grid is computed once."""

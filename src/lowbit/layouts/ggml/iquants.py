@@ -89,6 +89,11 @@ class _Lookup(BlockType):
         return _codes(cls._view(w), cls.scales(p)).reshape(w.shape).to(U8)
 
     @classmethod
+    def values(cls, codes, p):
+        d = cls.scales(p)  # (N, S, 1)
+        return (KVALUES[codes.long()].reshape(d.shape[0], d.shape[1], -1) * d).reshape(codes.shape)
+
+    @classmethod
     def _error(cls, x, w, p):
         d = cls.scales(p)
         e = (KVALUES[_codes(x, d)] * d - x).square()
