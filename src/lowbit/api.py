@@ -1,10 +1,21 @@
 """The public model-level API: ``load``, ``quantize``, ``save``, ``evaluate``.
 
->>> model, tok = lowbit.load("HuggingFaceTB/SmolLM2-135M-Instruct")       # or a dir, or a .gguf
->>> qmodel, report = lowbit.quantize(model, tok, scheme="int4-g128", method="gptq", calib="calib.txt")
->>> lowbit.save(qmodel, "smollm2-int4", tokenizer=tok, report=report)
->>> lowbit.export_hf(qmodel, "smollm2-int4-hf", tokenizer=tok)      # compressed-tensors, transformers loads it
->>> lowbit.evaluate(qmodel, reference=model, tokenizer=tok, text="held_out.txt").kl_mean
+>>> model, tok = lowbit.load("HuggingFaceTB/SmolLM2-135M-Instruct")  # a hub id (network)  # doctest: +SKIP
+>>> model, tok = lowbit.load("tiny-llama")  # a Hugging Face folder (a tiny random Llama here), or a .gguf
+>>> qmodel, report = lowbit.quantize(model, tok, scheme="int4-g128", method="gptq", calib="calib.txt",
+...                                  windows=4, window_len=32)  # 4 windows of 32 tokens: a toy calibration
+>>> lowbit.save(qmodel, "tiny-int4", tokenizer=tok, report=report)
+PosixPath('tiny-int4')
+>>> hf = lowbit.export_hf(qmodel, "tiny-int4-hf", tokenizer=tok)  # compressed-tensors, transformers loads it
+>>> r = lowbit.evaluate(qmodel, reference=model, tokenizer=tok, text="held_out.txt", windows=2, window_len=64,
+...                     speed=False)
+>>> from lowbit.eval import format_table
+>>> print(format_table([r]))  # a random toy model: perplexity ≈ its vocabulary  # doctest: +ELLIPSIS
+2 windows × 64 tokens
+model       size      bpw    ppl     Δppl    KL mean   KL p99    top-1
+reference   4.6 MB    32.00  316.49  –       –         –         –
+tiny-llama  670.9 kB  4.68   319.37  +0.91%  6.04e-04  9.10e-04  ...%
+tiny-llama worst windows: #0 (KL 7.36e-04) "The market opens before dawn, when", ...
 """
 
 from __future__ import annotations
@@ -38,8 +49,12 @@ def load(source: str | os.PathLike, dtype: torch.dtype = torch.float32, *, lazy:
     block's weights on the ``meta`` device; ``quantize`` then reads one block at a time from the safetensors
     files, so memory holds one float block, never the whole model.
 
-    >>> model, tok = lowbit.load("SmolLM2-135M-Instruct", lazy=True)
+    >>> model, tok = lowbit.load("tiny-llama", lazy=True)
+    >>> model.model.embed_tokens.weight.is_meta, model.model.layers[0].mlp.up_proj.weight.is_meta
+    (False, True)
     >>> qmodel, report = lowbit.quantize(model, tok, scheme="int4-g64", inplace=True)
+    >>> qmodel is model, any(t.is_meta for t in qmodel.state_dict().values())
+    (True, False)
     """
     if is_lowbit_dir(source):
         return load_quantized(source)
@@ -59,8 +74,11 @@ def export_hf(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = Non
     """Write a quantized model as a compressed-tensors checkpoint that ``transformers`` loads (see
     :mod:`lowbit.io.hf_export`); embeddings and layers the format cannot pack are written as float and reported.
 
-    >>> report = lowbit.export_hf(qmodel, "smollm2-int4-hf", tokenizer=tok)
-    >>> AutoModelForCausalLM.from_pretrained("smollm2-int4-hf")   # needs `pip install lowbit[hf]`
+    >>> report = lowbit.export_hf(qmodel, "tiny-int4-hf", tokenizer=tok)
+    >>> from transformers import AutoModelForCausalLM
+    >>> hf = AutoModelForCausalLM.from_pretrained("tiny-int4-hf")   # needs `pip install lowbit[hf]`
+    >>> torch.equal(hf.model.layers[0].mlp.up_proj.weight, qmodel.model.layers[0].mlp.up_proj.qweight.dequantize())
+    True
     """
     return _export_hf(model, out_dir, tokenizer=tokenizer, force=force, strict=strict)
 
@@ -129,8 +147,12 @@ def quantize(model: nn.Module, tokenizer: Any = None, scheme: str = "int4-g128",
     runs, one block at a time; the quantized model is returned where ``model`` was (``qmodel.to(device)``
     moves it, quantized parts included).
 
-    >>> qmodel, report = lowbit.quantize(model, tok, "int4-g128", "gptq", calib="calib.txt", device="cuda")
-    >>> qmodel, report = lowbit.quantize(model, tok, scheme="Q4_K_M", method="awq+gptq", calib="calib.txt")
+    >>> qmodel, report = lowbit.quantize(model, tok, "int4-g128", "gptq", calib="calib.txt",
+    ...                                  device="cuda")  # doctest: +SKIP
+    >>> qmodel, report = lowbit.quantize(model, tok, scheme="Q4_K_M", method="awq+gptq", calib="calib.txt",
+    ...                                  windows=4, window_len=32)
+    >>> sorted({layer.scheme for layer in report.layers})  # the mix's types, and its fallbacks for rows of 384
+    ['q4_k', 'q5_0', 'q6_k', 'q8_0']
     """
     cfg = config or MethodConfig()
     base = plan or scheme_plan(model, scheme, method, cfg, calibrated=calib is not None)
@@ -148,7 +170,11 @@ def evaluate(model: nn.Module, reference: nn.Module | None = None, *, device: st
 
     ``device`` (default: where each model is): both models are moved there (and stay there) to be evaluated.
 
-    >>> lowbit.evaluate(qmodel, reference=model, tokenizer=tok, text="held_out.txt", device="cuda").kl_mean
+    >>> r = lowbit.evaluate(qmodel, reference=model, tokenizer=tok, text="held_out.txt", windows=2, window_len=64,
+    ...                     speed=False)
+    >>> r.n_windows, r.window_len, round(r.kl_mean, 4)
+    (2, 64, 0.0006)
+    >>> lowbit.evaluate(qmodel, reference=model, tokenizer=tok, text="held_out.txt", device="cuda")  # doctest: +SKIP
     """
     from lowbit.eval import evaluate as _evaluate
     from lowbit.model.device import optional_device

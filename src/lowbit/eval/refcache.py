@@ -12,8 +12,9 @@ checksum of every bit of each), the window tokens and ``k``. The cache directory
 
 Size: n × (L-1) × (8 k + 12) bytes, 42 MB for 40 windows of 512 at k = 256.
 
->>> key = cache_key(reference, windows, k=256)  # doctest: +SKIP
->>> entry = load_reference(default_cache_dir(), key, windows, k=256)  # None on a miss  # doctest: +SKIP
+>>> key = cache_key(model, windows, k=256)    # model: the reference
+>>> print(load_reference(default_cache_dir(), key, windows, k=256))  # None on a miss
+None
 """
 
 from __future__ import annotations

@@ -1,10 +1,13 @@
 """Presenting :class:`EvalResult` s: a plain-text table for the terminal and an HTML / Markdown report.
 
->>> print(format_table([result]))  # doctest: +SKIP
-40 windows × 512 tokens
-model         size      bpw    ppl    Δppl     KL mean  KL p99  top-1  tok/s  ×ref
-reference     538.1 MB  32.00  16.92  –        –        –       –      1450   1.00
-smollm2-int4  95.3 MB   4.28   17.80  +5.21%   0.0712   0.5110  88.1%  1210   0.83
+>>> from lowbit.eval import evaluate
+>>> result = evaluate(qmodel, model, tok, "held_out.txt", windows=2, window_len=64, label="tiny-int4", speed=False)
+>>> print(format_table([result]))  # doctest: +ELLIPSIS
+2 windows × 64 tokens
+model      size      bpw    ppl     Δppl    KL mean   KL p99    top-1
+reference  4.6 MB    32.00  316.49  –       –         –         –
+tiny-int4  670.9 kB  4.68   319.37  +0.91%  6.04e-04  9.10e-04  ...%
+tiny-int4 worst windows: #0 (KL 7.36e-04) "The market opens before dawn, when", ...
 """
 
 from __future__ import annotations
@@ -149,8 +152,12 @@ def write_report(results: list[EvalResult], path: str | os.PathLike, title: str 
     """Write a report: ``.html`` → one self-contained file (plots inlined as PNG); ``.md`` → Markdown with
     the PNGs written beside it (``<stem>-<plot>.png``). Returns the report's path.
 
-    >>> write_report([result], "out/eval.html")  # doctest: +SKIP
-    PosixPath('out/eval.html')
+    >>> from lowbit.eval import evaluate
+    >>> result = evaluate(qmodel, model, tok, "held_out.txt", windows=2, window_len=64, speed=False)
+    >>> write_report([result], "eval.html")
+    PosixPath('eval.html')
+    >>> write_report([result], "eval.md"), sorted(p.name for p in Path().glob("eval-*.png"))
+    (PosixPath('eval.md'), ['eval-KL-distribution.png', 'eval-KL-per-window.png', 'eval-size-vs-quality.png'])
     """
     if not results:
         raise LowbitError("write_report: no results to report")

@@ -57,8 +57,8 @@ def model_size(model: torch.nn.Module) -> SizeInfo:
     """Walk ``model``'s modules and count the bytes of quantized and float tensors (tied weights once).
 
     >>> lin = torch.nn.Linear(128, 64, bias=False)
-    >>> lin.qweight = lowbit.quantize_tensor(lin.weight.detach(), "int4-g32")  # doctest: +SKIP
-    >>> model_size(lin).bpw_quantized  # doctest: +SKIP
+    >>> lin.qweight = lowbit.quantize_tensor(lin.weight.detach(), "int4-g32")
+    >>> model_size(lin).bpw_quantized
     4.625
     """
     seen: set[tuple] = set()

@@ -6,9 +6,9 @@
 
 Every figure is the median of ``repeats`` runs with ``torch`` limited to ``threads`` threads (restored after).
 
->>> info = measure_speed(model, windows[:2], causal=True)  # doctest: +SKIP
->>> info.tokens_per_s, info.decode_ms_per_token  # doctest: +SKIP
-(3012.5, 21.7)
+>>> info = measure_speed(model, windows[:2], causal=True, threads=1)
+>>> info.threads, info.tokens_per_s > 0, info.decode_ms_per_token > 0   # figures of this machine
+(1, True, True)
 """
 
 from __future__ import annotations
@@ -102,8 +102,8 @@ def measure_speed(
 
     One untimed warm-up pass precedes the timed ones.
 
-    >>> measure_speed(model, torch.randint(0, 100, (2, 64)), context=16, new_tokens=4)  # doctest: +SKIP
-    SpeedInfo(tokens_per_s=..., decode_ms_per_token=..., peak_rss_bytes=..., threads=2)
+    >>> measure_speed(model, torch.randint(0, 100, (2, 64)), context=16, new_tokens=4, threads=1)  # doctest: +ELLIPSIS
+    SpeedInfo(tokens_per_s=..., decode_ms_per_token=..., peak_rss_bytes=..., threads=1, load_avg=...)
     """
     if isinstance(windows, torch.Tensor):
         batches = [{"input_ids": w.reshape(1, -1)} for w in windows]  # batch 1

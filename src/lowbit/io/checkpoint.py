@@ -42,7 +42,11 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, QTensor | torch.Ten
     """Write ``{name: QTensor | Tensor}`` to ``path`` atomically (temporary file, then rename). Tensors on any
     device are written from CPU copies, so the file does not depend on where the model ran.
 
-    >>> save_tensors("w.safetensors", {"w": quantize_tensor(torch.randn(64, 64), "int4-g32")})
+    >>> q = quantize_tensor(torch.randn(64, 64), "int4-g32")
+    >>> save_tensors("w.safetensors", {"w": q, "bias": torch.zeros(64)})
+    >>> back = load_tensors("w.safetensors")
+    >>> torch.equal(back["w"].codes, q.codes), back["w"].scheme == q.scheme, back["bias"].shape
+    (True, True, torch.Size([64]))
     """
     flat: dict[str, torch.Tensor] = {}
     header: dict[str, Any] = {}

@@ -5,7 +5,7 @@ carry their help) and ``write``. :meth:`Exporter.export` wraps ``write`` with wh
 options type, refusing an existing output unless ``force``, timing, and the common :class:`ExportReport`.
 
 >>> exporter = get_exporter("gguf")
->>> report = exporter.export(model, "smollm2-q8.gguf", tok, exporter.Options(type="Q8_0"))
+>>> report = exporter.export(model, "tiny-q8.gguf", tok, exporter.Options(type="Q8_0"))
 >>> report.format, report.details.gguf.bpw
 ('gguf', 8.5)
 
@@ -21,6 +21,9 @@ A new exporter is one file; registering it adds ``lowbit export NAME`` with a fl
 ...
 ...     def write(self, qmodel, out, tokenizer, options, *, force=False, progress=None):
 ...         ...                                  # returns its own report: a dataclass with warnings and to_dict()
+>>> exporter_names()
+['gguf', 'hf', 'npz']
+>>> _ = _EXPORTERS.remove("npz")  # (this example's exporter writes nothing: unregister it again)
 """
 
 from __future__ import annotations
@@ -47,8 +50,10 @@ _KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a s
 class OptionError(LowbitError, ValueError):
     """An exporter option with a wrong type or value. ``option`` is the field name; the CLI names it as its flag.
 
+    >>> from lowbit.io.gguf.exporter import GGUFOptions
     >>> GGUFOptions(calib_windows=0)
-    OptionError: GGUFOptions.calib_windows=0: must be at least 1
+    Traceback (most recent call last):
+    lowbit.io.exporters.OptionError: GGUFOptions.calib_windows=0: must be at least 1
     """
 
     def __init__(self, owner: str, option: str, value: Any, problem: str):
@@ -283,6 +288,7 @@ def get_exporter(name: str) -> Exporter:
     """The registered exporter ``name``.
 
     >>> get_exporter("onnx")
-    LowbitError: unknown exporter 'onnx' (known: gguf, hf)
+    Traceback (most recent call last):
+    lowbit.errors.LowbitError: unknown exporter 'onnx' (known: gguf, hf)
     """
     return _registry().get(name)()

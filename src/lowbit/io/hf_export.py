@@ -30,8 +30,11 @@ transformers' dequantize-at-load path, which applies one scheme to every layer. 
 therefore keeps one scheme packed (the one covering the most weights), writes other quantized linear layers as
 float (with a warning) and sets ``"dequantize": true`` in its ``quantization_config``.
 
->>> report = export_hf(qmodel, "smollm2-int4-hf", tokenizer=tok)
->>> model = transformers.AutoModelForCausalLM.from_pretrained("smollm2-int4-hf")
+>>> report = export_hf(qmodel, "tiny-int4-hf", tokenizer=tok)
+>>> hf = transformers.AutoModelForCausalLM.from_pretrained("tiny-int4-hf")
+>>> torch.equal(hf.model.layers[0].self_attn.q_proj.weight,
+...             qmodel.model.layers[0].self_attn.q_proj.qweight.dequantize())
+True
 """
 
 from __future__ import annotations
@@ -368,9 +371,9 @@ def export_hf(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = Non
     The directory is written atomically; an existing ``out_dir`` is refused unless ``force``. Layers the format
     cannot pack are written as float and reported (``strict=True``: an error for linear layers instead).
 
-    >>> report = export_hf(qmodel, "out-hf", tokenizer=tok)
-    >>> report.packed_bpw, report.floated
-    (4.56, ['model.embed_tokens', 'lm_head'])
+    >>> report = export_hf(qmodel, "tiny-int4-hf", tokenizer=tok)
+    >>> round(report.packed_bpw, 2), report.floated   # lm_head: int8 beside asymmetric int4 (see the module doc)
+    (4.28, ['model.embed_tokens', 'lm_head'])
     """
     t0 = time.perf_counter()
     out = Path(out_dir)

@@ -1,7 +1,13 @@
 """``lowbit export hf``: :func:`export_hf` (compressed-tensors) behind the exporter interface.
 
->>> report = get_exporter("hf").export(qmodel, "smollm2-int4-hf", tok, HFOptions(strict=True))
->>> report.details.packed_bpw, report.details.floated
+>>> from lowbit.io.exporters import get_exporter
+>>> qsym, _ = lowbit.quantize(model, tok, "int4-g64-sym")   # symmetric: every linear layer can be packed
+>>> report = get_exporter("hf").export(qsym, "tiny-int4-hf", tok, HFOptions(strict=True))
+>>> round(report.details.packed_bpw, 2), report.details.floated
+(4.76, ['model.embed_tokens'])
+>>> get_exporter("hf").export(qmodel, "tiny-asym-hf", tok, HFOptions(strict=True))  # doctest: +ELLIPSIS
+Traceback (most recent call last):
+lowbit.errors.LowbitError: layer lm_head: int8 cannot be packed beside the asymmetric int4-g128-asym layers: ...
 """
 
 from __future__ import annotations

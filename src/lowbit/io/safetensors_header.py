@@ -10,7 +10,7 @@ failure is one line naming the file (:class:`~lowbit.errors.WeightsFileError`).
 >>> h = read_safetensors_header("model.safetensors")
 >>> t = h.tensors["lm_head.weight"]
 >>> t.dtype, t.shape, t.nbytes, torch_dtype(t.dtype)
-('F32', (49152, 576), 113246208, torch.float32)
+('F32', (300, 256), 307200, torch.float32)
 >>> safetensors_dtype(torch.bfloat16), dtype_name(torch.bfloat16), dtype_from_name("bfloat16")
 ('BF16', 'bfloat16', torch.bfloat16)
 """

@@ -65,7 +65,11 @@ def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None, pl
          report: Any = None, force: bool = False) -> Path:
     """Write a quantized model to ``out_dir`` atomically; refuses an existing directory unless ``force``.
 
-    >>> lowbit.save(qmodel, "smollm2-int4", tokenizer=tok)
+    >>> lowbit.save(qmodel, "tiny-int4", tokenizer=tok)
+    PosixPath('tiny-int4')
+    >>> lowbit.save(qmodel, "tiny-int4", tokenizer=tok)
+    Traceback (most recent call last):
+    lowbit.errors.LowbitError: tiny-int4: already exists (pass force=True / --force to replace it)
     """
     out = Path(out_dir)
     if out.exists() and not force:

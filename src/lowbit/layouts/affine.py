@@ -4,6 +4,7 @@ Covers integer grids (sym / asym, per tensor, channel or group, a ragged last gr
 nf4 lookup grid and plain bf16/fp16 casts. ``fit`` chooses each group's range with an observer (min-max by
 default), weighting each input channel's error by ``importance`` when given.
 
+>>> from lowbit.layouts import layout_of
 >>> s = parse_scheme("int4-g32")
 >>> lay = layout_of(s)
 >>> w = torch.randn(4, 64)

@@ -4,6 +4,7 @@
 of its block, as llama.cpp's k-quants weigh it) times ``importance`` of its input channel (E[x²] from
 calibration, llama.cpp's imatrix) when given. Rows are encoded in chunks so memory stays bounded.
 
+>>> from lowbit.layouts import layout_of
 >>> s = parse_scheme("q6_k")
 >>> q = layout_of(s).quantize(torch.randn(4, 512), s)
 >>> q.codes.numel() == 4 * 2 * 210, q.bits_per_weight

@@ -43,7 +43,12 @@ def search_scales(x: torch.Tensor, weights: list[torch.Tensor], scheme: Scheme, 
                   ) -> tuple[torch.Tensor, dict]:
     """Per-input-channel scales (in,) for layers reading ``x`` (n, in); 1.0 everywhere when scaling doesn't help.
 
-    >>> s, info = search_scales(x, [q.weight, k.weight, v.weight], parse_scheme("int4-g128"))
+    >>> attn = model.model.layers[0].self_attn
+    >>> x = torch.randn(512, 256) * torch.linspace(0.1, 5.0, 256)   # (tokens, hidden): some channels much larger
+    >>> weights = [m.weight.detach() for m in (attn.q_proj, attn.k_proj, attn.v_proj)]   # all three read x
+    >>> s, info = search_scales(x, weights, parse_scheme("int4-g128"))
+    >>> s.shape, info["alpha"] > 0, info["loss"] < info["loss_unscaled"]
+    (torch.Size([256]), True, True)
     """
     x = x.to(torch.float32)
     x_mean = x.abs().mean(dim=0).clamp(min=1e-8)  # (in,)

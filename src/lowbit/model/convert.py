@@ -9,7 +9,16 @@ swapped silently. Every conversion is then checked on a probe input: the quantiz
 run with the float weight, must give what the float module gives — so a conversion that forgets something
 fails loudly at quantize time instead of producing a model that computes something else.
 
->>> new = quantized_module("model.embed_tokens", model.model.embed_tokens, qtensor)  # QEmbedding, embed_scale kept
+>>> emb = model.model.embed_tokens
+>>> new = quantized_module("model.embed_tokens", emb, lowbit.quantize_tensor(emb.weight.detach(), "int8"))
+>>> type(new).__name__, new.padding_idx == emb.padding_idx
+('QEmbedding', True)
+>>> class Doubled(torch.nn.Linear):           # arithmetic of its own that no conversion declares
+...     def forward(self, x):
+...         return 2 * super().forward(x)
+>>> quantized_module("head", Doubled(64, 8), lowbit.quantize_tensor(torch.randn(8, 64), "int8"))  # doctest: +ELLIPSIS
+Traceback (most recent call last):
+lowbit.errors.LowbitError: layer head: Doubled overrides Linear.forward with arithmetic lowbit has no ...
 """
 
 from __future__ import annotations

@@ -7,7 +7,31 @@ matches ``model.layers.3.mlp.down_proj``), or, prefixed ``re:``, as a regular ex
 then the user's ``--rule`` / ``--keep`` options.
 
 >>> plan = Plan.default("int4-g128", method="gptq", family="llama").with_rules(["mlp.down_proj=int8"], keep=["lm_head"])
->>> plan.to_json()  # hand-editable JSON, read back with Plan.from_json
+>>> print(plan.to_json())  # hand-editable JSON, read back with Plan.from_json  # doctest: +ELLIPSIS
+{
+  "version": 1,
+  "rules": [
+    {
+      "pattern": "*",
+      "scheme": "int4-g128",
+      "method": "gptq",
+      "config": {
+        "observer": "minmax",
+        "importance": false,
+        "options": {}
+      },
+      "kind": "linear"
+    },
+    ...
+    {
+      "pattern": "lm_head",
+      "scheme": null
+    }
+  ]
+}
+>>> _ = plan.to_json("plan.json")
+>>> Plan.from_json("plan.json") == plan
+True
 """
 
 from __future__ import annotations

@@ -169,7 +169,12 @@ def quantize_model(model: nn.Module, plan: Plan, calib: torch.Tensor | None = No
     ``device`` (default: where the model is) is where the work runs: each block and its calibration
     activations (each layer, for data-free methods) go there to be quantized, then back to the model's device.
 
-    >>> report = quantize_model(model, Plan.default("int4-g128", "gptq", embeddings=..., head=...), windows)
+    >>> plan = Plan.default("int4-g128", "gptq", family="llama", embeddings=("model.embed_tokens",), head="lm_head")
+    >>> report = quantize_model(model, plan, windows)   # windows: token ids (4, 32)
+    >>> [(r.name, r.scheme, r.method) for r in report.layers][:2], report.calib_tokens
+    ([('model.embed_tokens', 'int8', 'rtn'), ('model.layers.0.self_attn.q_proj', 'int4-g128', 'gptq')], 128)
+    >>> type(model.model.layers[0].mlp.down_proj).__name__
+    'QLinear'
     """
     t_start = time.perf_counter()
     device = optional_device(device)

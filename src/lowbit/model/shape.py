@@ -43,8 +43,9 @@ TASK_AUTO_CLASSES = {
 def model_task(config: Any) -> str:
     """``"causal-lm"``, ``"encoder"``, … from ``config.architectures``, else from ``config.model_type``.
 
-    >>> model_task(BertConfig(architectures=["BertModel"]))
-    'encoder'
+    >>> from transformers import BertConfig, LlamaConfig
+    >>> model_task(BertConfig(architectures=["BertModel"])), model_task(LlamaConfig())
+    ('encoder', 'causal-lm')
     """
     for arch in getattr(config, "architectures", None) or ():
         for suffix, task in ARCH_SUFFIX_TASKS:

@@ -17,7 +17,7 @@ Storage rule (one row of :func:`size_table` per format):
 ``runtime_bytes`` adds a KV cache of ``context`` tokens at batch 1 (2 × layers × kv heads × head dim ×
 context × ``kv_bytes``) for causal LMs; activations and framework overhead are not counted.
 
->>> rows = size_table("config.json")            # e.g. Llama-2-7B
+>>> rows = size_table("config.json")            # here: Llama-2-7B's
 >>> [(r.format, round(r.weight_bytes / 1e9, 2)) for r in rows[:2]]
 [('fp32', 26.95), ('bf16', 13.48)]
 """
@@ -162,8 +162,10 @@ def size_table(
 ) -> list[SizeRow]:
     """Weight and runtime bytes of a model in each of ``formats`` (a ModelShape, config, path or hub id).
 
-    >>> [r.format for r in size_table("HuggingFaceTB/SmolLM2-135M", ["bf16", "int4-g128"])]
+    >>> [r.format for r in size_table("config.json", ["bf16", "int4-g128"])]
     ['bf16', 'int4-g128']
+    >>> [r.format for r in size_table("HuggingFaceTB/SmolLM2-135M", ["Q4_K_M"])]  # a hub id: network  # doctest: +SKIP
+    ['Q4_K_M']
     """
     shape = config_or_source if isinstance(config_or_source, ModelShape) else model_shape(config_or_source)
     for fmt in formats:
@@ -223,7 +225,20 @@ def size_report(
 ) -> SizeReport:
     """:func:`size_table` plus parameter counts and this machine's RAM, for the ``lowbit size`` command.
 
-    >>> print(format_report(size_report("config.json")))  # doctest: +SKIP
+    >>> print(format_report(size_report("config.json")))  # this machine's RAM varies  # doctest: +ELLIPSIS
+    config.json · llama · 6.74 B parameters (6.48 B in linear layers)
+    format          bpw     weights  + runtime (ctx 4096, fp16 KV)
+    fp32          32.00    26.95 GB                      29.10 GB
+    bf16          16.00    13.48 GB                      15.62 GB
+    fp8            8.01     6.74 GB                       8.89 GB
+    int8           8.00     6.74 GB                       8.89 GB
+    int4-g128      4.31     3.63 GB                       5.77 GB
+    int3-g64       3.48     2.93 GB                       5.08 GB
+    int2-g64       2.50     2.11 GB                       4.26 GB
+    Q4_K_M         4.84     4.08 GB                       6.23 GB
+    This machine: ... GB RAM → fits up to ...
+    bpw over all parameters; below 8 bits, embeddings and head at int8; norms at 16 bits
+    runtime = weights + KV cache (activations not counted)
     """
     if context < 1:
         raise SizeError(f"context must be a positive number of tokens, got {context}")

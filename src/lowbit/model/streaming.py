@@ -6,10 +6,12 @@ where each of them lives (safetensors file + key) with the reader the loader han
 no files itself). ``quantize_model`` loads a block right before it quantizes it; the float weights of the
 layers it replaces go with them, so memory holds one float block at a time, never the whole model.
 
->>> model, tok = lowbit.load("SmolLM2-135M-Instruct", lazy=True)
->>> model.model.layers[3].mlp.up_proj.weight.is_meta
+>>> model, tok = lowbit.load("tiny-llama", lazy=True)
+>>> model.model.layers[1].mlp.up_proj.weight.is_meta
 True
->>> streamed_weights(model).load_block(model, "model.layers.3.")   # or .load_all(model)
+>>> streamed_weights(model).load_block(model, "model.layers.1.")   # or .load_all(model)
+>>> model.model.layers[1].mlp.up_proj.weight.is_meta, model.model.layers[0].mlp.up_proj.weight.is_meta
+(False, True)
 """
 
 from __future__ import annotations

@@ -14,8 +14,10 @@ contains 0, so padded elements quantize exactly to 0 and never widen a group's r
 >>> xg = group_view(w, "group", 2)           # (1, 2, 2)
 >>> grid = Grid(get_format("uint2"), symmetric=False)
 >>> s, z = grid.qparams(xg.amin(-1, keepdim=True), xg.amax(-1, keepdim=True))
->>> ungroup(grid.fake(xg, s, z), w.shape).tolist()
-[[0.0, 1.0, 2.0, 3.0]]
+>>> s.flatten().tolist(), z.flatten().tolist()   # 1/3 stored as float16, rounded up so the grid spans [0, 1]
+([0.33349609375, 1.0], [0.0, 0.0])
+>>> ungroup(grid.fake(xg, s, z), w.shape).tolist()   # 1 is 3 steps of that scale
+[[0.0, 1.00048828125, 2.0, 3.0]]
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """GGUF export: lowbit's numbers in llama.cpp's blocks, llama.cpp's per-tensor type mixes, a streaming writer.
 
 >>> from lowbit.io.gguf import export_gguf
->>> report = export_gguf(model, tok, "smollm2-q4km.gguf", "Q4_K_M")   # or calib=windows, method="gptq"
->>> report.bpw, len(report.fallbacks)
+>>> report = export_gguf(model, tok, "tiny-q4km.gguf", "Q4_K_M")   # or calib=windows, method="gptq"
+>>> round(report.bpw, 2), len(report.fallbacks)   # mlp.down_proj's rows of 384 do not fill 256-blocks
+(5.13, 2)
 
 Modules: :mod:`.blocks` / :mod:`.kquants` (one class per GGML type: fit, quantize, pack, dequantize),
 :mod:`.search` (the scale searches), :mod:`.gptq` (GPTQ on a block type's grid), :mod:`.mixes`

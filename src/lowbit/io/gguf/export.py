@@ -7,10 +7,10 @@ fallbacks for rows the blocks do not fit — and then written the same way; the 
 Layers quantized to lowbit's grouped schemes go to the nearest GGML type (searched onto its grid, noted).
 The file appears atomically.
 
->>> report = export_gguf(model, tok, "smollm2-q4km.gguf", "Q4_K_M")
->>> t = next(t for t in report.tensors if t.name == "blk.0.attn_q.weight")
+>>> report = export_gguf(model, tok, "tiny-q4km.gguf", "Q4_K_M")
+>>> t = next(t for t in report.tensors if t.name == "blk.0.ffn_down.weight")
 >>> t.requested, t.ggml, t.note
-('Q4_K', 'Q5_0', "row length 576 is not a multiple of Q4_K's block of 256: Q5_0 instead")
+('Q4_K', 'Q5_0', "row length 384 is not a multiple of Q4_K's block of 256: Q5_0 instead")
 """
 
 from __future__ import annotations
@@ -171,9 +171,9 @@ def export_gguf(model: nn.Module | str | os.PathLike, tokenizer: Any, path: str 
     per-layer statistics (module name -> LayerStats) instead of calibration. ``options``: the method's
     options. ``threads``: torch threads while quantizing and encoding (restored after).
 
-    >>> report = export_gguf(model, tok, "out.gguf", "Q4_K_M", calib=windows)
+    >>> report = export_gguf(model, tok, "tiny-q4km.gguf", "Q4_K_M", calib=windows)
     >>> report.method, round(report.bpw, 2)
-    ('gptq', 5.53)
+    ('gptq', 5.13)
     """
     t_start = time.perf_counter()
     mix, base, ftype = resolve_mix(type or "F32")

@@ -4,8 +4,15 @@ llama.cpp is native code that can crash on a machine it was built wrongly for (i
 on some Sapphire Rapids CPUs): every call here runs in :func:`lowbit.isolate.run_isolated`, so a crash is
 one :class:`~lowbit.isolate.ChildFailed` error naming the file and the signal, never a dead process.
 
->>> lp = logprobs("model.gguf", [1, 2, 3])  # (T, vocab) float64 log-softmax  # doctest: +SKIP
->>> quantize("model-f32.gguf", "model-q4km.gguf", "Q4_K_M")  # llama-quantize itself  # doctest: +SKIP
+>>> lp = logprobs("model.gguf", [1, 2, 3])  # (T, vocab) float64 log-softmax
+>>> lp.shape, lp.dtype
+((3, 300), dtype('float64'))
+>>> from lowbit.io.gguf import export_gguf
+>>> _ = export_gguf(model, tok, "model-f32.gguf", "F32")
+>>> quantize("model-f32.gguf", "model-q4km.gguf", "Q4_K_M")  # llama-quantize itself
+>>> from lowbit.io.gguf.reader import read_gguf_index
+>>> sorted({t.type_name for t in read_gguf_index("model-q4km.gguf").tensors})
+['F32', 'Q4_K', 'Q5_0', 'Q6_K', 'Q8_0']
 """
 
 from __future__ import annotations

@@ -248,8 +248,9 @@ def mix_plan(model: nn.Module, mix: str, method: str = "rtn", config: MethodConf
     has no activations for them). Fallbacks for rows that blocks do not fit happen when the Plan resolves.
 
     >>> plan = mix_plan(model, "Q4_K_M", "gptq")
-    >>> plan.resolve(model)["model.layers.0.mlp.down_proj"].scheme.name
-    'q6_k'
+    >>> resolved = plan.resolve(model)
+    >>> resolved["model.layers.0.self_attn.q_proj"].scheme.name, resolved["model.layers.0.mlp.down_proj"].scheme.name
+    ('q4_k', 'q5_0')
     """
     from lowbit.io.gguf.writer import arch_spec, gguf_names
     from lowbit.model.plan import Rule, layer_kind

@@ -5,7 +5,9 @@
 * :func:`read_gguf_weights` / :func:`load_gguf_into` — reading a GGUF file back; they live in
   :mod:`lowbit.io.gguf.reader` and are importable from here too.
 
->>> sd = load_gguf_into(model, "smollm2-q4km.gguf")   # model now computes what the file stores
+>>> sd = load_gguf_into(model, "model.gguf")   # model now computes what the file stores
+>>> torch.equal(model.lm_head.weight, sd["lm_head.weight"])
+True
 """
 
 from __future__ import annotations
@@ -131,8 +133,8 @@ def _from_folder(path: Path, tokenizer: Any) -> TensorSource:
 def open_source(model: nn.Module | str | os.PathLike, tokenizer: Any = None) -> TensorSource:
     """A model or a Hugging Face safetensors folder as a :class:`TensorSource`.
 
-    >>> open_source("path/to/hf-folder").shape("model.embed_tokens.weight")
-    (49152, 576)
+    >>> open_source("tiny-llama").shape("model.embed_tokens.weight")   # a Hugging Face folder, read lazily
+    (300, 256)
     """
     if isinstance(model, nn.Module):
         if getattr(model, "config", None) is None:

@@ -9,8 +9,22 @@ llama.cpp's NeoX rope and keep the Hugging Face order. Tensor names come from ``
 The file is streamed: :func:`write_gguf` writes the header from the tensor specs first, then asks for each
 tensor's bytes one at a time, so only one tensor's data is in memory at once.
 
->>> spec = arch_spec(model.config)            # ArchSpec(gguf_arch='llama', ...)
->>> write_gguf("out.gguf", spec, model.config, tok, LlamaFileType.MOSTLY_Q8_0, tensors, encode)
+>>> spec = arch_spec(model.config)
+>>> spec.gguf_arch, spec.permute_qk
+('llama', True)
+>>> names = gguf_names(spec, model.config, model.state_dict())   # HF name -> GGUF name
+>>> weights = {names[n]: w if (h := qk_heads(spec, model.config, n)) is None else permute_qk(w, h)
+...            for n, w in model.state_dict().items()}
+>>> tensors = [TensorSpec(name, tuple(w.shape), "F32") for name, w in weights.items()]
+>>> def encode(t):                            # the bytes of one tensor, in pieces (here: one)
+...     yield weights[t.name].numpy()
+>>> write_gguf("tiny-f32.gguf", spec, model.config, tok, LlamaFileType.ALL_F32, tensors, encode)
+[]
+>>> import copy
+>>> from lowbit.io.gguf.reader import load_gguf_into
+>>> sd = load_gguf_into(copy.deepcopy(model), "tiny-f32.gguf")   # back in HF order, bit for bit
+>>> all(torch.equal(sd[n], w) for n, w in model.state_dict().items())
+True
 """
 
 from __future__ import annotations
