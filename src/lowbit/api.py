@@ -89,8 +89,9 @@ def scheme_plan(model: nn.Module, scheme: str, method: str = "rtn", config: Meth
     types (with calibration, rtn's block search weighted by E[x²], as llama.cpp's imatrix), else
     :func:`default_plan`.
 
-    >>> scheme_plan(model, "Q4_K_M", "gptq").resolve(model)["model.layers.1.mlp.down_proj"].scheme.name
-    'q6_k'
+    >>> lp = scheme_plan(model, "Q4_K_M", "gptq").resolve(model)["model.layers.1.mlp.down_proj"]
+    >>> lp.scheme.name, lp.note   # Q6_K by the mix's rule; its 384-long rows take llama.cpp's fallback
+    ('q8_0', "row length 384 is not a multiple of Q6_K's block of 256: Q8_0 instead")
     """
     from lowbit.io.gguf.mixes import is_mix, mix_plan
 

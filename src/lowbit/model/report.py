@@ -1,6 +1,10 @@
 """What quantizing a model did: one :class:`LayerReport` per layer, summed in a :class:`QuantReport`.
 
->>> report.bpw, report.linear_bpw, report.layers[0].rel_error   # after quantize_model(...)
+>>> from lowbit.model.plan import Plan
+>>> from lowbit.model.quantize import quantize_model
+>>> report = quantize_model(model, Plan.default("int8"))
+>>> round(report.linear_bpw, 3), [(r.name, r.scheme) for r in report.layers[:2]]
+(8.059, [('model.layers.0.self_attn.q_proj', 'int8'), ('model.layers.0.self_attn.k_proj', 'int8')])
 """
 
 from __future__ import annotations
