@@ -39,9 +39,13 @@ def test_smollm2_gptq_int4_end_to_end(tmp_path, smol, texts):
     assert 0.01 < r.kl_mean < 0.45
     assert r.top1 > 0.7
     assert r.perplexity < 1.5 * r.reference.perplexity
-    answer = back.generate(tok("The capital of France is", return_tensors="pt").input_ids, max_new_tokens=5,
-                           do_sample=False)
-    assert "Paris" in btok.decode(answer[0])
+    # asked as the instruct model is meant to be asked (its chat template): a bare "The capital of France is"
+    # continuation flips with the thread count (float summation order) on this small model, before and after
+    q = btok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                 add_generation_prompt=True, return_tensors="pt")
+    q = q if torch.is_tensor(q) else q["input_ids"]
+    answer = back.generate(q, max_new_tokens=12, do_sample=False)
+    assert "Paris" in btok.decode(answer[0, q.shape[1]:])
 
 
 @pytest.fixture(scope="module")
