@@ -93,6 +93,22 @@ def _unpack_k_scales(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sc, m
 
 
+def best_subscale(p: Params, lo: int, hi: int, err: Callable[[Params], torch.Tensor]) -> Params:
+    """Per sub-block, the best of ``p["sc"]`` - 1, + 0, + 1 (clamped to [lo, hi]; super-scales fixed), judged by
+    ``err(q)`` ``(N, S)``: each sub-block's exact error on the grid of ``q``."""
+    best, best_e = p, None
+    for dsc in (0, -1, 1):
+        q = dict(p, sc=(p["sc"] + dsc).clamp(lo, hi))
+        e = err(q)
+        if best_e is None:
+            best_e = e
+            continue
+        better = e < best_e
+        best_e = torch.where(better, e, best_e)
+        best = dict(best, sc=torch.where(better, q["sc"], best["sc"]))
+    return best
+
+
 class BlockType:
     """One GGML storage type. Subclasses set ``name`` (a ``GGMLQuantizationType`` member) and register."""
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 
 from lowbit.layouts.ggml import search as S
-from lowbit.layouts.ggml.base import U8, BlockType, Params, _f16_bytes, _f16_of
+from lowbit.layouts.ggml.base import U8, BlockType, Params, _f16_bytes, _f16_of, best_subscale
 
 KVALUES = torch.tensor([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=torch.float32)
 _MIDS = (KVALUES[1:] + KVALUES[:-1]) / 2  # (15,) decision boundaries between neighbouring levels
@@ -163,19 +163,12 @@ class IQ4_XS(_Lookup):
 
     @classmethod
     def _neighbours(cls, x: torch.Tensor, w: torch.Tensor | None, p: Params) -> Params:
-        best, best_e = p, None
-        for dsc in (0, -1, 1):
-            q = dict(p, sc=(p["sc"] + dsc).clamp(-32, 31))
+        def err(q: Params) -> torch.Tensor:
             dj = cls.scales(q)
             e = (KVALUES[_codes(x, dj)] * dj - x).square()
-            e = (e if w is None else e * w).sum(-1)  # (N, 8)
-            if best_e is None:
-                best_e = e
-                continue
-            better = e < best_e
-            best_e = torch.where(better, e, best_e)
-            best = dict(best, sc=torch.where(better, q["sc"], best["sc"]))
-        return best
+            return (e if w is None else e * w).sum(-1)  # (N, 8)
+
+        return best_subscale(p, -32, 31, err)
 
     @classmethod
     def fit(cls, w, importance=None):

@@ -34,6 +34,7 @@ from lowbit.layouts.ggml.base import (
     _unpack_2bit_128,
     _unpack_k_scales,
     _unpack_nibbles_64,
+    best_subscale,
 )
 
 REFINE_STEPS = 2
@@ -141,18 +142,12 @@ class _KSym(BlockType):
     @classmethod
     def _neighbours(cls, x: torch.Tensor, w: torch.Tensor | None, p: Params) -> Params:
         """Per sub-block, the best of sc - 1, sc, sc + 1 (d fixed), by exact error."""
-        best, best_e = p, None
-        for dsc in (0, -1, 1):
-            q = dict(p, sc=(p["sc"] + dsc).clamp(cls.scmin, cls.scmax))
+
+        def err(q: Params) -> torch.Tensor:
             s, off = cls.grid(q)
-            e = S.sq_error(x, w, s, off, S.nearest(x, s, off, 0, cls.hi)).squeeze(-1)  # (N, S)
-            if best_e is None:
-                best_e = e
-                continue
-            better = e < best_e
-            best_e = torch.where(better, e, best_e)
-            best = dict(best, sc=torch.where(better, q["sc"], best["sc"]))
-        return best
+            return S.sq_error(x, w, s, off, S.nearest(x, s, off, 0, cls.hi)).squeeze(-1)  # (N, S)
+
+        return best_subscale(p, cls.scmin, cls.scmax, err)
 
     @classmethod
     def _super(cls, x: torch.Tensor, w: torch.Tensor | None, p: Params) -> Params:
