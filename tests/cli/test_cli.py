@@ -224,4 +224,4 @@ def test_quantize_to_a_llama_cpp_mix_then_eval_and_export(tmp_path, capsys, tiny
     code, stdout, err = run(capsys, "export", "gguf", str(tiny_llama_dir), "-o", str(tmp_path / "one.gguf"),
                             "--calib", str(calib), "--calib-windows", "4", "--window-len", "32")
     assert code == 0, err
-    assert "quantized with method gptq (the default with calibration text" in stdout
+    assert "quantized with method awq+gptq (the default with calibration text" in stdout

@@ -316,8 +316,10 @@ def test_gptq_export_with_calibration(tmp_path):
     imp = export_gguf(model, tok, tmp_path / "i.gguf", "Q4_0", calib=windows, method="rtn", progress=False)
     assert {t.name: t.method for t in imp.tensors}["blk.0.attn_q.weight"] == "search+imatrix"
     default = export_gguf(model, tok, tmp_path / "d.gguf", "Q4_0", calib=windows, progress=False)
-    assert default.method == "gptq"  # with calibration text, the best measured method is the default
-    assert (tmp_path / "d.gguf").read_bytes() == (tmp_path / "g.gguf").read_bytes()
+    assert default.method == "awq+gptq"  # with calibration text, the best measured method is the default
+    explicit = export_gguf(model, tok, tmp_path / "a.gguf", "Q4_0", calib=windows, method="awq+gptq", progress=False)
+    assert explicit.method == "awq+gptq"
+    assert (tmp_path / "d.gguf").read_bytes() == (tmp_path / "a.gguf").read_bytes()
     for f in ("g.gguf", "i.gguf"):  # both load and run in llama.cpp
         assert np.isfinite(llamacpp.logprobs(tmp_path / f, [5, 6, 7])).all()
 
