@@ -75,3 +75,18 @@ def test_awq_method_falls_back_without_stats():
     w = torch.randn(16, 64)
     r = get_method("awq")(w, LayerStats(), parse_scheme("int4-g32"), MethodConfig())
     assert torch.equal(r.qtensor.dequantize(), lowbit.quantize_tensor(w, "int4-g32").dequantize())
+
+
+def test_unfoldable_pairs_are_one_warning(tiny_llama):
+    """Grouped-query attention: v_proj (kv heads) cannot fold a scale into o_proj (all heads) — one warning
+    line for the pair, naming how many blocks, not one per block."""
+    import lowbit
+
+    model, tok = tiny_llama
+    cfg = model.config
+    _, rep = lowbit.quantize(model, tok, scheme="int4-g32", method="awq", calib=torch.randint(0, 200, (2, 32)))
+    lines = [w for w in rep.warnings if "cannot take a folded" in w]
+    gqa = cfg.num_key_value_heads < cfg.num_attention_heads
+    assert len(lines) == (1 if gqa else 0)
+    if gqa:
+        assert f"in {cfg.num_hidden_layers} block(s)" in lines[0]

@@ -224,6 +224,9 @@ def quantize_model(model: nn.Module, plan: Plan, calib: torch.Tensor | None = No
         delattr(model, STREAM_ATTR)
     order = {n: i for i, n in enumerate(resolved)}
     report.layers.sort(key=lambda r: order[r.name])
+    for pair, names in report.unfolded.items():  # one line per pair, not one per block
+        report.warnings.append(f"{pair} cannot take a folded per-channel scale (shapes differ, e.g. grouped-query "
+                               f"attention) in {len(names)} block(s), e.g. {names[0]}; not rescaled")
     report.seconds = time.perf_counter() - t_start
     return report
 
@@ -396,7 +399,6 @@ def _rescale_pairs(block: nn.Module, info: ArchInfo, mine: dict[str, str], resol
             s = smooth_scales(st.absmax, weights, opts.alpha)
             note = f"smoothquant alpha {opts.alpha}"
         if not fold_scales(block.get_submodule(prev), mods, s):
-            report.warnings.append(f"{mine[layers[0]]}: {prev} -> {', '.join(layers)} cannot take a folded "
-                                   f"per-channel scale (shapes differ); not rescaled")
+            report.unfolded.setdefault(f"{prev} -> {', '.join(layers)}", []).append(mine[layers[0]])
             continue
         log.info("%s: %s", mine[layers[0]], note)

@@ -36,6 +36,7 @@ class QuantReport:
     seconds: float = 0.0
     calib_windows: int = 0
     calib_tokens: int = 0
+    unfolded: dict[str, list[str]] = field(default_factory=dict)  # AWQ/SmoothQuant pair -> layers it skipped
 
     @property
     def quantized_numel(self) -> int:
