@@ -47,6 +47,10 @@ def test_quantize_inspect_eval_plan(tmp_path, capsys, tiny_llama_dir, calib):
     assert code == 0
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan["rules"][-1] == {"pattern": "lm_head", "scheme": None}
+    code, stdout, _ = run(capsys, "plan", str(tiny_llama_dir), "--scheme", "int3-g32", "--keep", "lm_head")
+    assert code == 0 and "lm_head" in stdout and "keep (float)" in stdout and "int3-g32" in stdout
+    code, stdout, _ = run(capsys, "plan", str(tiny_llama_dir), "--scheme", "int3-g32", "--json")
+    assert code == 0 and json.loads(stdout)["resolved"]["model.layers.0.mlp.down_proj"]["scheme"] == "int3-g32"
     code, stdout, _ = run(capsys, "quantize", str(tiny_llama_dir), "-o", str(tmp_path / "q2"), "--plan",
                           str(tmp_path / "plan.json"))
     assert code == 0 and "lm_head" in stdout

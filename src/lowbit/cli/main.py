@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plan", help="write the resolved per-layer plan of a model as JSON")
     pl.add_argument("source")
-    pl.add_argument("-o", "--out", help="write the plan here (default: print)")
+    pl.add_argument("-o", "--out", help="write the plan here (default: print a table)")
+    pl.add_argument("--json", action="store_true", help="print the plan and its resolved layers as JSON")
     _quant_args(pl)
     pl.set_defaults(func=commands.cmd_plan)
 
