@@ -253,3 +253,13 @@ def minilm_dir() -> Path:
     from lowbit.cli.assets import minilm_dir as find
 
     return find()
+
+
+@pytest.fixture
+def reference_kernels():
+    """Run the test with the dequantize reference kernels: for tests that compare lowbit's outputs with another
+    runtime's exact dequantization of the same weights (the fast kernels' bf16 roundings are tested apart)."""
+    from lowbit.kernels import use_kernels
+
+    with use_kernels("reference"):
+        yield

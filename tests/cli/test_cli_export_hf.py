@@ -2,11 +2,14 @@
 
 import json
 
+import pytest
 import torch
 import transformers
 
 import lowbit
 from lowbit.cli.main import main
+
+pytestmark = pytest.mark.usefixtures("reference_kernels")  # exact comparisons with transformers' dequantization
 
 
 def run(capsys, *argv):

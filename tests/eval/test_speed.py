@@ -36,7 +36,7 @@ def test_decode_uses_the_kv_cache():
     seen = []
 
     def spy(module, args, kwargs):
-        past = kwargs.get("past_key_values")
+        past = kwargs.get("cache", kwargs.get("past_key_values"))
         seen.append((tuple(kwargs["input_ids"].shape), 0 if past is None else past.get_seq_length()))
 
     h = m.register_forward_pre_hook(spy, with_kwargs=True)

@@ -21,6 +21,8 @@ from lowbit.model.quantize import quantize_model
 from tests.io.test_gguf_export import tiny_tokenizer  # byte-level BPE, 264 tokens, with merges (llama.cpp needs them)
 from tests.model.families import build, mean_kl, outputs, random_ids
 
+pytestmark = pytest.mark.usefixtures("reference_kernels")  # exact comparisons with transformers' dequantization
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 EXPORTED = ["llama", "mistral", "qwen2", "qwen3"]  # lowbit.io.gguf.writer.ARCHITECTURES
 NOT_EXPORTED = ["gemma2", "gemma3_text", "phi3", "gpt2", "bert"]

@@ -19,6 +19,8 @@ from lowbit.errors import LowbitError
 from lowbit.io.hf_export import CTScheme, export_hf, pack_int32, pack_quantized
 from lowbit.model.qmodules import QLinear
 
+pytestmark = pytest.mark.usefixtures("reference_kernels")  # exact comparisons with transformers' dequantization
+
 
 def tensors_of(path):
     with safe_open(str(path / "model.safetensors"), "pt") as f:

@@ -173,7 +173,8 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any] | None:
         raise LowbitError(f"{args.model}: no tokenizer found (and no --reference to take one from)")
     res = lowbit.evaluate(model, reference=reference, device=device, tokenizer=tok, text=text, windows=args.windows,
                           window_len=args.window_len, speed=not args.no_speed, label=Path(args.model).name,
-                          worst=max(args.show_worst, 2), progress=None if not args.json else False)
+                          worst=max(args.show_worst, 2), progress=None if not args.json else False,
+                          kernels=_kernel_mode(args.kernels))
     if args.report:
         write_report([res], args.report)
     if args.json:
@@ -181,6 +182,44 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any] | None:
     out.print(format_table([res], worst=bool(args.show_worst)))
     if args.report:
         out.print(f"report: {args.report}")
+    return None
+
+
+def _kernel_mode(mode: str) -> str:
+    from lowbit.kernels.base import _check_mode
+
+    _check_mode(mode)  # unknown names: one line naming them
+    return mode
+
+
+def cmd_bench(args: argparse.Namespace) -> dict[str, Any] | None:
+    from lowbit.eval.bench import bench, format_bench
+    from lowbit.kernels import use_kernels
+    from lowbit.model.qmodules import QModule
+
+    mode = _kernel_mode(args.kernels)
+    model, _ = lowbit.load(args.model)
+    quantized = any(isinstance(m, QModule) for m in model.modules())
+    reference: Any = True
+    if args.reference:
+        reference, _ = lowbit.load(args.reference)
+    if args.scheme:
+        if quantized:
+            raise LowbitError(f"{args.model}: already quantized; --scheme is for a float model")
+        qmodel, _ = lowbit.quantize(model, None, scheme=args.scheme, method="rtn")
+        reference = reference if args.reference else model
+        model = qmodel
+    elif not quantized:
+        raise LowbitError(f"{args.model}: a float model; give --scheme to quantize it for the benchmark "
+                          f"(or a lowbit directory)")
+    err.print(f"timing {args.model} ({'threads ' + ' '.join(map(str, args.threads))}; prefill "
+              f"{' '.join(map(str, args.prefill))} tokens; decode {args.new_tokens} tokens at context {args.context})")
+    with use_kernels(mode):
+        r = bench(model, reference, prefill=args.prefill, context=args.context, new_tokens=args.new_tokens,
+                  threads=args.threads, repeats=args.repeats)
+    if args.json:
+        return r.to_dict()
+    out.print(format_bench(r))
     return None
 
 

@@ -1,4 +1,4 @@
-"""``lowbit quantize | eval | inspect | size | plan | export NAME | demo``.
+"""``lowbit quantize | eval | bench | inspect | size | plan | export NAME | demo``.
 
 Every verb prints a table at the end (``--json`` for scripts). Bad input is one line on stderr
 (``error: ...``) and exit code 2.
@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-speed", action="store_true", help="skip the speed measurement")
     e.add_argument("--show-worst", type=int, default=0, metavar="N", help="print the N worst windows")
     e.add_argument("--report", help="write an HTML report with plots here")
+    e.add_argument("--kernels", default="reference",
+                   help="kernels the quality figures are computed with: reference (default: the stored weights "
+                        "exactly), auto (lowbit's fast kernels, as the runtime runs), or kernel names")
     _device_arg(e, "both models run")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=commands.cmd_eval)
@@ -138,6 +141,25 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true", help="print the plan and its resolved layers as JSON")
     _quant_args(pl)
     pl.set_defaults(func=commands.cmd_plan)
+
+    b = sub.add_parser("bench", help="prefill and decode speed of a quantized model against float, same run",
+                       description="Prefill tokens/s (batch 1) and decode tokens/s on a KV cache, the quantized "
+                                   "model and float32 in the same run, at each thread count; memory the models "
+                                   "hold and the kernels each ran. MODEL: a lowbit directory (float baseline: "
+                                   "its weights dequantized into float layers, or --reference), or a float model "
+                                   "with --scheme (quantized here by round-to-nearest: speed needs no "
+                                   "calibration).")
+    b.add_argument("model")
+    b.add_argument("--scheme", help="quantize a float MODEL to this scheme (RTN) for the benchmark")
+    b.add_argument("--reference", help="the float model to time against (default: the quantized one's float twin)")
+    b.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch thread counts (default: 1 2)")
+    b.add_argument("--prefill", type=int, nargs="+", default=[128, 512], help="prefill lengths (default: 128 512)")
+    b.add_argument("--context", type=int, default=128, help="KV-cache length decoding starts from (default 128)")
+    b.add_argument("--new-tokens", type=int, default=32, help="decoded tokens per run (default 32)")
+    b.add_argument("--repeats", type=int, default=3, help="timed runs per figure, median kept (default 3)")
+    b.add_argument("--kernels", default="auto", help="auto (default), reference, or kernel names (comma-separated)")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=commands.cmd_bench)
 
     _export_parsers(sub)
 

@@ -44,6 +44,7 @@ from lowbit.eval.result import EvalResult, WorstWindow
 from lowbit.eval.size import model_size
 from lowbit.eval.speed import SpeedInfo, measure_speed, peak_rss_bytes
 from lowbit.eval.windows import check_windows, read_text, sentences, token_windows
+from lowbit.kernels import use_kernels
 from lowbit.threads import torch_threads
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ def evaluate(
     worst: int = 5,
     sentences_n: int = 256,
     progress: bool | None = None,
+    kernels: str = "reference",
 ) -> EvalResult:
     """Evaluate ``model`` against ``reference`` on the same token windows (or sentences, for encoders).
 
@@ -81,6 +83,9 @@ def evaluate(
     ``sentences_n`` sentences of the text (batches of 32, at most 128 tokens each) instead of windows.
     ``exact_kl=False`` lets a cached reference stand in for running it (KL then a top-``topk`` lower bound).
     ``worst``: how many highest-KL windows to name. ``progress``: tqdm bar (default: when stderr is a TTY).
+    ``kernels``: the kernels the quality figures are computed with (:func:`lowbit.kernels.use_kernels`):
+    ``"reference"`` (default) measures the quantized weights themselves, exactly; ``"auto"`` what lowbit's
+    fast kernels compute (bf16 roundings on top). Speed is always timed with ``"auto"``, the runtime's.
 
     >>> r = evaluate(qmodel, model, tok, Path("held_out.txt"), windows=2, window_len=128, speed=False)
     >>> round(r.kl_mean, 5), round(r.perplexity, 1), round(r.reference.perplexity, 1)
@@ -100,7 +105,7 @@ def evaluate(
     for m, _ in states:
         m.eval()
     try:
-        with torch_threads(2 if speed else None):
+        with torch_threads(2 if speed else None), use_kernels(kernels):
             if kind == "causal":
                 res, ref_res = _eval_causal(model, reference, tokenizer, text, windows, window_len, speed,
                                             cache_dir, label, exact_kl, topk, worst, show)
@@ -224,8 +229,10 @@ def _snippet(tokenizer: Any, window: torch.Tensor, n_tokens: int = 24, chars: in
     return s if len(s) <= chars else s[: chars - 1] + "…"
 
 
-def _speed(model: torch.nn.Module, tokens: torch.Tensor, causal: bool) -> SpeedInfo:
-    return measure_speed(model, tokens[:SPEED_WINDOWS], causal=causal, threads=2)
+def _speed(model: torch.nn.Module, windows, causal: bool) -> SpeedInfo:
+    """Timed with the runtime's kernels (whatever the quality figures were computed with), threads = 2."""
+    with use_kernels("auto"):
+        return measure_speed(model, windows[:SPEED_WINDOWS if causal else SPEED_BATCHES], causal=causal, threads=2)
 
 
 # -- encoders -----------------------------------------------------------------------------------
@@ -240,12 +247,12 @@ def _eval_encoder(model, reference, tokenizer, text, n_sentences, speed, label, 
     res = EvalResult(label=label, kind="encoder", n_windows=len(sents), window_len=0,
                      positions=sum(int(b["attention_mask"].sum()) for b in batches))
     emb_q = _embed(model, batches, show, label)  # (N, H) float64
-    res.speed = measure_speed(model, batches[:SPEED_BATCHES], causal=False, threads=2) if speed else None
+    res.speed = _speed(model, batches, False) if speed else None
     if reference is None:
         return res, None
     emb_r = _embed(reference, batches, show, "reference")
     ref = EvalResult(label="reference", kind="encoder", n_windows=len(sents), window_len=0, positions=res.positions)
-    ref.speed = measure_speed(reference, batches[:SPEED_BATCHES], causal=False, threads=2) if speed else None
+    ref.speed = _speed(reference, batches, False) if speed else None
     cos = metrics.cosine_rows(emb_r, emb_q)  # (N,)
     res.cos_mean, res.cos_min = cos.mean().item(), cos.min().item()
     res.nn_agreement = metrics.nn_agreement(emb_r, emb_q)

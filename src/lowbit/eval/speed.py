@@ -70,19 +70,29 @@ def forward_seconds(model: torch.nn.Module, batches: list[dict[str, torch.Tensor
     return time.perf_counter() - t0
 
 
+def cache_step(model: torch.nn.Module, out, ids: torch.Tensor):
+    """One decode step on the KV cache ``out`` returned: transformers >= 5.2x names it ``cache`` (in and out),
+    older ones ``past_key_values``."""
+    cache = out["cache"] if "cache" in out else out.past_key_values
+    import inspect
+
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return model(input_ids=ids, use_cache=True, **{name: cache})
+
+
 @torch.inference_mode()
 def decode_ms_per_token(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int = 32) -> float:
     """Median ms per greedily decoded token after prefilling ``prompt`` ``(T,)`` into a KV cache."""
     dev = _device(model)
     ids = prompt.reshape(1, -1).to(dev)  # (1, T)
     out = model(input_ids=ids, use_cache=True)
-    past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)  # (1, 1)
+    nxt = out.logits[:, -1:].argmax(-1)  # (1, 1)
     times = []
     for _ in range(new_tokens):
         _sync(dev)
         t0 = time.perf_counter()
-        out = model(input_ids=nxt, past_key_values=past, use_cache=True)
-        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        out = cache_step(model, out, nxt)
+        nxt = out.logits[:, -1:].argmax(-1)
         _sync(dev)
         times.append(time.perf_counter() - t0)
     return 1000 * statistics.median(times)

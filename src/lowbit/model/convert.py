@@ -174,3 +174,26 @@ def _requantize_linear(mod: QLinear, q: QTensor) -> QLinear:
 @register_conversion(QEmbedding)
 def _requantize_embedding(mod: QEmbedding, q: QTensor) -> QEmbedding:
     return QEmbedding(q, mod.padding_idx, embed_scale=mod.embed_scale)
+
+
+def float_twin(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A copy of ``model`` with every quantized layer back as the float module it came from (weights
+    dequantized into ``dtype``): the float baseline a quantized model's speed is measured against when its
+    float source is not at hand. Values are the quantized ones; shapes, modules and arithmetic are float's."""
+    import copy
+
+    twin = copy.deepcopy(model)
+    for name, mod in list(twin.named_modules()):
+        if isinstance(mod, QLinear):
+            new: nn.Module = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, device="meta")
+            new.weight = nn.Parameter(mod.qweight.dequantize(dtype), requires_grad=False)
+            if mod.bias is not None:
+                new.bias = nn.Parameter(mod.bias.detach().to(dtype), requires_grad=False)
+        elif isinstance(mod, QEmbedding) and mod.embed_scale is None:
+            new = nn.Embedding(mod.num_embeddings, mod.embedding_dim, mod.padding_idx, device="meta")
+            new.weight = nn.Parameter(mod.qweight.dequantize(dtype), requires_grad=False)
+        else:
+            continue
+        parent, _, leaf = name.rpartition(".")
+        setattr(twin.get_submodule(parent) if parent else twin, leaf, new)
+    return twin

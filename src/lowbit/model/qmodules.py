@@ -1,9 +1,8 @@
 """Runtime modules holding QTensors: ``QLinear`` and ``QEmbedding``.
 
-The quantized model stays a normal transformers model: only leaf layers are swapped. Forward goes
-through a kernel chosen from a registry (``@register_kernel``); the fallback dequantizes the weight
-into the activation dtype and runs the float op. A kernel is ``(module, x) -> y`` plus a predicate
-saying whether it can serve a module; the first registered kernel that can, wins (newest first).
+The quantized model stays a normal transformers model: only leaf layers are swapped. ``QLinear.forward``
+goes through a kernel of :mod:`lowbit.kernels` (the fastest registered one serving the layer at that batch
+size; the reference dequantizes the weight into the activation dtype and runs the float op).
 
 Both layers are :class:`QModule`\\ s: the weight's QTensor parts are registered buffers, so ``.to(device)``,
 ``state_dict`` and ``load_state_dict`` work as on any torch module.
@@ -13,41 +12,17 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lowbit.core.qtensor import QTensor
+from lowbit.kernels import ACT_SCHEMES, Kernel, dispatch, kernel_names, quantize_activation  # noqa: F401
 from lowbit.primitives.numformats import FloatFormat
 from lowbit.primitives.quant import ungroup
 
 QPARTS = ("codes", "scales", "zeros")  # a QTensor's tensor fields; a layout may leave any but codes None
-
-
-@dataclass(frozen=True)
-class Kernel:
-    name: str
-    can_run: Callable[[nn.Module, torch.Tensor], bool]
-    run: Callable[[nn.Module, torch.Tensor], torch.Tensor]
-
-
-_LINEAR_KERNELS: list[Kernel] = []
-
-
-def register_kernel(name: str, can_run: Callable[[nn.Module, torch.Tensor], bool]):
-    """Register a QLinear kernel; later registrations are tried first."""
-
-    def deco(fn: Callable[[nn.Module, torch.Tensor], torch.Tensor]):
-        _LINEAR_KERNELS.insert(0, Kernel(name, can_run, fn))
-        return fn
-
-    return deco
-
-
-def kernel_names() -> list[str]:
-    return [k.name for k in _LINEAR_KERNELS]
 
 
 def _moved(t: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -170,13 +145,13 @@ class QLinear(QModule):
         dequantize per call) until :meth:`drop_cache`. Not saved; weight-only layers only (activation kernels
         ignore it)."""
         self.weight_cache = self.qweight.dequantize(dtype or self.compute_dtype)
-        self._kernel = None  # choose again: the cached kernel now can run
+        self._kernel = self._kernel_candidates = None  # choose again: the cached kernel now can run
 
     def drop_cache(self) -> None:
         self.weight_cache: torch.Tensor | None = None  # dequantized weight, while cache_weight() holds it
-        self._kernel: Kernel | None = None
-        self._w_int8: torch.Tensor | None = None  # the int8 kernel's packed weight (in, out) and scales (1, out)
-        self._w_scale: torch.Tensor | None = None
+        self._kernel: Kernel | None = None  # the kernel of the last call
+        self._kernel_candidates: tuple | None = None  # (kernel mode, kernels serving this layer, best first)
+        self._kernel_state: dict[str, object] = {}  # each kernel's prepared (packed) weight
 
     @property
     def weight(self) -> torch.Tensor:
@@ -188,20 +163,25 @@ class QLinear(QModule):
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k = self._kernel
-        if k is None or not k.can_run(self, x):
-            k = next(k for k in _LINEAR_KERNELS if k.can_run(self, x))
-            self._kernel = k
-        return k.run(self, x)
+        return dispatch(self, x)
+
+    def prepare_kernels(self, tokens: tuple[int, ...] = (1, 512)) -> list[str]:
+        """Pack the weight for the kernels that would run ``tokens``-row inputs now (what the first calls
+        would do), so the first forward pays no packing; returns their names."""
+        from lowbit.kernels import choose
+
+        names = []
+        for t in tokens:
+            x = torch.empty(t, self.in_features, dtype=self.compute_dtype, device=self.qweight_codes.device)
+            k = choose(self, x)
+            if k.prepare is not None and k.name not in self._kernel_state:
+                self._kernel_state[k.name] = k.prepare(self)
+            names.append(k.name)
+        return names
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"scheme={self.qweight.scheme.name}, bias={self.bias is not None}")
-
-
-@register_kernel("dequantize", lambda m, x: True)
-def _dequant_linear(m: QLinear, x: torch.Tensor) -> torch.Tensor:
-    return m.linear_with(x, m.qweight.dequantize(x.dtype))
 
 
 class QEmbedding(QModule):
@@ -263,73 +243,3 @@ def rows_of(q: QTensor, uniq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     sub = QTensor(codes.reshape(-1), None, None, (len(uniq), cols), q.dtype, scheme)
     values = scheme.grid.decode(sub.codes_grouped(), s[uniq], None if z is None else z[uniq])
     return uniq, ungroup(values, (len(uniq), cols))
-
-
-# -- activation quantization (W8A8) -------------------------------------------------------------
-ACT_SCHEMES = ("int8-dynamic", "int8-static", "fp8-dynamic")
-
-
-def quantize_activation(x: torch.Tensor, act_scheme: str, static_scale: torch.Tensor | None = None
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes and scales of activations ``x`` (..., in): per token (dynamic) or one scale (static).
-
-    int8: symmetric, codes in [-127, 127] as int8; fp8: e4m3fn values. Returns (codes, scale (..., 1)).
-    """
-    if act_scheme == "int8-static":
-        if static_scale is None:
-            raise ValueError("int8-static activations need a calibrated scale: run calibration first")
-        s = static_scale.to(device=x.device, dtype=x.dtype).reshape(*([1] * x.dim()))
-        return torch.clamp(torch.round(x / s), -127, 127).to(torch.int8), s
-    amax = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8)
-    if act_scheme == "int8-dynamic":
-        s = amax / 127
-        return torch.clamp(torch.round(x / s), -127, 127).to(torch.int8), s
-    if act_scheme == "fp8-dynamic":
-        s = amax / 448.0
-        return (x / s).clamp(-448, 448).to(torch.float8_e4m3fn), s
-    raise ValueError(f"unknown activation scheme {act_scheme!r} (known: {', '.join(ACT_SCHEMES)})")
-
-
-def _w8_int(m: QLinear) -> bool:
-    sch = m.qweight.scheme
-    return sch.format == "int8" and sch.symmetric and sch.granularity == "channel"
-
-
-@register_kernel("fake-act", lambda m, x: m.act_scheme is not None)
-def _fake_act_linear(m: QLinear, x: torch.Tensor) -> torch.Tensor:
-    """Any weight scheme with quantized activations: quantize→dequantize x, then the float matmul."""
-    if m.input_scale is not None:
-        x = x / m.input_scale.to(device=x.device, dtype=x.dtype)
-    codes, s = quantize_activation(x, m.act_scheme, m.act_scale)
-    xq = codes.to(x.dtype) * s
-    return F.linear(xq, m.qweight.dequantize(x.dtype), None if m.bias is None else m.bias.to(x.dtype))
-
-
-@register_kernel("int8-int8", lambda m, x: m.act_scheme in ("int8-dynamic", "int8-static") and _w8_int(m)
-                 and x.device.type == "cpu")  # torch._int_mm elsewhere has size and layout rules of its own
-def _int8_linear(m: QLinear, x: torch.Tensor) -> torch.Tensor:
-    """int8 activations × int8 weights with int32 accumulation (torch._int_mm), rescaled per token/channel."""
-    if m.input_scale is not None:
-        x = x / m.input_scale.to(device=x.device, dtype=x.dtype)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    codes, s = quantize_activation(x2, m.act_scheme, m.act_scale)
-    w_int8 = m._w_int8
-    if w_int8 is None:  # packed once; dropped with the other caches on a move or a load_state_dict
-        # stored codes are offset by 128 (unsigned); the signed grid is codes - 128
-        grouped = m.qweight.codes_grouped().reshape(m.out_features, -1)[:, : m.in_features]
-        w_int8 = (grouped.to(torch.int16) - 128).to(torch.int8).T.contiguous()  # (in, out)
-        m._w_int8 = w_int8
-        m._w_scale = m.qweight.qparams()[0].reshape(1, -1)
-    acc = torch._int_mm(codes, w_int8)  # (tokens, out) int32
-    y = acc.to(torch.float32) * s.to(torch.float32) * m._w_scale
-    if m.bias is not None:
-        y = y + m.bias
-    return y.to(x.dtype).reshape(*lead, m.out_features)
-
-
-@register_kernel("cached-weight", lambda m, x: m.act_scheme is None and m.weight_cache is not None
-                 and m.weight_cache.dtype == x.dtype)
-def _cached_linear(m: QLinear, x: torch.Tensor) -> torch.Tensor:
-    """The float matmul with the weight dequantized once by ``cache_weight()``."""
-    return m.linear_with(x, m.weight_cache)

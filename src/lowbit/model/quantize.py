@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from lowbit.core.qtensor import QTensor
 from lowbit.errors import LowbitError
+from lowbit.kernels import use_kernels
 from lowbit.layouts import layout_of
 from lowbit.methods.registry import LayerStats, MethodSpec, get_method, method_names, method_spec
 from lowbit.model.arch import ArchInfo, arch_for, blocks_of
@@ -133,7 +134,7 @@ class _Quantizer:
         new = quantized_module(name, mod, q)  # keeps bias, padding index, embedding scale; checked on a probe
         act = act_scheme(lp) if lp.kind == "linear" else None
         if act is not None:
-            from lowbit.model.qmodules import ACT_SCHEMES
+            from lowbit.kernels import ACT_SCHEMES
 
             if act not in ACT_SCHEMES:
                 raise LowbitError(f"layer {name}: unknown activation scheme {act!r} (known: {', '.join(ACT_SCHEMES)})")
@@ -176,6 +177,11 @@ def quantize_model(model: nn.Module, plan: Plan, calib: torch.Tensor | None = No
     >>> type(model.model.layers[0].mlp.down_proj).__name__
     'QLinear'
     """
+    with use_kernels("reference"):  # calibration runs the quantized layers exactly as their weights say
+        return _quantize_model(model, plan, calib, batch_size, sample_rows, progress, on_block, stats, device)
+
+
+def _quantize_model(model, plan, calib, batch_size, sample_rows, progress, on_block, stats, device) -> QuantReport:
     t_start = time.perf_counter()
     device = optional_device(device)
     resolved = plan.resolve(model)

@@ -96,11 +96,12 @@ class IntFormat(NumberFormat):
         return q.to(torch.uint8)
 
     def decode(self, codes, scale, zero):
-        q = codes.to(torch.float32)
+        q = codes.to(torch.float32, copy=True)  # one new buffer, then in place (fresh buffers cost page faults)
         offset = -self.qmin if zero is None else zero - self.qmin
         if not (isinstance(offset, int) and offset == 0):
-            q = q - offset
-        return q * scale
+            q.sub_(offset)
+        return q.mul_(scale) if torch.is_tensor(scale) and q.shape == torch.broadcast_shapes(q.shape, scale.shape) \
+            else q * scale
 
 
 @dataclass(frozen=True)

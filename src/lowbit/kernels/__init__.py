@@ -1,0 +1,22 @@
+"""Kernels: how a quantized layer computes, one registered file each (see :mod:`lowbit.kernels.base`).
+
+>>> sorted(k for k in kernel_names() if KERNELS[k].reference)
+['cached-weight', 'dequantize', 'fake-act']
+"""
+
+from lowbit.kernels import bf16_gemm, cached, dequantize, fake_act, int4_torch, int8_int8, int8_torch  # noqa: F401
+from lowbit.kernels.activations import ACT_SCHEMES, quantize_activation
+from lowbit.kernels.base import (
+    KERNELS,
+    Kernel,
+    candidates,
+    choose,
+    dispatch,
+    kernel_mode,
+    kernel_names,
+    register_kernel,
+    use_kernels,
+)
+
+__all__ = ["ACT_SCHEMES", "KERNELS", "Kernel", "candidates", "choose", "dispatch", "kernel_mode", "kernel_names",
+           "quantize_activation", "register_kernel", "use_kernels"]

@@ -1,0 +1,38 @@
+"""Weight-only int8 per output channel through torch's ``_weight_int8pack_mm`` (CPU), at every batch size.
+
+bf16 activations and scales, float32 accumulation (its float32-activation path is 25-100× slower, so it
+is never used); the same bf16 roundings as ``int4-torch``. Serves symmetric per-channel ``int8``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.kernels.base import Kernel, no_dominant_input, register_kernel
+from lowbit.kernels.int8_int8 import int8_weight, w8_per_channel
+
+
+def _serves(m) -> bool:
+    return (m.act_scheme is None and m.input_scale is None and m.qweight_codes.device.type == "cpu"
+            and w8_per_channel(m))
+
+
+def _prepare(m):
+    codes, scale = int8_weight(m)
+    bias = None if m.bias is None else m.bias.detach().to(torch.float32)
+    return codes, scale.to(torch.bfloat16), bias
+
+
+def _run(m, state, x: torch.Tensor) -> torch.Tensor:
+    codes, scale, bias = state
+    lead = x.shape[:-1]
+    y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), codes, scale)
+    y = y.to(torch.float32)
+    if bias is not None:
+        y = y + bias
+    return y.to(x.dtype).reshape(*lead, m.out_features)
+
+
+register_kernel(Kernel("int8-torch", 20, _serves, _run, prepare=_prepare,
+                       dtypes=(torch.float32, torch.bfloat16, torch.float16), accepts=no_dominant_input,
+                       doc="weight-only int8 per channel, torch's packed CPU kernel (bf16 activations)"))

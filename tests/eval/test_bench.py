@@ -1,0 +1,104 @@
+"""``lowbit bench`` / ``lowbit.bench``: prefill and decode timed for the quantized model and float in one run,
+the kernels each ran, and what the models hold; the quantized model keeps its KV cache and ``generate``."""
+
+import json
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.cli.main import main
+from lowbit.errors import LowbitError
+from lowbit.eval.bench import bench, format_bench, model_bytes
+from lowbit.kernels import use_kernels
+from lowbit.model.convert import float_twin
+from lowbit.model.qmodules import QLinear
+
+
+def _quantized(tiny_llama, scheme="int4-g32"):
+    model, tok = tiny_llama
+    q, _ = lowbit.quantize(model, tok, scheme=scheme, method="rtn", progress=False)
+    return model, q
+
+
+def test_bench_times_both_models_at_each_thread_count(tiny_llama):
+    model, q = _quantized(tiny_llama)
+    r = bench(q, model, prefill=(16, 32), context=8, new_tokens=3, threads=(1, 2), repeats=1)
+    assert [(row.label, row.threads) for row in r.rows] == [("quantized", 1), ("float", 1), ("quantized", 2),
+                                                              ("float", 2)]
+    for row in r.rows:
+        assert set(row.prefill_tokens_per_s) == {16, 32} and all(v > 0 for v in row.prefill_tokens_per_s.values())
+        assert row.decode_tokens_per_s > 0
+    qrow = r.rows[0]
+    n_linear = sum(isinstance(m, QLinear) for m in q.modules())
+    assert sum(qrow.kernels_decode.values()) == n_linear and "int4-torch" in qrow.kernels_decode
+    assert r.rows[1].kernels_decode == {}  # the float model has no quantized layers
+    assert qrow.memory_bytes < r.rows[1].memory_bytes  # packed kernels counted, still smaller than float
+    assert r.decode_ratio(1) == pytest.approx(qrow.decode_tokens_per_s / r.rows[1].decode_tokens_per_s)
+    d = r.to_dict()
+    assert set(d["ratios"]) == {"1", "2"} and d["ratios"]["1"]["prefill_16"] > 0
+    text = format_bench(r)
+    assert "quantized" in text and "(×" in text and "peak RSS" in text
+
+
+def test_float_twin_is_the_dequantized_float_model(tiny_llama):
+    _, q = _quantized(tiny_llama)
+    twin = float_twin(q)
+    assert not any(isinstance(m, QLinear) for m in twin.modules())
+    ids = torch.randint(0, 100, (1, 12))
+    with use_kernels("reference"), torch.no_grad():
+        assert torch.allclose(twin(ids).logits, q(ids).logits, atol=1e-5)
+    assert any(isinstance(m, QLinear) for m in q.modules())  # the quantized model is untouched
+    r = bench(q, prefill=(8,), context=4, new_tokens=2, threads=(1,), repeats=1)  # default: the twin
+    assert [row.label for row in r.rows] == ["quantized", "float"]
+    assert len(bench(q, False, prefill=(8,), context=4, new_tokens=2, threads=(1,), repeats=1).rows) == 1
+
+
+def test_quantized_model_generates_with_kv_cache_as_the_reference_does(tiny_llama):
+    _, q = _quantized(tiny_llama, "int8")
+    ids = torch.randint(1, 100, (1, 6))
+    out = q.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 14)
+    assert {m._kernel.name for m in q.modules() if isinstance(m, QLinear)} == {"int8-torch"}
+    with use_kernels("reference"):
+        ref = q.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                         pad_token_id=0)
+    assert (out == ref).float().mean() > 0.8  # bf16 roundings may flip a near-tie, not the whole text
+
+
+def test_bench_refuses_what_it_cannot_time(tiny_llama):
+    _, q = _quantized(tiny_llama)
+    with pytest.raises(LowbitError, match="must be positive"):
+        bench(q, prefill=(), threads=(1,))
+    with pytest.raises(LowbitError, match="not a causal language model"):
+        bench(torch.nn.Sequential(torch.nn.Linear(4, 4)), False)
+
+
+def test_model_bytes_counts_packed_kernel_weights_once(tiny_llama):
+    _, q = _quantized(tiny_llama)
+    before = model_bytes(q)
+    with torch.no_grad():
+        q(torch.randint(0, 100, (1, 4)))
+    assert model_bytes(q) > before  # int4-torch packed its copy of each weight
+
+
+def test_cli_bench(tmp_path, capsys, tiny_llama_dir):
+    argv = ["bench", str(tiny_llama_dir), "--scheme", "int4-g32", "--threads", "1", "--prefill", "16",
+            "--context", "8", "--new-tokens", "2", "--repeats", "1"]
+    assert main(argv + ["--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [r["label"] for r in doc["rows"]] == ["quantized", "float"] and doc["ratios"]["1"]["decode"] > 0
+    assert main(argv) == 0
+    assert "decode tok/s" in capsys.readouterr().out
+    q = tmp_path / "q"
+    assert main(["quantize", str(tiny_llama_dir), "-o", str(q), "--scheme", "int8"]) == 0
+    capsys.readouterr()
+    assert main(["bench", str(q), "--threads", "1", "--prefill", "8", "--context", "4", "--new-tokens", "2",
+                 "--repeats", "1", "--kernels", "reference", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["rows"][0]["kernels_decode"] == {"dequantize": 15}  # 15 linear layers, the reference asked for
+    for bad, needle in ((["bench", str(tiny_llama_dir)], "give --scheme"),
+                        (["bench", str(q), "--scheme", "int4-g32"], "already quantized"),
+                        (["bench", str(q), "--kernels", "magic"], "unknown kernel 'magic'")):
+        assert main(bad) == 2
+        assert needle in capsys.readouterr().err

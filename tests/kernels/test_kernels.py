@@ -1,0 +1,183 @@
+"""Every fast kernel against the dequantize reference: the repacked weight is the stored one exactly, outputs
+agree within the kernel's bf16 roundings, and the choice follows the declared batch sizes and priorities."""
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.errors import LowbitError
+from lowbit.kernels import KERNELS, candidates, use_kernels
+from lowbit.kernels.cpu import native_bf16
+from lowbit.kernels.int4_torch import int4_parts
+from lowbit.model.qmodules import QLinear
+
+INT4 = ["int4-g32", "int4-g64", "int4-g128", "int4-g64-sym", "q4_0", "q4_1", "q4_k"]
+
+
+def _layer(scheme, out=64, inp=256, seed=0, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, inp, generator=g)
+    b = torch.randn(out, generator=g) if bias else None
+    return QLinear(lowbit.quantize_tensor(w, scheme), b)
+
+
+def _hqq_layer(out=64, inp=256):
+    from lowbit.core.scheme import Scheme
+
+    scheme = Scheme(format="int4", granularity="group", group_size=64, symmetric=False, zero_dtype="float16")
+    return QLinear(lowbit.quantize_tensor(torch.randn(out, inp), scheme), None)
+
+
+def _bound(x, wabs):
+    """|y - y_ref| for bf16 activations, bf16 scales and a bf16 output: a few 2^-9 of sum |x| |w| per output."""
+    return 2.0 ** -7 * (x.abs() @ wabs.T) + 1e-5
+
+
+@pytest.mark.parametrize("scheme", INT4)
+def test_int4_repack_is_the_stored_weight(scheme):
+    layer = _layer(scheme)
+    codes, scale, zero = int4_parts(layer)
+    g = layer.in_features // scale.shape[1]
+    w = (codes.float() - 8) * scale.repeat_interleave(g, 1) + zero.repeat_interleave(g, 1)
+    ref = layer.qweight.dequantize(torch.float32)
+    assert torch.allclose(w, ref, rtol=1e-6, atol=1e-6 * float(ref.abs().max()))
+
+
+def test_int4_repack_float_zero_points():
+    layer = _hqq_layer()
+    codes, scale, zero = int4_parts(layer)
+    w = (codes.float() - 8) * scale.repeat_interleave(64, 1) + zero.repeat_interleave(64, 1)
+    assert torch.allclose(w, layer.qweight.dequantize(torch.float32), atol=1e-5)
+    assert candidates(layer)[0].name == "int4-torch"
+
+
+@pytest.mark.parametrize("scheme", [*INT4, "int8"])
+@pytest.mark.parametrize("tokens", [1, 5, 40])
+def test_weight_only_kernels_within_bf16_bound(scheme, tokens):
+    layer = _layer(scheme)
+    x = torch.randn(tokens, layer.in_features)
+    with use_kernels("reference"):
+        ref = layer(x)
+    y = layer(x)
+    want = "int8-torch" if scheme == "int8" else "int4-torch"
+    assert layer._kernel.name == want and y.dtype == x.dtype and y.shape == ref.shape
+    if scheme == "int8":
+        wabs = layer.qweight.dequantize(torch.float32).abs()
+    else:
+        codes, scale, _ = int4_parts(layer)  # the zero term is exact: only the scaled codes' roundings count
+        g = layer.in_features // scale.shape[1]
+        wabs = (codes.float() - 8).abs() * scale.abs().repeat_interleave(g, 1)
+    err = (y - ref).abs()
+    assert torch.all(err <= _bound(x, wabs)), float((err / _bound(x, wabs)).max())
+    assert float(err.max()) > 0  # a different arithmetic really ran (bf16), not the reference again
+
+
+@pytest.mark.skipif(not native_bf16(), reason="bf16-gemm serves only CPUs with native bf16")
+@pytest.mark.parametrize("scheme", ["int3-g64", "q6_k", "q2_k", "int4-g16", "nf4-g64"])
+def test_bf16_gemm_prefill_within_bound(scheme):
+    layer = _layer(scheme)
+    x = torch.randn(2, 40, layer.in_features)
+    with use_kernels("reference"):
+        ref = layer(x)
+    y = layer(x)
+    assert layer._kernel.name == "bf16-gemm"
+    wabs = layer.qweight.dequantize(torch.float32).abs()
+    assert torch.all((y - ref).abs() <= _bound(x, wabs))
+
+
+def test_choice_follows_batch_size_priority_and_mode():
+    layer = _layer("int4-g64")
+    names = [k.name for k in candidates(layer)]
+    assert names[0] == "int4-torch" and names[-1] == "dequantize"
+    assert [KERNELS[n].priority for n in names] == sorted((KERNELS[n].priority for n in names), reverse=True)
+    layer(torch.randn(1, 256))
+    assert layer._kernel.name == "int4-torch"
+    layer(torch.randn(64, 256))
+    assert layer._kernel.name == "int4-torch"  # it outranks bf16-gemm at every size
+    other = _layer("int3-g64")
+    other(torch.randn(1, 256))
+    assert other._kernel.name == "dequantize"
+    other(torch.randn(64, 256))
+    assert other._kernel.name == ("bf16-gemm" if native_bf16() else "dequantize")
+    with use_kernels("reference"):
+        layer(torch.randn(1, 256))
+        assert layer._kernel.name == "dequantize"
+    with use_kernels(["int8-torch"]):  # only the named kernel (and the references where it does not serve)
+        layer(torch.randn(1, 256))
+        assert layer._kernel.name == "dequantize"
+    with pytest.raises(LowbitError, match="unknown kernel 'magic'"):
+        with use_kernels("magic"):
+            pass
+
+
+@pytest.mark.parametrize("make", [lambda: _layer("int4-g64", out=40), lambda: _layer("int4-g128", inp=576),
+                                  lambda: _layer("int4-g16"), lambda: _layer("q5_k"), lambda: _layer("iq4_nl")])
+def test_layers_the_int4_kernel_cannot_take_fall_back(make):
+    layer = make()  # 40 rows (not a multiple of 16), a ragged group, group 16, a 5-bit type
+    assert "int4-torch" not in [k.name for k in candidates(layer)]
+    x = torch.randn(1, layer.in_features)
+    with use_kernels("reference"):
+        ref = layer(x)
+    assert torch.equal(layer(x), ref) and layer._kernel.name == "dequantize"
+
+
+def test_prepared_weight_is_packed_once_and_dropped_on_changes():
+    a, b = _layer("int4-g64", seed=0), _layer("int4-g64", seed=1)
+    x = torch.randn(1, 256)
+    b(x)
+    state = b._kernel_state["int4-torch"]
+    b(x)
+    assert b._kernel_state["int4-torch"] is state
+    b.load_state_dict(a.state_dict())
+    assert not b._kernel_state
+    assert torch.equal(b(x), a(x))
+    b.to(torch.float32)
+    assert not b._kernel_state
+    assert b.prepare_kernels((1,)) == ["int4-torch"] and "int4-torch" in b._kernel_state
+
+
+def test_bias_and_bf16_inputs():
+    layer = _layer("int4-g32", bias=True)
+    x = torch.randn(3, 256).to(torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16 and layer._kernel.name == "int4-torch"
+    with use_kernels("reference"):
+        ref = layer(x.float())
+    assert torch.allclose(y.float(), ref, rtol=0.02, atol=0.1)
+
+
+def test_smoothquant_input_scale_is_applied_by_every_kernel():
+    layer = _layer("int4-g64")
+    layer.input_scale = torch.rand(256) + 0.5
+    x = torch.randn(1, 256)
+    assert "int4-torch" not in [k.name for k in candidates(layer)]  # the fast kernels do not divide x
+    want = torch.nn.functional.linear(x / layer.input_scale, layer.qweight.dequantize(), layer.bias)
+    assert torch.allclose(layer(x), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("scheme", ["int4-g64", "q4_k", "q4_1"])
+def test_large_activations_keep_asymmetric_grids_accurate(scheme):
+    """The zero term is added in float32, not rounded to bf16 inside the packed kernel."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 256, generator=g) * 0.02 + 0.01  # an offset: large zero-points
+    layer = QLinear(lowbit.quantize_tensor(w, scheme))
+    x = 10 * torch.randn(8, 256, generator=g)
+    x[:, 7:10] = 60.0  # large, none holding most of the row's norm: the packed kernel still takes it
+    with use_kernels("reference"):
+        ref = layer(x)
+    y = layer(x)
+    assert layer._kernel.name == "int4-torch"
+    assert float((y - ref).norm() / ref.norm()) < 4e-3
+
+
+def test_rows_with_one_dominant_input_go_to_the_next_kernel():
+    layer = _layer("int4-g64")
+    x = torch.randn(3, 256)
+    layer(x)
+    assert layer._kernel.name == "int4-torch"
+    x[1, 5] = 3.2e4  # one element holds nearly all of its row's norm: the packed kernel errs by percents there
+    with use_kernels("reference"):
+        ref = layer(x)
+    y = layer(x)
+    assert layer._kernel.name in ("bf16-gemm", "dequantize")
+    assert float((y - ref).norm() / ref.norm()) < 4e-3
