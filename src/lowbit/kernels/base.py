@@ -55,14 +55,22 @@ MODES = ("auto", "reference")
 _mode: tuple[str, ...] | str = os.environ.get("LOWBIT_KERNELS", "auto")
 
 
-def no_dominant_input(m: Any, x: torch.Tensor, share: float = 0.5) -> bool:
-    """No input row has one element holding more than ``share`` of its L2 norm. torch's packed int4/int8 CPU
-    kernels lose precision on such rows (an activation of 3·10⁴ among ones, as SmolLM2's down_proj sees on
-    its first token: 3.7% error of the layer's output, where a bf16 GEMM errs by 0.4%); their calls go to
-    the next kernel instead."""
-    x2 = x.reshape(-1, x.shape[-1])
-    amax = x2.abs().amax(-1)
-    return bool((amax <= share * torch.linalg.vector_norm(x2.float(), dim=-1)).all()) if x2.shape[-1] > 8 else True
+HUGE_ACTIVATION = 256.0  # |x| above this goes around the packed int4/int8 kernels, in float32
+
+
+def split_dominant(x2: torch.Tensor, limit: float = HUGE_ACTIVATION):
+    """``x2`` ``(rows, in)`` without its huge elements (``|x| > limit``), and those elements apart: ``(x2, None)``
+    when there are none (one max per call: the common case costs one reduction), else
+    ``(rest, (cols, values))`` with ``values`` ``(rows, len(cols))`` holding the huge elements (zero
+    elsewhere). torch's packed int4/int8 CPU kernels lose precision on rows holding such an activation among
+    small ones (SmolLM2's down_proj sees 3·10⁴ on a window's first token: 3.7% error of the layer's output,
+    where a bf16 GEMM errs by 0.4%), so kernels add those few columns' products in float32."""
+    if float(torch.linalg.vector_norm(x2, ord=float("inf"))) <= limit:
+        return x2, None
+    big = x2.abs() > limit
+    cols = big.any(0).nonzero().flatten()
+    values = torch.where(big[:, cols], x2[:, cols], torch.zeros((), dtype=x2.dtype)).to(torch.float32)
+    return x2.masked_fill(big, 0), (cols, values)
 
 
 def register_kernel(kernel: Kernel) -> Kernel:

@@ -9,19 +9,17 @@ it by ``scale = s`` and ``zero = (8 − offset)·s``:
 * GGML types whose blocks are affine in 4-bit codes per sub-block of 32 (``q4_0``, ``q4_1``, ``q4_k``):
   a repack of each sub-block's float32 (scale, offset) — ``value = c·s + off`` → ``zero = 8·s + off``.
 
-The zero term is not given to the kernel: rounded to bf16 it would move every weight by up to 2⁻⁹·|zero|,
-which a large activation (SmolLM2 feeds its down_proj inputs of 3·10⁴) turns into a large error. The
-kernel runs with zero 0, and ``Σ_g zero[n, g]·Σ_{k∈g} x_k`` is added in float32 (a GEMM of the activations'
-group sums, ``tokens × in/g × out``: small). So the arithmetic differs from the reference by the bf16
-roundings of the activations, of each group's scale and of the kernel's output (relative ≤ 2⁻⁹ each);
-outputs come back in the input's dtype.
+Activations above ``HUGE_ACTIVATION`` (see :func:`lowbit.kernels.base.split_dominant`) are multiplied apart
+in float32 with the stored weight's columns. So the arithmetic differs from the reference by the bf16
+roundings of the activations, of each group's scale and zero and of the kernel's output (relative ≤ 2⁻⁹
+each); outputs come back in the input's dtype.
 """
 
 from __future__ import annotations
 
 import torch
 
-from lowbit.kernels.base import Kernel, no_dominant_input, register_kernel
+from lowbit.kernels.base import Kernel, register_kernel, split_dominant
 
 GROUPS = (32, 64, 128, 256)
 
@@ -84,24 +82,56 @@ def int4_parts(m) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def _prepare(m):
     codes, scale, zero = int4_parts(m)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
-    sz = torch.stack([scale.T, torch.zeros_like(scale.T)], dim=-1).to(torch.bfloat16).contiguous()  # (groups, out, 2)
-    zero_t = zero.T.contiguous() if bool(zero.any()) else None  # (groups, out) float32; None: symmetric grids
+    sz = torch.stack([scale.T, zero.T], dim=-1).to(torch.bfloat16).contiguous()  # (groups, out, 2)
     bias = None if m.bias is None else m.bias.detach().to(torch.float32)
-    return packed, sz, zero_t, group_of(m), bias
+    return packed, sz, group_of(m), bias
+
+
+def columns(m, cols: torch.Tensor) -> torch.Tensor:
+    """The stored weight's columns ``cols`` ``(out, len(cols))`` in float32, decoding only the groups (or
+    GGML blocks) that hold them."""
+    q = m.qweight
+    rows, width = q.shape
+    if q.scheme.block is not None:
+        out = torch.empty(rows, len(cols))
+        from lowbit.layouts.ggml import decode_blocks
+
+        bs, ts = q.scheme.block.block_size, q.scheme.block.type_size
+        data = q.codes.view(rows, width // bs, ts)
+        for b in cols.div(bs, rounding_mode="floor").unique().tolist():
+            vals = decode_blocks(data[:, b].contiguous().reshape(-1), q.scheme.block.ggml, (rows, bs))
+            sel = (cols // bs) == b
+            out[:, sel] = vals[:, cols[sel] - b * bs]
+        return out
+    g = q.scheme.group_size
+    grp = cols // g
+    s = q.scales.view(rows, -1)[:, grp].to(torch.float32)  # (rows, n)
+    qmin = q.scheme.number_format.qmin
+    c = (q.codes.view(rows, width // 2)[:, cols // 2] >> (4 * (cols % 2)).to(torch.uint8)) & 15
+    if q.zeros is None:
+        off = torch.tensor(float(-qmin))
+    elif q.scheme.zero_dtype == "int":  # 4-bit zero-points, two per byte, one per group
+        zb = q.zeros.view(-1)
+        idx = torch.arange(rows).reshape(-1, 1) * (width // g) + grp  # flat group index (rows, n)
+        off = ((zb[idx // 2] >> (4 * (idx % 2)).to(torch.uint8)) & 15).to(torch.float32)  # stored z - qmin
+    else:
+        off = q.zeros.view(rows, -1)[:, grp].to(torch.float32) - qmin
+    return (c.to(torch.float32) - off) * s
 
 
 def _run(m, state, x: torch.Tensor) -> torch.Tensor:
-    packed, sz, zero_t, g, bias = state
+    packed, sz, g, bias = state
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
+    x2, dominant = split_dominant(x.reshape(-1, x.shape[-1]))
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), packed, g, sz).to(torch.float32)
-    if zero_t is not None:  # the zero term in float32: group sums of x times each group's zero
-        y = y.addmm_(x2.to(torch.float32).reshape(x2.shape[0], -1, g).sum(-1), zero_t)
+    if dominant is not None:  # a few huge activations: their products in float32
+        cols, values = dominant
+        y = y.addmm_(values, columns(m, cols).T)
     if bias is not None:
         y = y + bias
     return y.to(x.dtype).reshape(*lead, m.out_features)
 
 
 register_kernel(Kernel("int4-torch", 20, _serves, _run, prepare=_prepare,
-                       dtypes=(torch.float32, torch.bfloat16, torch.float16), accepts=no_dominant_input,
+                       dtypes=(torch.float32, torch.bfloat16, torch.float16),
                        doc="weight-only int4, torch's packed CPU kernel (bf16 activations)"))
