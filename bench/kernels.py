@@ -1,14 +1,14 @@
 """lowbit's kernels against float32: layer shapes one by one, whole models end to end, and the arithmetic.
 
     .venv/bin/python bench/kernels.py layers [--shapes smollm2 7b] [--tokens 1 8 128 512] [--threads 1 2]
-    .venv/bin/python bench/kernels.py model [--schemes int4-g64 int8 ...] [--threads 1 2] [--stack7b]
+    .venv/bin/python bench/kernels.py model [--schemes int4-g64 int8 int8+a8] [--threads 1 2] [--models smollm2 7b]
     .venv/bin/python bench/kernels.py accuracy [--windows 8]
 
 ``layers``: for each (out, in) shape and token count, milliseconds per call of the float32 ``F.linear``, of
 the dequantize reference and of each fast kernel that serves the layer (int4-g64 asymmetric and int8 per
 channel, RTN of a random weight), median of several calls after a warm-up.
 ``model``: ``lowbit.bench`` (prefill 128/512 tokens, decode at context 128 on the KV cache, float in the same
-run) on SmolLM2-135M quantized by RTN to each scheme; ``--stack7b`` also a 2-layer Llama with 7B's widths
+run) on SmolLM2-135M quantized by RTN to each scheme; ``--models 7b``: a 2-layer Llama with 7B's widths
 (4096 hidden, 11008 intermediate, 32000 vocabulary, random weights), where memory bandwidth dominates.
 ``accuracy``: KL between the fast kernels' and the reference kernels' next-token distributions on SmolLM2
 int4-g64 (GPTQ-free RTN), over WikiText-2 test windows of 512 tokens.
@@ -103,7 +103,8 @@ def _rtn(float_model, scheme: str):
 
 def model(a) -> list[dict]:
     out = []
-    sources = [("SmolLM2-135M", _smollm2)] + ([("llama-7B-widths-2-layers", _stack7b)] if a.stack7b else [])
+    sources = [(n, m) for n, m in (("SmolLM2-135M", _smollm2), ("llama-7B-widths-2-layers", _stack7b))
+               if (n.startswith("SmolLM2") and "smollm2" in a.models) or (n.startswith("llama") and "7b" in a.models)]
     for name, make in sources:
         float_model, _ = make()
         for scheme in a.schemes:
@@ -182,7 +183,7 @@ def main() -> None:
     p.add_argument("--context", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--stack7b", action="store_true")
+    p.add_argument("--models", nargs="+", default=["smollm2"], choices=["smollm2", "7b"])
     p = sub.add_parser("accuracy")
     p.add_argument("--schemes", nargs="+", default=["int4-g64", "int8"])
     p.add_argument("--windows", type=int, default=8)
