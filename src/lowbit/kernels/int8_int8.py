@@ -33,9 +33,9 @@ def _run(m, state, x: torch.Tensor) -> torch.Tensor:
     lead = x.shape[:-1]
     codes, s = quantize_activation(x.reshape(-1, x.shape[-1]), m.act_scheme, m.act_scale)
     acc = torch._int_mm(codes, w_t)  # (tokens, out) int32
-    y = acc.to(torch.float32) * s.to(torch.float32) * w_scale
+    y = acc.to(torch.float32).mul_(s.to(torch.float32)).mul_(w_scale)
     if m.bias is not None:
-        y = y + m.bias
+        y = y.add_(m.bias)
     return y.to(x.dtype).reshape(*lead, m.out_features)
 
 
