@@ -73,6 +73,22 @@ def split_dominant(x2: torch.Tensor, limit: float = HUGE_ACTIVATION):
     return x2.masked_fill(big, 0), (cols, values)
 
 
+def run_packed_bf16(m: Any, x: torch.Tensor, packed_mm: Callable[[torch.Tensor], torch.Tensor],
+                    columns: Callable[[torch.Tensor], torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
+    """The frame torch's packed bf16 kernels share: huge activations taken apart (:func:`split_dominant`) and
+    multiplied in float32 with the weight's ``columns(cols)`` ``(out, n)``, ``packed_mm`` of the rest in bf16,
+    the bias, and the input's dtype and leading shape."""
+    lead = x.shape[:-1]
+    x2, dominant = split_dominant(x.reshape(-1, x.shape[-1]))
+    y = packed_mm(x2.to(torch.bfloat16)).to(torch.float32)
+    if dominant is not None:
+        cols, values = dominant
+        y = y.addmm_(values, columns(cols).T)
+    if bias is not None:
+        y = y + bias
+    return y.to(x.dtype).reshape(*lead, m.out_features)
+
+
 def register_kernel(kernel: Kernel) -> Kernel:
     """Add ``kernel`` to the registry (its name must be new)."""
     return KERNELS.add(kernel.name, kernel)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.kernels.base import Kernel, register_kernel, split_dominant
+from lowbit.kernels.base import Kernel, register_kernel, run_packed_bf16
 
 GROUPS = (32, 64, 128, 256)
 
@@ -121,15 +121,8 @@ def columns(m, cols: torch.Tensor) -> torch.Tensor:
 
 def _run(m, state, x: torch.Tensor) -> torch.Tensor:
     packed, sz, g, bias = state
-    lead = x.shape[:-1]
-    x2, dominant = split_dominant(x.reshape(-1, x.shape[-1]))
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), packed, g, sz).to(torch.float32)
-    if dominant is not None:  # a few huge activations: their products in float32
-        cols, values = dominant
-        y = y.addmm_(values, columns(m, cols).T)
-    if bias is not None:
-        y = y + bias
-    return y.to(x.dtype).reshape(*lead, m.out_features)
+    return run_packed_bf16(m, x, lambda xb: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, g, sz),
+                           lambda cols: columns(m, cols), bias)
 
 
 register_kernel(Kernel("int4-torch", 20, _serves, _run, prepare=_prepare,

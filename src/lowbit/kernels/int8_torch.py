@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.kernels.base import Kernel, register_kernel, split_dominant
+from lowbit.kernels.base import Kernel, register_kernel, run_packed_bf16
 from lowbit.kernels.int8_int8 import int8_weight, w8_per_channel
 
 
@@ -25,16 +25,9 @@ def _prepare(m):
 
 def _run(m, state, x: torch.Tensor) -> torch.Tensor:
     codes, scale, bias = state
-    lead = x.shape[:-1]
-    x2, dominant = split_dominant(x.reshape(-1, x.shape[-1]))
-    y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), codes, scale).to(torch.float32)
-    if dominant is not None:  # a few huge activations: their products in float32 (see split_dominant)
-        cols, values = dominant
-        w_cols = codes[:, cols].to(torch.float32) * m.qweight.qparams()[0].reshape(-1, 1)
-        y = y.addmm_(values, w_cols.T)
-    if bias is not None:
-        y = y + bias
-    return y.to(x.dtype).reshape(*lead, m.out_features)
+    return run_packed_bf16(m, x, lambda xb: torch.ops.aten._weight_int8pack_mm(xb, codes, scale),
+                           lambda cols: codes[:, cols].to(torch.float32) * m.qweight.qparams()[0].reshape(-1, 1),
+                           bias)
 
 
 register_kernel(Kernel("int8-torch", 20, _serves, _run, prepare=_prepare,
