@@ -186,9 +186,9 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def _kernel_mode(mode: str) -> str:
-    from lowbit.kernels.base import _check_mode
+    from lowbit.kernels.base import check_mode
 
-    _check_mode(mode)  # unknown names: one line naming them
+    check_mode(mode)  # unknown names: one line naming them
     return mode
 
 

@@ -25,7 +25,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.eval.speed import cache_step, peak_rss_bytes
+from lowbit.eval.speed import _device, decode_ms_per_token, peak_rss_bytes
+from lowbit.kernels.cpu import cpu_name
 from lowbit.threads import torch_threads
 
 
@@ -74,18 +75,6 @@ class BenchResult:
         return d
 
 
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
-
-
 def model_bytes(model: torch.nn.Module) -> int:
     """Bytes the model holds: parameters and buffers (each tensor once) and the kernels' packed weights."""
     seen: set[int] = set()
@@ -110,32 +99,11 @@ def _kernels_used(model: torch.nn.Module) -> dict[str, int]:
     return dict(sorted(c.items()))
 
 
-def _device(model):
-    p = next(model.parameters(), None)
-    if p is None:
-        p = next(model.buffers(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 @torch.inference_mode()
 def _prefill_s(model, ids: torch.Tensor) -> float:
     t0 = time.perf_counter()
     model(input_ids=ids, use_cache=True)
     return time.perf_counter() - t0
-
-
-@torch.inference_mode()
-def _decode_s(model, ids: torch.Tensor, new_tokens: int) -> float:
-    """Median seconds per greedily decoded token after a prefill of ``ids``."""
-    out = model(input_ids=ids, use_cache=True)
-    nxt = out.logits[:, -1:].argmax(-1)
-    times = []
-    for _ in range(new_tokens):
-        t0 = time.perf_counter()
-        out = cache_step(model, out, nxt)
-        nxt = out.logits[:, -1:].argmax(-1)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def _measure(model, label: str, threads: int, prefill: Sequence[int], context: int, new_tokens: int,
@@ -151,8 +119,9 @@ def _measure(model, label: str, threads: int, prefill: Sequence[int], context: i
             _prefill_s(model, ids[:, :n])  # warm-up (and the kernels' packing)
             rates[n] = n / statistics.median(_prefill_s(model, ids[:, :n]) for _ in range(repeats))
             kp = _kernels_used(model)
-        _decode_s(model, ids[:, :context], 2)  # warm-up
-        per_token = statistics.median(_decode_s(model, ids[:, :context], new_tokens) for _ in range(repeats))
+        prompt = ids[0, :context]
+        decode_ms_per_token(model, prompt, 2)  # warm-up
+        per_token = statistics.median(decode_ms_per_token(model, prompt, new_tokens) for _ in range(repeats)) / 1000
         kd = _kernels_used(model)
     return BenchRow(label, threads, rates, 1.0 / per_token, model_bytes(model), kd, kp)
 

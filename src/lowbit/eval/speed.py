@@ -72,12 +72,10 @@ def forward_seconds(model: torch.nn.Module, batches: list[dict[str, torch.Tensor
 
 def cache_step(model: torch.nn.Module, out, ids: torch.Tensor):
     """One decode step on the KV cache ``out`` returned: transformers >= 5.2x names it ``cache`` (in and out),
-    older ones ``past_key_values``."""
-    cache = out["cache"] if "cache" in out else out.past_key_values
-    import inspect
-
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    return model(input_ids=ids, use_cache=True, **{name: cache})
+    older ones ``past_key_values``; the step passes it back under the name it came out with."""
+    if "cache" in out:
+        return model(input_ids=ids, use_cache=True, cache=out["cache"])
+    return model(input_ids=ids, use_cache=True, past_key_values=out.past_key_values)
 
 
 @torch.inference_mode()

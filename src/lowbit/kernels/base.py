@@ -98,7 +98,8 @@ def kernel_names() -> list[str]:
     return KERNELS.names()
 
 
-def _check_mode(mode: str | Sequence[str]) -> tuple[str, ...] | str:
+def check_mode(mode: str | Sequence[str]) -> tuple[str, ...] | str:
+    """``mode`` as :func:`use_kernels` takes it ("a,b" names split); unknown kernel names raise."""
     if isinstance(mode, str):
         if mode in MODES:
             return mode
@@ -114,7 +115,7 @@ def use_kernels(mode: str | Sequence[str]) -> Iterator[None]:
     """Run the block with ``mode``: ``"auto"`` (the fastest kernel that serves each call), ``"reference"``
     (reference kernels only), or kernel names (those, plus the references where none of them serves)."""
     global _mode
-    old, _mode = _mode, _check_mode(mode)
+    old, _mode = _mode, check_mode(mode)
     try:
         yield
     finally:
@@ -153,14 +154,20 @@ def choose(module: Any, x: torch.Tensor) -> Kernel:
                       f"{tokens} tokens of {x.dtype} under kernel mode {_mode!r}")
 
 
+def prepared(module: Any, k: Kernel) -> Any:
+    """``k``'s packed weight for ``module``, made at first use and kept in ``module._kernel_state``."""
+    if k.prepare is None:
+        return None
+    states = module._kernel_state
+    state = states.get(k.name)
+    if state is None:
+        state = states[k.name] = k.prepare(module)
+    return state
+
+
 def dispatch(module: Any, x: torch.Tensor) -> torch.Tensor:
     """``module(x)`` through its chosen kernel, preparing the kernel's packed weight at first use."""
     k = choose(module, x)
-    state = None
-    if k.prepare is not None:
-        states = module._kernel_state
-        state = states.get(k.name)
-        if state is None:
-            state = states[k.name] = k.prepare(module)
+    state = prepared(module, k)
     module._kernel = k  # the last kernel that ran (inspection, tests)
     return k.run(module, state, x)

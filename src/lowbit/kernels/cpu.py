@@ -6,16 +6,28 @@ import functools
 from pathlib import Path
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str]:
-    """The instruction-set flags of this CPU (Linux's /proc/cpuinfo; empty elsewhere)."""
+@functools.lru_cache(maxsize=4)
+def _cpuinfo(field: str) -> str | None:
+    """The first ``field`` line of Linux's /proc/cpuinfo (None elsewhere)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
+            if line.startswith(field):
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return frozenset()
+    return None
+
+
+def cpu_flags() -> frozenset[str]:
+    """The instruction-set flags of this CPU (empty where /proc/cpuinfo is not)."""
+    return frozenset((_cpuinfo("flags") or "").split())
+
+
+def cpu_name() -> str:
+    """This CPU's model name (the platform's processor string where /proc/cpuinfo is not)."""
+    import platform
+
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def has(*flags: str) -> bool:

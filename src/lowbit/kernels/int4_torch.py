@@ -71,12 +71,16 @@ def int4_parts(m) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         zero = (8 * s + off).reshape(rows, -1)
         return codes.reshape(rows, cols), scale, zero
     codes = q.codes_grouped().reshape(rows, cols)
+    s, offset = _scale_offset(q)
+    return codes, s, (8 - offset) * s
+
+
+def _scale_offset(q) -> tuple[torch.Tensor, torch.Tensor]:
+    """An affine int4 QTensor's float32 scale and code offset ``(rows, groups)``: ``value = (code − offset)·s``."""
     s, z = q.qparams()  # (rows, groups, 1)
     qmin = q.scheme.number_format.qmin
-    offset = -qmin if z is None else z - qmin
-    scale = s.reshape(rows, -1)
-    zero = ((8 - offset) * s).reshape(rows, -1)
-    return codes, scale, zero
+    offset = torch.full_like(s, float(-qmin)) if z is None else z - qmin
+    return s.reshape(q.shape[0], -1), offset.reshape(q.shape[0], -1)
 
 
 def _prepare(m):
@@ -103,20 +107,10 @@ def columns(m, cols: torch.Tensor) -> torch.Tensor:
             sel = (cols // bs) == b
             out[:, sel] = vals[:, cols[sel] - b * bs]
         return out
-    g = q.scheme.group_size
-    grp = cols // g
-    s = q.scales.view(rows, -1)[:, grp].to(torch.float32)  # (rows, n)
-    qmin = q.scheme.number_format.qmin
-    c = (q.codes.view(rows, width // 2)[:, cols // 2] >> (4 * (cols % 2)).to(torch.uint8)) & 15
-    if q.zeros is None:
-        off = torch.tensor(float(-qmin))
-    elif q.scheme.zero_dtype == "int":  # 4-bit zero-points, two per byte, one per group
-        zb = q.zeros.view(-1)
-        idx = torch.arange(rows).reshape(-1, 1) * (width // g) + grp  # flat group index (rows, n)
-        off = ((zb[idx // 2] >> (4 * (idx % 2)).to(torch.uint8)) & 15).to(torch.float32)  # stored z - qmin
-    else:
-        off = q.zeros.view(rows, -1)[:, grp].to(torch.float32) - qmin
-    return (c.to(torch.float32) - off) * s
+    grp = cols // q.scheme.group_size
+    s, offset = _scale_offset(q)
+    c = (q.codes.view(rows, width // 2)[:, cols // 2] >> (4 * (cols % 2)).to(torch.uint8)) & 15  # code 0 low
+    return (c.to(torch.float32) - offset[:, grp]) * s[:, grp]
 
 
 def _run(m, state, x: torch.Tensor) -> torch.Tensor:

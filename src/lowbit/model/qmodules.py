@@ -168,14 +168,13 @@ class QLinear(QModule):
     def prepare_kernels(self, tokens: tuple[int, ...] = (1, 512)) -> list[str]:
         """Pack the weight for the kernels that would run ``tokens``-row inputs now (what the first calls
         would do), so the first forward pays no packing; returns their names."""
-        from lowbit.kernels import choose
+        from lowbit.kernels.base import choose, prepared
 
         names = []
         for t in tokens:
             x = torch.empty(t, self.in_features, dtype=self.compute_dtype, device=self.qweight_codes.device)
             k = choose(self, x)
-            if k.prepare is not None and k.name not in self._kernel_state:
-                self._kernel_state[k.name] = k.prepare(self)
+            prepared(self, k)
             names.append(k.name)
         return names
 
