@@ -102,3 +102,15 @@ def test_cli_bench(tmp_path, capsys, tiny_llama_dir):
                         (["bench", str(q), "--kernels", "magic"], "unknown kernel 'magic'")):
         assert main(bad) == 2
         assert needle in capsys.readouterr().err
+
+
+def test_float_twin_keeps_a_tied_head_tied():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    q, _ = lowbit.quantize(LlamaForCausalLM(cfg).eval(), None, scheme="int4-g32", method="rtn", progress=False)
+    assert q.lm_head.qweight_codes is q.model.embed_tokens.qweight_codes
+    twin = float_twin(q)
+    assert twin.lm_head.weight is twin.model.embed_tokens.weight  # one float copy, as the float model has

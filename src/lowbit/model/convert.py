@@ -183,15 +183,23 @@ def float_twin(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Modul
     import copy
 
     twin = copy.deepcopy(model)
-    for name, mod in list(twin.named_modules()):
+    weights: dict[int, nn.Parameter] = {}  # layers sharing one QTensor (a tied head) share one float weight
+
+    def weight(mod: QLinear | QEmbedding) -> nn.Parameter:
+        key = id(mod.qweight_codes)
+        if key not in weights:
+            weights[key] = nn.Parameter(mod.qweight.dequantize(dtype), requires_grad=False)
+        return weights[key]
+
+    for name, mod in list(twin.named_modules(remove_duplicate=False)):
         if isinstance(mod, QLinear):
             new: nn.Module = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, device="meta")
-            new.weight = nn.Parameter(mod.qweight.dequantize(dtype), requires_grad=False)
+            new.weight = weight(mod)
             if mod.bias is not None:
                 new.bias = nn.Parameter(mod.bias.detach().to(dtype), requires_grad=False)
         elif isinstance(mod, QEmbedding) and mod.embed_scale is None:
             new = nn.Embedding(mod.num_embeddings, mod.embedding_dim, mod.padding_idx, device="meta")
-            new.weight = nn.Parameter(mod.qweight.dequantize(dtype), requires_grad=False)
+            new.weight = weight(mod)
         else:
             continue
         parent, _, leaf = name.rpartition(".")
