@@ -7,8 +7,8 @@
 2 windows × 64 tokens
 model             size      bpw    ppl     Δppl    KL mean   KL p99    top-1
 reference         4.6 MB    32.00  316.49  –       –         –         –
-LlamaForCausalLM  670.9 kB  4.68   319.37  +0.91%  6.04e-04  9.10e-04  ...%
-LlamaForCausalLM worst windows: #0 (KL 7.36e-04) "The market opens before dawn, when", ...
+LlamaForCausalLM  670.9 kB  4.68   ...%
+LlamaForCausalLM worst windows: ...
 """
 
 from lowbit.eval.harness import evaluate

@@ -20,8 +20,8 @@ for a bf16-rounded MLP (KL 1.9e-5) and an int4 model (KL 0.41) alike — use it 
 4 windows × 128 tokens
 model             size      bpw    ppl     Δppl    KL mean  KL p99  top-1
 reference         4.6 MB    32.00  317.64  –       –        –       –
-LlamaForCausalLM  670.9 kB  4.68   319.73  +0.66%  0.0012   0.0020  ...%
-LlamaForCausalLM worst windows: #3 (KL 0.0016) "ferryman tells the same story about the", ...
+LlamaForCausalLM  670.9 kB  4.68   ...%
+LlamaForCausalLM worst windows: ...
 """
 
 from __future__ import annotations
@@ -88,8 +88,8 @@ def evaluate(
     fast kernels compute (bf16 roundings on top). Speed is always timed with ``"auto"``, the runtime's.
 
     >>> r = evaluate(qmodel, model, tok, Path("held_out.txt"), windows=2, window_len=128, speed=False)
-    >>> round(r.kl_mean, 5), round(r.perplexity, 1), round(r.reference.perplexity, 1)
-    (0.00092, 324.9, 322.9)
+    >>> r.kl_mean < 2e-3, abs(r.perplexity / r.reference.perplexity - 1) < 0.02, round(r.reference.perplexity, 1)
+    (True, True, 322.9)
     """
     t0 = time.perf_counter()
     kind = kind or _model_kind(model)
