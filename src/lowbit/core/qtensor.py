@@ -166,6 +166,17 @@ class QTensor:
                 out["zeros"] = R * G * torch.finfo(getattr(torch, self.scheme.zero_dtype)).bits // 8
         return out
 
+    def expected_dtypes(self) -> dict[str, torch.dtype]:
+        """The dtype each stored part must have (used to validate loads): codes are bytes, scales the scheme's
+        scale dtype, zero-points bytes (packed integers) or the scheme's float zero dtype."""
+        out = {"codes": torch.uint8}
+        if self.scheme.block is None and self.scheme.grid.has_scale:
+            out["scales"] = getattr(torch, self.scheme.scale_dtype)
+        if self.scheme.block is None and self.scheme.grid.has_zero:
+            zd = self.scheme.zero_dtype
+            out["zeros"] = torch.uint8 if zd == "int" else getattr(torch, zd)
+        return out
+
     def __repr__(self) -> str:
         return (
             f"QTensor(shape={list(self.shape)}, scheme={self.scheme.name}, "

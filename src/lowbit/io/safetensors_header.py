@@ -17,7 +17,6 @@ failure is one line naming the file (:class:`~lowbit.errors.WeightsFileError`).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import struct
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 
 from lowbit.errors import WeightsFileError
+from lowbit.io.jsonio import JSONFileError, parse_json
 
 # safetensors dtype name -> torch dtype: the only such table in lowbit
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -131,10 +131,9 @@ def read_safetensors_header(path: str | os.PathLike) -> SafetensorsHeader:
     except IsADirectoryError:
         raise WeightsFileError(f"{p}: is a folder, not a safetensors file") from None
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise WeightsFileError(f"{p}: corrupt safetensors header ({first})") from None
+        header = parse_json(raw, p)
+    except JSONFileError as e:
+        raise WeightsFileError(f"{p}: corrupt safetensors header ({str(e).removeprefix(f'{p}: ')})") from None
     if not isinstance(header, dict):
         raise WeightsFileError(f"{p}: corrupt safetensors header (not a JSON object)")
     meta = header.pop(METADATA_KEY, None) or {}

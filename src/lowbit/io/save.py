@@ -12,6 +12,7 @@ Layout::
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,9 @@ from lowbit.core.qtensor import QTensor
 from lowbit.errors import CheckpointError, LowbitError
 from lowbit.io.atomic import atomic_dir
 from lowbit.io.checkpoint import load_tensors, save_tensors
+from lowbit.io.jsonio import JSONFileError, field, read_json
 from lowbit.model.convert import quantized_module
+from lowbit.model.hfconfig import check_config_sizes
 from lowbit.model.qmodules import QEmbedding, QLinear, quantized_state_keys
 
 FORMAT_VERSION = 1
@@ -124,14 +127,26 @@ def _summary(report: Any) -> dict[str, Any]:
             "warnings": report.warnings}
 
 
-def _model_class(config):
+def _model_class(p: Path, config):
+    """The transformers model class config.json names (a model class, nothing else), else AutoModel."""
     import transformers
 
     for name in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, name, None)
-        if cls is not None:
+        cls = getattr(transformers, name, None) if isinstance(name, str) and name.isidentifier() else None
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
             return cls
+        if cls is not None:
+            raise CheckpointError(f"{p / 'config.json'}: field 'architectures': {name!r} is not a model class")
     return transformers.AutoModel
+
+
+def _build(p: Path, cls, config) -> nn.Module:
+    """``config``'s model (on meta inside ``init_empty_weights``); a config it cannot build is one error."""
+    try:
+        return cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)
+    except (ValueError, TypeError, KeyError, AttributeError, ZeroDivisionError, IndexError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{p / 'config.json'}: transformers cannot build this model ({first})") from None
 
 
 def _check_embedding(p: Path, name: str, entry: dict[str, Any], new: QEmbedding) -> None:
@@ -143,42 +158,142 @@ def _check_embedding(p: Path, name: str, entry: dict[str, Any], new: QEmbedding)
     if saved is not None and (scale is None or abs(saved - scale) > 1e-6 * abs(saved)):
         raise CheckpointError(f"{p}: layer {name!r} was saved with embedding scale {saved}, the config's "
                               f"{type(new).__name__} has {scale}: config.json does not match the weights")
-    new.padding_idx = entry.get("padding_idx", new.padding_idx)
+    padding = entry.get("padding_idx", new.padding_idx)
+    if padding is not None and not -new.num_embeddings <= padding < new.num_embeddings:
+        raise CheckpointError(f"{p / QUANT_FILE}: layer {name!r}: padding_idx {padding} is outside its "
+                              f"{new.num_embeddings} embeddings")
+    new.padding_idx = padding
 
 
-def load_quantized(path: str | os.PathLike) -> tuple[nn.Module, Any]:
-    """Rebuild a model saved by :func:`save`: QLinear/QEmbedding layers hold the stored QTensors."""
-    from transformers import AutoConfig, AutoTokenizer
+# quantization.json's per-layer fields and their types (kind and scheme required)
+_LAYER_FIELDS: dict[str, tuple[type, ...]] = {"act_scheme": (str, type(None)), "padding_idx": (int, type(None)),
+                                              "embed_scale": (float, type(None))}
 
-    p = Path(path)
+
+def _read_doc(p: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """quantization.json's layers and tied map, every field checked for its type."""
+    from lowbit.kernels import ACT_SCHEMES
+    from lowbit.model.plan import KINDS
+
+    where = p / QUANT_FILE
     try:
-        doc = json.loads((p / QUANT_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{p / QUANT_FILE}: unreadable ({e})") from None
-    if doc.get("format") != "lowbit" or doc.get("version") != FORMAT_VERSION:
-        raise CheckpointError(f"{p / QUANT_FILE}: not a lowbit model of format version {FORMAT_VERSION}")
-    tensors = load_tensors(p / WEIGHTS_FILE)
-    try:
-        config = AutoConfig.from_pretrained(p)
-    except Exception as e:
-        raise CheckpointError(f"{p}: unreadable config.json ({e})") from None
-    cls = _model_class(config)
-    model = cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)
-    model.to(torch.float32)
-    model.eval()
-    layers: dict[str, dict[str, Any]] = doc.get("layers", {})
-    tied: dict[str, str] = doc.get("tied", {})
-    qts: dict[str, QTensor] = {}
+        doc = read_json(where)
+        if not isinstance(doc, dict) or doc.get("format") != "lowbit" or doc.get("version") != FORMAT_VERSION:
+            raise CheckpointError(f"{where}: not a lowbit model of format version {FORMAT_VERSION}")
+        layers = field(doc, "layers", dict, where, {})
+        tied = field(doc, "tied", dict, where, {})
+        for name, entry in layers.items():
+            what = f"layer {name!r}: "
+            if field(entry, "kind", str, where, what=what) not in KINDS:
+                raise CheckpointError(f"{where}: {what}kind {entry['kind']!r} is not one of {', '.join(KINDS)}")
+            field(entry, "scheme", str, where, what=what)
+            for key, types in _LAYER_FIELDS.items():
+                field(entry, key, types, where, None, what)
+            act = entry.get("act_scheme")
+            if act is not None and act not in ACT_SCHEMES:
+                raise CheckpointError(f"{where}: {what}unknown activation scheme {act!r}")
+        for name, src in tied.items():
+            if name not in layers or not isinstance(src, str) or src not in layers or src in tied:
+                raise CheckpointError(f"{where}: tied {name!r} -> {src!r}: both must be quantized layers, "
+                                      f"the second one stored")
+    except JSONFileError as e:
+        raise CheckpointError(str(e)) from None
+    return layers, tied
+
+
+def _check_layers(p: Path, skeleton: nn.Module, layers: dict[str, dict[str, Any]], tied: dict[str, str],
+                  tensors: dict[str, QTensor | torch.Tensor]) -> None:
+    """Before anything is allocated: every stored tensor's shape against the config's model (built on meta),
+    every layer's kind against the module it replaces, and tied layers against each other's shapes."""
+    from lowbit.model.convert import weight_matrix
+    from lowbit.model.plan import layer_kind
+
     for name, entry in layers.items():
         src = tied.get(name, name)
         q = tensors.get(f"{src}.weight")
         if not isinstance(q, QTensor):
             raise CheckpointError(f"{p / WEIGHTS_FILE}: layer {name!r} has no quantized weight")
-        qts[name] = q
         try:
-            old = model.get_submodule(name)
+            old = skeleton.get_submodule(name)
         except AttributeError:
-            raise CheckpointError(f"{p}: layer {name!r} does not exist in the {type(model).__name__} config") from None
+            raise CheckpointError(f"{p}: layer {name!r} does not exist in the {type(skeleton).__name__} "
+                                  f"config") from None
+        kind = layer_kind(old)
+        if kind != entry["kind"]:
+            raise CheckpointError(f"{p / QUANT_FILE}: layer {name!r} is a {entry['kind']} there, the config's "
+                                  f"model has a {type(old).__name__}")
+        want = tuple(weight_matrix(old).shape)
+        if tuple(q.shape) != want:
+            via = f" (tied to {src!r})" if src != name else ""
+            raise CheckpointError(f"{p}: layer {name!r}{via}: the stored weight is {list(q.shape)}, the config's "
+                                  f"{type(old).__name__} needs {list(want)}")
+        for extra, shape in (("input_scale", (want[-1],)), ("act_scale", ())):
+            t = tensors.get(f"{name}.{extra}")
+            if t is not None and (not isinstance(t, torch.Tensor) or not t.is_floating_point()
+                                  or t.numel() != math.prod(shape)):
+                raise CheckpointError(f"{p / WEIGHTS_FILE}: {name}.{extra} must be a float tensor of "
+                                      f"{math.prod(shape)} values")
+    quantized = {f"{n}.weight" for n in layers}
+    for k, v in skeleton.state_dict().items():
+        t = tensors.get(k)
+        if k not in quantized and isinstance(t, torch.Tensor) and tuple(t.shape) != tuple(v.shape):
+            raise CheckpointError(f"{p}: tensor {k!r} is {list(t.shape)} in {WEIGHTS_FILE}, the config's model "
+                                  f"needs {list(v.shape)}")
+
+
+def load_tokenizer(folder: Path, label: str | os.PathLike) -> Any:
+    """``AutoTokenizer`` of a folder's tokenizer files, never running code from the folder; a broken tokenizer
+    file is one error naming the folder."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError, ImportError,
+            RuntimeError, UnicodeDecodeError) as e:  # transformers and tokenizers raise these for bad files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{label}: cannot load its tokenizer ({type(e).__name__}: {first[:200]})") from None
+    except Exception as e:  # the tokenizers library's own Exception type for a malformed tokenizer.json
+        if type(e).__name__ != "Exception":
+            raise
+        raise CheckpointError(f"{label}: cannot load its tokenizer ({str(e)[:200]})") from None
+
+
+def load_quantized(path: str | os.PathLike) -> tuple[nn.Module, Any]:
+    """Rebuild a model saved by :func:`save`: QLinear/QEmbedding layers hold the stored QTensors.
+
+    Everything is validated before the model is allocated: quantization.json's fields, the checkpoint (sizes,
+    dtypes, checksums), config.json's sizes against sane bounds and every stored tensor's shape against the
+    config's model built on the meta device.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    p = Path(path)
+    layers, tied = _read_doc(p)
+    tensors = load_tensors(p / WEIGHTS_FILE)
+    try:
+        read_json(p / "config.json")  # nesting, NaN/Infinity, bad JSON: one line naming the file
+        config = AutoConfig.from_pretrained(p, trust_remote_code=False)
+    except JSONFileError as e:
+        raise CheckpointError(str(e)) from None
+    except Exception as e:
+        raise CheckpointError(f"{p}: unreadable config.json ({e})") from None
+    try:
+        check_config_sizes(config, p / "config.json")
+    except LowbitError as e:
+        raise CheckpointError(str(e)) from None
+    cls = _model_class(p, config)
+    with init_empty_weights(include_buffers=False):
+        skeleton = _build(p, cls, config)
+    _check_layers(p, skeleton, layers, tied, tensors)
+    del skeleton
+    model = _build(p, cls, config)
+    model.to(torch.float32)
+    model.eval()
+    for name, entry in layers.items():
+        q = tensors[f"{tied.get(name, name)}.weight"]
+        assert isinstance(q, QTensor)  # _check_layers
+        old = model.get_submodule(name)
         try:  # the config's float layer decides what the quantized one keeps (bias, embedding scale …)
             new = quantized_module(name, old, q)
         except LowbitError as e:
@@ -205,5 +320,5 @@ def load_quantized(path: str | os.PathLike) -> tuple[nn.Module, Any]:
         prm.requires_grad_(False)
     tokenizer = None
     if any((p / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
-        tokenizer = AutoTokenizer.from_pretrained(p)
+        tokenizer = load_tokenizer(p, p)
     return model, tokenizer

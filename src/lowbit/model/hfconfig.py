@@ -65,6 +65,48 @@ def load_config(source: Any) -> Any:
         raise ConfigError(f"{source}: cannot read a model config ({first})") from None
 
 
+# sizes a config may state, with bounds no real model comes near (the largest today: ~130 layers, 262k tokens,
+# 25k hidden, 10M positions): a config beyond them is corrupt, and building its model would exhaust memory
+CONFIG_SIZE_LIMITS = {
+    "num_hidden_layers": 1024, "n_layer": 1024, "num_layers": 1024,
+    "vocab_size": 1 << 22, "type_vocab_size": 1 << 22,
+    "hidden_size": 1 << 17, "n_embd": 1 << 17, "d_model": 1 << 17, "intermediate_size": 1 << 20, "n_inner": 1 << 20,
+    "num_attention_heads": 4096, "n_head": 4096, "num_key_value_heads": 4096, "head_dim": 1 << 14,
+    "max_position_embeddings": 1 << 24, "n_positions": 1 << 24,
+    "num_experts": 4096, "num_local_experts": 4096,
+}
+_MAY_BE_ZERO = frozenset({"num_hidden_layers", "n_layer", "num_layers", "type_vocab_size", "num_experts",
+                          "num_local_experts"})
+
+
+def check_config_sizes(config: Any, where: str | os.PathLike) -> None:
+    """Every size ``config`` (and its text config) states is a positive integer within
+    :data:`CONFIG_SIZE_LIMITS`; raises ConfigError naming the field otherwise. Run before building a model.
+
+    >>> from transformers import LlamaConfig
+    >>> check_config_sizes(LlamaConfig(num_hidden_layers=40000), "config.json")
+    Traceback (most recent call last):
+    lowbit.model.hfconfig.ConfigError: config.json: field 'num_hidden_layers' is 40000, more than any model has (limit 1024)
+    """
+    subs = [config]
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if text is not config:
+        subs.append(text)
+    for cfg in subs:
+        for key, limit in CONFIG_SIZE_LIMITS.items():
+            value = getattr(cfg, key, None) if key in cfg.__dict__ else None
+            if value is None:
+                continue
+            if type(value) is not int or value < (0 if key in _MAY_BE_ZERO else 1):
+                kind = "a non-negative" if key in _MAY_BE_ZERO else "a positive"
+                raise ConfigError(f"{where}: field {key!r} must be {kind} integer, got {value!r}")
+            if value > limit:
+                raise ConfigError(f"{where}: field {key!r} is {value}, more than any model has (limit {limit})")
+    archs = getattr(config, "architectures", None)
+    if archs is not None and (not isinstance(archs, list) or not all(isinstance(a, str) for a in archs)):
+        raise ConfigError(f"{where}: field 'architectures' must be a list of class names, got {archs!r}")
+
+
 def config_label(source: Any, config: Any) -> str:
     """The model's name for tables: the folder (with its parent if generic) or file name, else the config's
     ``name_or_path`` or ``model_type``."""
