@@ -41,7 +41,8 @@ from lowbit.model.plan import Plan
 from lowbit.model.quantize import QuantReport, quantize_model
 
 
-def load(source: str | os.PathLike, dtype: torch.dtype = torch.float32, *, lazy: bool = False) -> tuple[nn.Module, Any]:
+def load(source: str | os.PathLike, dtype: torch.dtype = torch.float32, *, lazy: bool = False,
+         trust_remote_code: bool = False) -> tuple[nn.Module, Any]:
     """Load ``source`` as ``(model, tokenizer)``: a lowbit output dir (the quantized model), a Hugging Face
     model dir or hub id, or a ``.gguf`` file (dequantized to float).
 
@@ -55,12 +56,14 @@ def load(source: str | os.PathLike, dtype: torch.dtype = torch.float32, *, lazy:
     >>> qmodel, report = lowbit.quantize(model, tok, scheme="int4-g64", inplace=True)
     >>> qmodel is model, any(t.is_meta for t in qmodel.state_dict().values())
     (True, False)
+
+    Code shipped with a model (a folder's or hub repository's ``*.py``) runs only with ``trust_remote_code=True``.
     """
     if is_lowbit_dir(source):
         return load_quantized(source)
     from lowbit.io.loaders import load_float
 
-    return load_float(source, dtype=dtype, lazy=lazy)
+    return load_float(source, dtype=dtype, lazy=lazy, trust_remote_code=trust_remote_code)
 
 
 def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None, plan: Plan | None = None,

@@ -27,13 +27,16 @@ from torch import nn
 from lowbit.errors import LowbitError, WeightsFileError
 from lowbit.io.atomic import atomic_dir
 from lowbit.io.gguf.reader import GGUF_MAGIC, read_gguf_index
-from lowbit.model.hfconfig import GENERIC_DIR_NAMES
+from lowbit.io.jsonio import parse_json, read_json
+from lowbit.model.hfconfig import GENERIC_DIR_NAMES, check_config_sizes
 from lowbit.model.shape import auto_model_class
 
 logger = logging.getLogger(__name__)
 
 CACHE_ENV = "LOWBIT_CACHE"
 FLOAT_CACHE_VERSION = 1
+# real GGUF models carry 20–60 metadata keys; transformers' GGUF loader takes minutes past ~10k of them
+MAX_GGUF_METADATA_KEYS = 1024
 CACHE_SOURCE_FILE = "lowbit-source.json"
 # set on a tokenizer read straight from a GGUF file: transformers keeps no trace of the file it came from
 SOURCE_GGUF_ATTR = "lowbit_source_gguf"
@@ -145,9 +148,38 @@ def float_cache_path(gguf_path: str | os.PathLike) -> Path:
     return cache_dir() / "float" / f"{p.stem}-{digest}"
 
 
-def _cache_complete(d: Path) -> bool:
-    # atomic_dir renames a finished folder into place, so a present folder is a complete one
-    return (d / "config.json").is_file() and (d / CACHE_SOURCE_FILE).is_file() and any(d.glob("*.safetensors"))
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _cache_problem(d: Path) -> str | None:
+    """Why the float cache folder ``d`` cannot be used ("missing", or what is damaged); None when it is intact:
+    every file it was written with is there with its size and SHA-256 (~0.5 s for SmolLM2's 538 MB)."""
+    if not d.is_dir():
+        return "missing"
+    try:
+        info = parse_json((d / CACHE_SOURCE_FILE).read_bytes(), d / CACHE_SOURCE_FILE)
+        files = info.get("files") if isinstance(info, dict) else None
+        if not isinstance(files, dict) or not files:
+            return f"{CACHE_SOURCE_FILE} records no checksums (written by an older lowbit)"
+        for name, (size, digest) in files.items():
+            f = d / name
+            if not f.is_file() or f.stat().st_size != size:
+                return f"{name} is missing or truncated"
+            if _sha256(f) != digest:
+                return f"{name} has changed since it was written"
+    except (OSError, LowbitError, TypeError, ValueError) as e:
+        return f"{CACHE_SOURCE_FILE} is unreadable ({e})"
+    return None
+
+
+def _usable_cache(d: Path) -> bool:
+    """Whether the float cache ``d`` is intact; a damaged one is said once (it is then rebuilt)."""
+    problem = _cache_problem(d)
+    if problem is not None and problem != "missing":
+        logger.warning("float cache %s is damaged (%s); rebuilding it", d, problem)
+    return problem is None
 
 
 def _write_cache(dest: Path, model: nn.Module, tokenizer: Any, gguf_path: Path) -> None:
@@ -156,8 +188,9 @@ def _write_cache(dest: Path, model: nn.Module, tokenizer: Any, gguf_path: Path) 
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        files = {f.name: [f.stat().st_size, _sha256(f)] for f in sorted(tmp.iterdir()) if f.is_file()}
         info = {"source": str(gguf_path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                "version": FLOAT_CACHE_VERSION}
+                "version": FLOAT_CACHE_VERSION, "files": files}
         (tmp / CACHE_SOURCE_FILE).write_text(json.dumps(info, indent=1))
     logger.info("cached the float model of %s in %s", gguf_path.name, dest)
 
@@ -172,7 +205,7 @@ def cached_float_dir(gguf_path: str | os.PathLike) -> Path:
     if src.kind != "gguf" or src.path is None:
         raise SourceError(f"{gguf_path}: not a .gguf file")
     dest = float_cache_path(src.path)
-    if not _cache_complete(dest):
+    if not _usable_cache(dest):
         model, tok = _load_gguf(src.path)
         _finalize(model, str(src.path))
         _write_cache(dest, model, tok, src.path)
@@ -214,16 +247,42 @@ def _load_lazy(ref: str, label: str, config: Any, dtype: torch.dtype) -> nn.Modu
     return model
 
 
-def _load_hf(ref: str, label: str, dtype: torch.dtype, lazy: bool = False) -> tuple[nn.Module, Any]:
+def _check_loading_info(label: str, info: dict[str, Any], config: Any) -> None:
+    """transformers initialises weights a checkpoint lacks (or holds at another shape) at random and only logs
+    it: here that is an error naming them."""
+    for key, what in (("missing_keys", "has no weights for"), ("mismatched_keys", "holds other shapes for")):
+        names = sorted(str(k if isinstance(k, str) else k[0]) for k in info.get(key) or ())
+        if names:
+            arch = getattr(config, "model_type", "?")
+            raise SourceError(f"{label}: the checkpoint {what} {len(names)} of the {arch} model's tensors "
+                              f"({', '.join(names[:3])}{' …' if len(names) > 3 else ''}); refusing a partly random "
+                              f"model")
+
+
+def _from_pretrained(cls: Any, ref: str, label: str, config: Any, trust_remote_code: bool, **kw: Any) -> nn.Module:
+    """``cls.from_pretrained`` that never runs a folder's code unasked and refuses randomly initialised weights."""
+    model, info = cls.from_pretrained(ref, config=config, trust_remote_code=trust_remote_code,
+                                      output_loading_info=True, **kw)
+    _check_loading_info(label, info, config)
+    return model
+
+
+def _load_hf(ref: str, label: str, dtype: torch.dtype, lazy: bool = False,
+             trust_remote_code: bool = False) -> tuple[nn.Module, Any]:
     """A Hugging Face folder or hub id -> (model, tokenizer or None)."""
     from transformers import AutoConfig, AutoTokenizer
 
     try:
-        config = AutoConfig.from_pretrained(ref)
+        if Path(ref).is_dir():
+            read_json(Path(ref) / "config.json")  # nesting, NaN/Infinity, bad JSON: one line naming the file
+        config = AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code)
+        check_config_sizes(config, f"{label}/config.json" if Path(ref).is_dir() else label)
         model = _load_lazy(ref, label, config, dtype) if lazy else None
         if model is None:
-            model = auto_model_class(config).from_pretrained(ref, config=config, **_dtype_kwarg(dtype))
-        tok = AutoTokenizer.from_pretrained(ref) if _has_tokenizer(ref) else None
+            model = _from_pretrained(auto_model_class(config), ref, label, config, trust_remote_code,
+                                     **_dtype_kwarg(dtype))
+        tok = (AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code)
+               if _has_tokenizer(ref) else None)
     except LowbitError:
         raise
     except OSError as e:
@@ -243,9 +302,12 @@ def _load_gguf(path: Path) -> tuple[nn.Module, Any]:
     from transformers import AutoConfig, AutoTokenizer
 
     try:
-        read_gguf_index(path)  # a truncated or corrupt file fails here, cheaply, naming the file
+        index = read_gguf_index(path)  # a truncated or corrupt file fails here, cheaply, naming the file
     except WeightsFileError as e:
         raise SourceError(str(e)) from None
+    if len(index.metadata) > MAX_GGUF_METADATA_KEYS:  # transformers' GGUF loader slows down with each key
+        raise SourceError(f"{path}: {len(index.metadata)} metadata keys, more than any model carries (lowbit "
+                          f"loads at most {MAX_GGUF_METADATA_KEYS}); the file is corrupt")
     kw: dict[str, Any] = {"gguf_file": path.name}
     try:
         from transformers import GgufConfig  # transformers 5: ask for plain float modules, not packed blocks
@@ -254,10 +316,11 @@ def _load_gguf(path: Path) -> tuple[nn.Module, Any]:
     except (ImportError, TypeError):  # transformers 4.x always dequantises
         model_kw = {}
     try:
-        config = AutoConfig.from_pretrained(str(path.parent), **kw)
-        tok = AutoTokenizer.from_pretrained(str(path.parent), **kw)
-        model = auto_model_class(config).from_pretrained(
-            str(path.parent), config=config, **kw, **model_kw, **_dtype_kwarg(torch.float32))
+        config = AutoConfig.from_pretrained(str(path.parent), trust_remote_code=False, **kw)
+        check_config_sizes(config, path)
+        tok = AutoTokenizer.from_pretrained(str(path.parent), trust_remote_code=False, **kw)
+        model = _from_pretrained(auto_model_class(config), str(path.parent), str(path), config, False, **kw,
+                                 **model_kw, **_dtype_kwarg(torch.float32))
     except LowbitError:
         raise
     except Exception as e:  # unsupported architecture, tokenizer type, tensor type, …
@@ -283,7 +346,8 @@ def _finalize(model: nn.Module, label: str) -> nn.Module:
 
 
 def load_float(
-    source: str | os.PathLike, dtype: torch.dtype = torch.float32, cache: bool = True, lazy: bool = False
+    source: str | os.PathLike, dtype: torch.dtype = torch.float32, cache: bool = True, lazy: bool = False,
+    trust_remote_code: bool = False,
 ) -> tuple[nn.Module, Any]:
     """Load ``source`` as a float transformers model in eval mode (no grads) and its tokenizer.
 
@@ -296,6 +360,10 @@ def load_float(
     safetensors files one block at a time by ``quantize_model`` (see :mod:`lowbit.model.streaming`); a
     source that cannot be streamed (``.bin`` weights, a GGUF file before its float cache exists) loads whole.
 
+    Python code shipped with a model folder or hub repository never runs unless ``trust_remote_code=True``
+    (transformers would otherwise ask on the terminal). A checkpoint lacking weights the config's model has is
+    an error, not a model with random weights.
+
     >>> from lowbit.assets import minilm_dir
     >>> model, tok = load_float(minilm_dir())      # all-MiniLM-L6-v2, an encoder
     >>> type(model).__name__
@@ -306,10 +374,10 @@ def load_float(
     """
     src = resolve_source(source)
     if src.kind != "gguf" or src.path is None:
-        model, tok = _load_hf(src.ref, src.ref, dtype, lazy=lazy)
+        model, tok = _load_hf(src.ref, src.ref, dtype, lazy=lazy, trust_remote_code=trust_remote_code)
         return _finalize(model, src.ref), tok
     dest = float_cache_path(src.path) if cache else None
-    if dest is not None and _cache_complete(dest):
+    if dest is not None and _usable_cache(dest):
         try:
             model, tok = _load_hf(str(dest), f"{src.path} (cached at {dest})", dtype, lazy=lazy)
             logger.info("loaded %s from the float cache %s", src.path.name, dest)
