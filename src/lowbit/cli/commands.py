@@ -69,6 +69,11 @@ def _check_out(path: str, force: bool, source: str) -> None:
         raise LowbitError(f"{path}: the output would overwrite the source model; choose another -o")
     if o.exists() and not force:
         raise LowbitError(f"{path}: already exists (pass --force to replace it)")
+    for parent in o.parents:  # the first existing folder above the output must be a folder
+        if parent.exists():
+            if not parent.is_dir():
+                raise LowbitError(f"{path}: {parent} is a file, not a folder; choose another -o")
+            break
 
 
 def _needs_calib(args: argparse.Namespace) -> str | None:
@@ -109,7 +114,7 @@ def _validate(args: argparse.Namespace) -> None:
     if args.plan:
         Plan.from_json(args.plan)
     Plan.default(args.scheme if not is_mix(args.scheme) else "int8").with_rules(args.rule, args.keep)
-    _config(args)
+    method_spec(args.method).parse(_config(args))  # `--option damp=abc`: one line naming the option, before the load
     why = _needs_calib(args)
     if why and not args.calib:
         raise LowbitError(f"{why} needs calibration text: pass --calib FILE (or --calib random: statistics from "
@@ -134,6 +139,13 @@ def _quantize(args: argparse.Namespace, model, tok) -> tuple[Any, QuantReport]:
                            progress=None if not args.json else False, device=parse_device(args.device))
 
 
+def _warn_unmatched(args: argparse.Namespace, model) -> None:
+    """A --rule / --keep pattern that matches no layer is likely a typo: say so (the plan verb does too)."""
+    given = Plan(()).with_rules(args.rule, args.keep)
+    for pat in given.unmatched_patterns(model):
+        err.print(f"[yellow]warning[/]: rule pattern {pat!r} matches no layer")
+
+
 def cmd_quantize(args: argparse.Namespace) -> dict[str, Any] | None:
     parse_device(args.device)  # before anything is loaded or written
     _validate(args)
@@ -141,6 +153,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any] | None:
     t0 = time.perf_counter()
     model, tok = lowbit.load(args.source, lazy=True)  # blocks are read one at a time as quantization reaches them
     qmodel, report = _quantize(args, model, tok)
+    _warn_unmatched(args, qmodel)
     saved = lowbit.save(qmodel, args.out, tokenizer=tok, plan=qmodel.lowbit_plan, report=report, force=args.force)
     size = sum(f.stat().st_size for f in saved.iterdir())
     result = {"out": str(saved), "bytes_on_disk": size, "bpw": report.linear_bpw, "bpw_with_embeddings": report.bpw,
@@ -365,6 +378,7 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any] | None:
         model, tok = lowbit.load(args.model)
     if quantize:
         model, qreport = _quantize(args, model, tok)
+        _warn_unmatched(args, model)
         if not args.json:
             out.print(layer_table(qreport))
     report = exporter.export(model, args.out, tok, options, force=args.force,

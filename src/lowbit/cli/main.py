@@ -205,8 +205,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LowbitError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
-        print(f"error: {e.filename or ''}: {e.strerror}", file=sys.stderr)
+    except OSError as e:  # the file system said no (missing, not a folder, read-only, full …): not a lowbit bug
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

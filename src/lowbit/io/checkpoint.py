@@ -23,11 +23,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from lowbit.core.jsonio import JSONFileError, field, parse_json
 from lowbit.core.qtensor import QTensor
 from lowbit.core.scheme import Scheme
 from lowbit.errors import CheckpointError, LowbitError, WeightsFileError
 from lowbit.io.atomic import atomic_file
-from lowbit.io.jsonio import JSONFileError, field, parse_json
 from lowbit.io.safetensors_header import (
     SafetensorsHeader,
     dtype_from_name,

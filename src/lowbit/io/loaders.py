@@ -24,10 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit.core.jsonio import parse_json, read_json
 from lowbit.errors import LowbitError, WeightsFileError
 from lowbit.io.atomic import atomic_dir
 from lowbit.io.gguf.reader import GGUF_MAGIC, read_gguf_index
-from lowbit.io.jsonio import parse_json, read_json
 from lowbit.model.hfconfig import GENERIC_DIR_NAMES, check_config_sizes
 from lowbit.model.shape import auto_model_class
 

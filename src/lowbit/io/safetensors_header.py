@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
+from lowbit.core.jsonio import JSONFileError, parse_json
 from lowbit.errors import WeightsFileError
-from lowbit.io.jsonio import JSONFileError, parse_json
 
 # safetensors dtype name -> torch dtype: the only such table in lowbit
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {

@@ -20,11 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit.core.jsonio import JSONFileError, field, read_json
 from lowbit.core.qtensor import QTensor
 from lowbit.errors import CheckpointError, LowbitError
 from lowbit.io.atomic import atomic_dir
 from lowbit.io.checkpoint import load_tensors, save_tensors
-from lowbit.io.jsonio import JSONFileError, field, read_json
 from lowbit.model.convert import quantized_module
 from lowbit.model.hfconfig import check_config_sizes
 from lowbit.model.qmodules import QEmbedding, QLinear, quantized_state_keys

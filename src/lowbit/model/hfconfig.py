@@ -9,11 +9,11 @@ a ``.gguf`` file or a hub id — and a short label for it.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
+from lowbit.core.jsonio import JSONFileError, read_json
 from lowbit.errors import LowbitError
 
 # folder names that say nothing about the model: its label adds the parent folder (``minilm/model``)
@@ -30,14 +30,22 @@ def load_config(source: Any) -> Any:
     >>> load_config({"model_type": "llama", "hidden_size": 64}).hidden_size
     64
     """
-    from transformers import AutoConfig, PretrainedConfig
+    from transformers import PretrainedConfig
 
     if isinstance(source, PretrainedConfig):
         return source
+    config = _read_config(source)
+    check_config_sizes(config, source if isinstance(source, str | os.PathLike) else "config")
+    return config
+
+
+def _read_config(source: Any) -> Any:
+    from transformers import AutoConfig
+
     try:
         if isinstance(source, dict):
             d = dict(source)
-            if "model_type" not in d:
+            if not isinstance(d.get("model_type"), str):
                 raise ConfigError("config dict has no 'model_type'")
             return AutoConfig.for_model(d.pop("model_type"), **d)
         text = os.fspath(source)
@@ -45,22 +53,25 @@ def load_config(source: Any) -> Any:
         if not p.exists() and (p.suffix in (".json", ".gguf") or text.startswith(("/", ".", "~"))):
             raise ConfigError(f"{p}: no such file or directory")
         if p.is_file() and p.suffix == ".json":
-            d = json.loads(p.read_text())
-            if not isinstance(d, dict) or "model_type" not in d:
+            d = read_json(p)
+            if not isinstance(d, dict) or not isinstance(d.get("model_type"), str):
                 raise ConfigError(f"{p}: not a transformers config (no 'model_type')")
-            return load_config(d)
+            return _read_config(d)
         if p.is_file() and p.suffix == ".gguf":
             return AutoConfig.from_pretrained(str(p.parent), gguf_file=p.name)
         if p.is_dir():
             if not (p / "config.json").is_file():
                 raise ConfigError(f"{p}: no config.json in this folder")
-            return AutoConfig.from_pretrained(str(p))
+            read_json(p / "config.json")
+            return AutoConfig.from_pretrained(str(p), trust_remote_code=False)
         if p.exists():
             raise ConfigError(f"{p}: unknown file type (expected config.json, a model folder or a .gguf)")
-        return AutoConfig.from_pretrained(str(source))  # a hub id (needs network)
+        return AutoConfig.from_pretrained(str(source), trust_remote_code=False)  # a hub id (needs network)
+    except JSONFileError as e:
+        raise ConfigError(f"{source}: cannot read a model config ({str(e).split(': ', 1)[-1]})") from None
     except LowbitError:
         raise
-    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"{source}: cannot read a model config ({first})") from None
 

@@ -255,14 +255,28 @@ class Plan:
 
     @classmethod
     def from_json(cls, path: str | Path) -> Plan:
+        from lowbit.core.jsonio import JSONFileError, field, read_json
+
         p = Path(path)
         try:
-            d = json.loads(p.read_text())
-        except FileNotFoundError:
-            raise LowbitError(f"{p}: no such plan file") from None
-        except json.JSONDecodeError as e:
-            raise LowbitError(f"{p}: not valid JSON ({e})") from None
-        try:
+            d = read_json(p)
+            for i, r in enumerate(field(d, "rules", list, p)):  # every field's type, before from_dict reads it
+                what = f"rule {i}: "
+                field(r, "pattern", str, p, what=what)
+                for key, types in _RULE_FIELDS.items():
+                    field(r, key, types, p, None, what)
+                cfg = r.get("config") or {}
+                for key, types in _CONFIG_FIELDS.items():
+                    field(cfg, key, types, p, None, what + "config: ")
             return cls.from_dict(d)
+        except JSONFileError as e:
+            if not p.is_file():
+                raise LowbitError(f"{p}: no such plan file") from None
+            raise LowbitError(str(e)) from None
         except SchemeError as e:
             raise LowbitError(f"{p}: {e}") from None
+
+
+# a plan rule's optional fields and their JSON types, checked by Plan.from_json
+_RULE_FIELDS = {"scheme": (str, type(None)), "method": (str,), "config": (dict,), "kind": (str, type(None))}
+_CONFIG_FIELDS = {"observer": (str,), "importance": (bool,), "options": (dict,)}

@@ -11,10 +11,10 @@ field.
 {'a': [1, 2]}
 >>> parse_json('{"a": Infinity}', "x.json")
 Traceback (most recent call last):
-lowbit.io.jsonio.JSONFileError: x.json: not valid JSON (Infinity is not a number JSON allows)
+lowbit.core.jsonio.JSONFileError: x.json: not valid JSON (Infinity is not a number JSON allows)
 >>> field({"n": "3"}, "n", int, "x.json")
 Traceback (most recent call last):
-lowbit.io.jsonio.JSONFileError: x.json: field 'n' must be an integer, got '3'
+lowbit.core.jsonio.JSONFileError: x.json: field 'n' must be an integer, got '3'
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def parse_json(text: str | bytes, where: str | os.PathLike, max_depth: int = MAX
 
     >>> parse_json("[" * 100 + "]" * 100, "deep.json")
     Traceback (most recent call last):
-    lowbit.io.jsonio.JSONFileError: deep.json: not valid JSON (nested more than 64 deep)
+    lowbit.core.jsonio.JSONFileError: deep.json: not valid JSON (nested more than 64 deep)
     """
     try:
         doc = json.loads(text, parse_constant=_constant)
