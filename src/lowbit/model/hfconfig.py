@@ -39,6 +39,19 @@ def load_config(source: Any) -> Any:
     return config
 
 
+def _config_errors() -> tuple[type[BaseException], ...]:
+    """What transformers raises for a config it refuses: its strict dataclasses' validation errors too."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # older huggingface_hub: configs are not strict dataclasses
+        return ()
+    return (StrictDataclassError,)
+
+
+_CONFIG_ERRORS = (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError, ZeroDivisionError,
+                  OverflowError, *_config_errors())
+
+
 def _read_config(source: Any) -> Any:
     from transformers import AutoConfig
 
@@ -71,7 +84,7 @@ def _read_config(source: Any) -> Any:
         raise ConfigError(f"{source}: cannot read a model config ({str(e).split(': ', 1)[-1]})") from None
     except LowbitError:
         raise
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+    except _CONFIG_ERRORS as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"{source}: cannot read a model config ({first})") from None
 
