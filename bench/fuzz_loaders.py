@@ -84,8 +84,9 @@ def build_seeds(root: Path) -> dict[str, Path]:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return {"checkpoint": root / "checkpoint.safetensors", "lowbit-dir": qdir, "safetensors": root / "float.safetensors",
-            "gguf": root / "model.gguf", "plan": root / "plan.json", "config": root / "config.json"}
+    return {"checkpoint": root / "checkpoint.safetensors", "lowbit-dir": qdir,
+            "safetensors": root / "float.safetensors", "gguf": root / "model.gguf", "plan": root / "plan.json",
+            "config": root / "config.json"}
 
 
 # -- mutations --------------------------------------------------------------------------------------------

@@ -43,6 +43,13 @@ def _constant(name: str) -> Any:
     raise ValueError(f"{name} is not a number JSON allows")
 
 
+def _float(text: str) -> float:
+    v = float(text)
+    if not math.isfinite(v):
+        raise ValueError(f"{text[:20]} is too large a number")
+    return v
+
+
 def _depth_ok(doc: Any, limit: int) -> bool:
     stack = [(doc, 1)]
     while stack:
@@ -62,7 +69,7 @@ def parse_json(text: str | bytes, where: str | os.PathLike, max_depth: int = MAX
     lowbit.core.jsonio.JSONFileError: deep.json: not valid JSON (nested more than 64 deep)
     """
     try:
-        doc = json.loads(text, parse_constant=_constant)
+        doc = json.loads(text, parse_constant=_constant, parse_float=_float)
     except RecursionError:
         raise JSONFileError(f"{where}: not valid JSON (nested more than {max_depth} deep)") from None
     except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError, bad constants, over-long integers

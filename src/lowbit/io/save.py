@@ -276,8 +276,9 @@ def load_quantized(path: str | os.PathLike) -> tuple[nn.Module, Any]:
         config = AutoConfig.from_pretrained(p, trust_remote_code=False)
     except JSONFileError as e:
         raise CheckpointError(str(e)) from None
-    except Exception as e:
-        raise CheckpointError(f"{p}: unreadable config.json ({e})") from None
+    except Exception as e:  # transformers raises many types for a config it refuses
+        first = " ".join(str(e).split())[:300] or type(e).__name__
+        raise CheckpointError(f"{p}: unreadable config.json ({first})") from None
     try:
         check_config_sizes(config, p / "config.json")
     except LowbitError as e:
