@@ -23,6 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import random  # noqa: E402
 import resource  # noqa: E402
@@ -61,6 +62,7 @@ def build_seeds(root: Path) -> dict[str, Path]:
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).eval()
     qmodel, report = lowbit.quantize(model, None, scheme="int4-g16", method="rtn")
+    report = dataclasses.replace(report, seconds=0.0)  # the seeds are byte-identical run to run
     qdir = lowbit.save(qmodel, root / "qdir", plan=qmodel.lowbit_plan, report=report)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(root / "float.safetensors"))
     shutil.copy(qdir / "model.safetensors", root / "checkpoint.safetensors")
@@ -299,6 +301,11 @@ def run_case(loader: str, path: Path, timeout: float, mem_bytes: int) -> tuple[s
         except BaseException as e:  # noqa: B036 -- every outcome is reported to the parent
             outcome = _classify(e)
             detail = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            if outcome != "LowbitError":  # where it came from, for the report
+                import traceback
+
+                frames = traceback.extract_tb(e.__traceback__)[-3:]
+                detail += " at " + " < ".join(f"{Path(f.filename).name}:{f.lineno}" for f in reversed(frames))
         os.write(w, json.dumps([outcome, detail]).encode()[:60000])
         os._exit(0)
     os.close(w)

@@ -229,3 +229,33 @@ def test_quantize_to_a_llama_cpp_mix_then_eval_and_export(tmp_path, capsys, tiny
                             "--calib", str(calib), "--calib-windows", "4", "--window-len", "32")
     assert code == 0, err
     assert "quantized with method awq+gptq (the default with calibration text" in stdout
+
+
+def test_bad_outputs_and_options_are_one_line_before_the_load(tmp_path, capsys, tiny_llama_dir):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    code, _, err = run(capsys, "quantize", str(tiny_llama_dir), "-o", str(afile / "out"), "--scheme", "int4-g32")
+    assert code == 2 and "is a file, not a folder" in err and err.count("\n") == 1
+    code, _, err = run(capsys, "quantize", str(tiny_llama_dir), "-o", str(tmp_path / "o"), "--method", "gptq",
+                       "--calib", "random", "--option", "damp=abc")
+    assert code == 2 and "option 'damp' must be float" in err and err.count("\n") == 1
+    code, _, err = run(capsys, "export", "gguf", str(tiny_llama_dir), "-o", str(tiny_llama_dir), "--force",
+                       "--type", "Q8_0")
+    assert code == 2 and "overwrite the source" in err
+
+
+def test_a_rule_that_matches_nothing_is_warned(tmp_path, capsys, tiny_llama_dir):
+    code, _, err = run(capsys, "quantize", str(tiny_llama_dir), "-o", str(tmp_path / "q"), "--scheme", "int4-g32",
+                       "--rule", "mlp.dwn_proj=int8", "--keep", "lm_head")
+    assert code == 0 and "'mlp.dwn_proj' matches no layer" in err and "'lm_head'" not in err
+
+
+def test_os_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    from lowbit.cli import commands
+
+    def full(args):
+        raise OSError(28, "No space left on device", str(tmp_path / "out"))
+
+    monkeypatch.setattr(commands, "cmd_inspect", full)  # main() builds its parser after this
+    code, _, err = run(capsys, "inspect", str(tmp_path))
+    assert code == 2 and err == f"error: {tmp_path / 'out'}: No space left on device\n"

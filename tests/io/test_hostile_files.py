@@ -262,8 +262,8 @@ def test_plan_json_wrong_types(tmp_path, doc, why):
         Plan.from_json(p)
 
 
-@pytest.mark.parametrize("edit, why", [({"hidden_size": "64"}, "hidden_size"), ({"num_attention_heads": 0}, "model config"),
-                                       ({"vocab_size": 1e8}, "vocab_size"), ({"use_cache": 0}, "use_cache")])
+@pytest.mark.parametrize("edit, why", [({"hidden_size": "64"}, "hidden_size"), ({"vocab_size": 1e8}, "vocab_size"),
+                                       ({"num_attention_heads": 0}, "model config"), ({"use_cache": 0}, "use_cache")])
 def test_config_json_wrong_types(tmp_path, edit, why):
     p = tmp_path / "config.json"
     p.write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4} | edit))

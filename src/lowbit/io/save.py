@@ -144,7 +144,8 @@ def _build(p: Path, cls, config) -> nn.Module:
     """``config``'s model (on meta inside ``init_empty_weights``); a config it cannot build is one error."""
     try:
         return cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)
-    except (ValueError, TypeError, KeyError, AttributeError, ZeroDivisionError, IndexError, RuntimeError) as e:
+    except (ValueError, TypeError, KeyError, AttributeError, ZeroDivisionError, IndexError, OverflowError,
+            RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{p / 'config.json'}: transformers cannot build this model ({first})") from None
 

@@ -9,6 +9,7 @@ a ``.gguf`` file or a hub id — and a short label for it.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,9 @@ def check_config_sizes(config: Any, where: str | os.PathLike) -> None:
     Traceback (most recent call last):
     lowbit.model.hfconfig.ConfigError: config.json: field 'num_hidden_layers' is 40000, more than any ... 1024)
     """
+    bad = _out_of_range(config.__dict__)
+    if bad is not None:
+        raise ConfigError(f"{where}: field {bad[0]!r} is {bad[1]!r}, beyond a 64-bit number")
     subs = [config]
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     if text is not config:
@@ -126,9 +130,27 @@ def check_config_sizes(config: Any, where: str | os.PathLike) -> None:
                 raise ConfigError(f"{where}: field {key!r} must be {kind} integer, got {value!r}")
             if value > limit:
                 raise ConfigError(f"{where}: field {key!r} is {value}, more than any model has (limit {limit})")
+        pad, vocab = cfg.__dict__.get("pad_token_id"), cfg.__dict__.get("vocab_size")
+        if pad is not None and (type(pad) is not int or (type(vocab) is int and not -vocab <= pad < vocab)):
+            raise ConfigError(f"{where}: field 'pad_token_id' {pad!r} is not a token id of the "
+                              f"{vocab}-token vocabulary")
     archs = getattr(config, "architectures", None)
     if archs is not None and (not isinstance(archs, list) or not all(isinstance(a, str) for a in archs)):
         raise ConfigError(f"{where}: field 'architectures' must be a list of class names, got {archs!r}")
+
+
+def _out_of_range(d: dict[str, Any]) -> tuple[str, Any] | None:
+    """The first (field, value) holding an integer outside int64 or a non-finite float (torch cannot take them)."""
+    stack: list[tuple[str, Any]] = list(d.items())
+    while stack:
+        key, v = stack.pop()
+        if isinstance(v, dict):
+            stack.extend((f"{key}.{k}", x) for k, x in v.items())
+        elif isinstance(v, list | tuple):
+            stack.extend((key, x) for x in v)
+        elif (type(v) is int and not -(2**63) <= v < 2**63) or (type(v) is float and not math.isfinite(v)):
+            return key, v
+    return None
 
 
 def config_label(source: Any, config: Any) -> str:
