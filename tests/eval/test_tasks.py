@@ -171,3 +171,29 @@ def test_cli_bad_task_file_is_one_line_exit_2(tmp_path, capsys, tiny_llama_dir):
     assert err.count("\n") == 0 and f"{bad}:2:" in err
     assert main(["eval", str(tiny_llama_dir)]) == 2
     assert "nothing to evaluate" in capsys.readouterr().err
+
+
+class _Req:  # what lm-eval hands an LM: an object with .args
+    def __init__(self, *args):
+        self.args = args
+
+
+def test_lm_eval_adapter_interface(tiny_llama):
+    from lowbit.eval.lm_eval_adapter import LowbitLM
+
+    model, tok = tiny_llama
+    lm = LowbitLM(model=model, tokenizer=tok, batch_size=2)
+    text = "The river leaves the mountains in a narrow gorge."
+    [(ll, _)] = lm.loglikelihood([_Req("", text)])
+    [rolling] = lm.loglikelihood_rolling([_Req(text)])
+    assert rolling == pytest.approx(ll, abs=1e-4)
+    model.config.max_position_embeddings = 8  # windows of 8: every token still predicted exactly once
+    [short] = lm.loglikelihood_rolling([_Req(text)])
+    n = len(tok(text, add_special_tokens=False).input_ids)
+    assert math.isfinite(short) and short != pytest.approx(rolling) and n > 16
+    model.config.max_position_embeddings = 512
+    out = lm.generate_until([_Req("The river", {"until": ["\n"], "max_gen_toks": 6})])
+    assert isinstance(out[0], str) and "\n" not in out[0]
+    from lowbit.eval.tasks import greedy
+
+    assert out[0] == tok.decode(greedy(model, tok, "The river", 6, chat=False), skip_special_tokens=True).split("\n")[0]
