@@ -10,19 +10,19 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from lowbit.eval.tasks import TaskFileError, greedy
+from lowbit.eval.tasks import Record, TaskFileError, greedy
 from lowbit.kernels import use_kernels
 
 
 @dataclass(frozen=True)
-class GenerationPair:
+class GenerationPair(Record):
     """One prompt: both outputs, and the first generated token where they differ (None: identical)."""
 
     prompt: str
@@ -34,9 +34,6 @@ class GenerationPair:
     model_token: str | None = None
     reference_ids: tuple[int, ...] = ()  # the generated token ids
     model_ids: tuple[int, ...] = ()
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)

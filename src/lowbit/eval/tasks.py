@@ -42,8 +42,15 @@ class TaskFileError(LowbitError, ValueError):
     """A task file that cannot be read: the message names the file and line."""
 
 
+class Record:
+    """Frozen result/config dataclasses: ``to_dict`` is their fields, recursively (JSON-ready)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+
 @dataclass(frozen=True)
-class TaskOptions:
+class TaskOptions(Record):
     """How tasks are run and scored. ``chat``: None = the chat template when the tokenizer has one."""
 
     batch_size: int = 16
@@ -55,9 +62,6 @@ class TaskOptions:
     seed: int = 0
     kernels: str = "reference"
     progress: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,7 @@ class Task:
 
 
 @dataclass(frozen=True)
-class MetricResult:
+class MetricResult(Record):
     """One metric of one model against the reference: accuracies, paired difference, bootstrap 95% CI."""
 
     metric: str
@@ -83,9 +87,6 @@ class MetricResult:
     ci_high: float | None = None
     right_to_wrong: tuple[int, ...] = ()
     wrong_to_right: tuple[int, ...] = ()
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
