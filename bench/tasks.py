@@ -7,8 +7,9 @@
 ``build`` cuts the cloze multiple-choice set from the held-out WikiText-2 *test* split (calibration uses the
 validation split). ``run`` quantizes each config with the real CLI (bench/quality.py's ``run_quantize``,
 models reused from bench/.work when present), then scores float32 and every model with
-``lowbit.eval_tasks`` on the same items: acc / acc_norm, difference with a paired bootstrap 95% interval,
-flips. Quality is computed on the dequantized weights (``materialize``: the reference kernels' function).
+``lowbit.eval.tasks.run_task`` / ``score_task`` on the same items (float32 run once):
+acc / acc_norm, difference with a paired bootstrap 95% interval, flips. Quality is computed on the
+dequantized weights (``materialize``: the reference kernels' function).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 import lowbit
 from lowbit.cli.assets import smollm2_gguf, wikitext
 from lowbit.eval.cloze import cloze_items
-from lowbit.eval.tasks import Task, TaskOptions, eval_tasks, format_tasks, load_task
+from lowbit.eval.tasks import Task, TaskOptions, format_tasks, load_task, run_task, score_task
 from lowbit.eval.windows import read_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -59,14 +60,15 @@ def main() -> None:
     reference, tok = lowbit.load(smollm2_gguf())
     opts = TaskOptions(batch_size=16)
     rows = []
-    [ref_only] = eval_tasks(reference, None, tok, [task], opts, label="float32")
-    print(format_tasks([ref_only]))
+    ref_out = run_task(reference, tok, task, opts)
+    ref_only = score_task(task, ref_out, None, opts, "float32")
+    print(format_tasks([ref_only]), flush=True)
     for c in a.configs:
         method, _, scheme = c.partition(":")
         name = f"{scheme}-{method}"
         q = run_quantize(name, method, scheme, a.calib_windows, reuse=True)
         model = materialize(lowbit.load(q["path"])[0])
-        [r] = eval_tasks(model, reference, tok, [task], opts, label=name)
+        r = score_task(task, run_task(model, tok, task, opts), ref_out, opts, name)
         print(format_tasks([r]), flush=True)
         rows.append({"name": name, "bpw": q["bpw"]} | r.to_dict())
     if a.json:

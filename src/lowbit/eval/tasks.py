@@ -465,18 +465,31 @@ def eval_tasks(model: torch.nn.Module, reference: torch.nn.Module | None = None,
                 kind = KINDS.get(task.kind)
                 outs = kind.run(model, tokenizer, task.items, opts)
                 ref_outs = None if reference is None else kind.run(reference, tokenizer, task.items, opts)
-                scores = kind.judge(task.items, outs, ref_outs, opts)
-                ref_scores = None if ref_outs is None else kind.judge(task.items, ref_outs, None, opts)
-                ms = tuple(_metric(k, v, None if ref_scores is None else ref_scores.get(k), opts)
-                           for k, v in scores.items())
-                results.append(TaskResult(task.name, task.kind, label, len(task.items), ms,
-                                          tuple(kind.show(o) for o in outs),
-                                          () if ref_outs is None else tuple(kind.show(o) for o in ref_outs),
-                                          tuple(it.line for it in task.items)))
+                results.append(score_task(task, outs, ref_outs, opts, label))
     finally:
         for m, was in states:
             m.train(was)
     return results
+
+
+def run_task(model: torch.nn.Module, tokenizer: Any, task: Task, options: TaskOptions | None = None) -> list:
+    """One model's raw outputs on a task (kept to score several models against one reference run)."""
+    opts = options or TaskOptions()
+    with use_kernels(opts.kernels):
+        return KINDS.get(task.kind).run(model.eval(), tokenizer, task.items, opts)
+
+
+def score_task(task: Task, outputs: list, ref_outputs: list | None = None, options: TaskOptions | None = None,
+               label: str = "model") -> TaskResult:
+    """Score outputs of :func:`run_task` (and the reference's, on the same items) into a :class:`TaskResult`."""
+    opts = options or TaskOptions()
+    kind = KINDS.get(task.kind)
+    scores = kind.judge(task.items, outputs, ref_outputs, opts)
+    ref_scores = None if ref_outputs is None else kind.judge(task.items, ref_outputs, None, opts)
+    ms = tuple(_metric(k, v, None if ref_scores is None else ref_scores.get(k), opts) for k, v in scores.items())
+    return TaskResult(task.name, task.kind, label, len(task.items), ms, tuple(kind.show(o) for o in outputs),
+                      () if ref_outputs is None else tuple(kind.show(o) for o in ref_outputs),
+                      tuple(it.line for it in task.items))
 
 
 def format_tasks(results: Sequence[TaskResult], flips: int = 5) -> str:
