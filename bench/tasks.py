@@ -70,7 +70,7 @@ def main() -> None:
         model = materialize(lowbit.load(q["path"])[0])
         r = score_task(task, run_task(model, tok, task, opts), ref_out, opts, name)
         print(format_tasks([r]), flush=True)
-        rows.append({"name": name, "bpw": q["bpw"]} | r.to_dict())
+        rows.append({"bpw": q["bpw"]} | r.to_dict() | {"model": name})
     if a.json:
         Path(a.json).write_text(json.dumps({"float32": ref_only.to_dict(), "rows": rows, "items": a.items,
                                             "torch": torch.__version__}, indent=1))
