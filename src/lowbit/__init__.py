@@ -15,6 +15,8 @@ from lowbit.core.qtensor import QTensor
 from lowbit.core.scheme import Scheme, parse_scheme, preset_names, register_preset
 from lowbit.errors import LowbitError
 from lowbit.eval.bench import bench
+from lowbit.eval.generations import compare_generations
+from lowbit.eval.tasks import TaskOptions, eval_tasks, load_task
 from lowbit.io.checkpoint import load_tensors, save_tensors
 from lowbit.methods.registry import MethodConfig
 from lowbit.methods.rtn import quantize_rtn
@@ -23,7 +25,7 @@ from lowbit.model.plan import Plan
 __version__ = "0.1.0"
 
 __all__ = [
-    "bench",
+    "bench", "compare_generations", "eval_tasks", "load_task", "TaskOptions",
     "calibration_windows", "default_plan", "evaluate", "export_hf", "load", "quantize", "save", "Plan", "MethodConfig",
     "LowbitError", "QTensor", "Scheme", "load_tensors", "parse_scheme", "preset_names", "quantize_tensor",
     "register_preset", "save_tensors",

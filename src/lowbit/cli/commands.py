@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -174,9 +175,17 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any] | None:
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any] | None:
     from lowbit.eval import format_table, read_text, write_report
+    from lowbit.eval.generations import compare_generations, format_generations, read_prompts
+    from lowbit.eval.tasks import TaskOptions, eval_tasks, format_tasks, load_task
 
     device = parse_device(args.device)
-    text = read_text(args.data)
+    if not (args.data or args.task or args.generate):
+        raise LowbitError("eval: nothing to evaluate on: pass --data FILE, --task FILE.jsonl or --generate PROMPTS")
+    text = read_text(args.data) if args.data else None
+    tasks = [load_task(t) for t in args.task]  # every file checked before any model loads
+    prompts = read_prompts(args.generate) if args.generate else None
+    if prompts is not None and not args.reference:
+        raise LowbitError("--generate compares two models: pass --reference FLOAT_MODEL")
     model, tok = lowbit.load(args.model)
     reference = None
     if args.reference:
@@ -184,15 +193,38 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any] | None:
         tok = tok or rtok
     if tok is None:
         raise LowbitError(f"{args.model}: no tokenizer found (and no --reference to take one from)")
-    res = lowbit.evaluate(model, reference=reference, device=device, tokenizer=tok, text=text, windows=args.windows,
-                          window_len=args.window_len, speed=not args.no_speed, label=Path(args.model).name,
-                          worst=max(args.show_worst, 2), progress=None if not args.json else False,
-                          kernels=_kernel_mode(args.kernels))
+    label = Path(args.model).name
+    for m in (model, reference):
+        if m is not None and device is not None:
+            m.to(device)
+    show = None if not args.json else False
+    doc: dict[str, Any] = {}
+    res = None
+    if text is not None:
+        res = lowbit.evaluate(model, reference=reference, tokenizer=tok, text=text, windows=args.windows,
+                              window_len=args.window_len, speed=not args.no_speed, label=label,
+                              worst=max(args.show_worst, 2), progress=show, kernels=_kernel_mode(args.kernels))
+        doc = res.to_dict()
+    chat = False if args.no_chat_template else None
+    opts = TaskOptions(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, chat=chat, match=args.match,
+                       kernels=_kernel_mode(args.kernels), progress=not args.json and sys.stderr.isatty())
+    task_results = eval_tasks(model, reference, tok, tasks, opts, label=label) if tasks else []
+    gens = None if prompts is None else compare_generations(model, reference, tok, prompts, args.max_new_tokens, chat,
+                                                            opts.kernels, opts.progress)
+    if task_results:
+        doc["tasks"] = [r.to_dict() for r in task_results]
+    if gens is not None:
+        doc["generations"] = gens.to_dict()
     if args.report:
-        write_report([res], args.report)
+        write_report([res] if res is not None else [], args.report, tasks=task_results, generations=gens)
     if args.json:
-        return res.to_dict()
-    out.print(format_table([res], worst=bool(args.show_worst)))
+        return doc
+    if res is not None:
+        out.print(format_table([res], worst=bool(args.show_worst)), markup=False)
+    if task_results:
+        out.print(format_tasks(task_results), markup=False)
+    if gens is not None:
+        out.print(format_generations(gens, label), markup=False)
     if args.report:
         out.print(f"report: {args.report}")
     return None

@@ -110,7 +110,18 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Perplexity, KL and top-1 vs --reference (LMs); embedding cosine (encoders).")
     e.add_argument("model")
     e.add_argument("--reference", help="the float model to compare against (HF dir, hub id, .gguf)")
-    e.add_argument("--data", required=True, help="evaluation text file (never the calibration text)")
+    e.add_argument("--data", help="evaluation text file (never the calibration text); perplexity, KL, top-1")
+    e.add_argument("--task", action="append", default=[], metavar="FILE.jsonl",
+                   help="a task file (repeatable): multiple choice {context|question, choices, answer}, generation "
+                        "{prompt[, target, match]} or encoder pairs {a, b, label}; accuracy of both models, the "
+                        "difference with a paired bootstrap 95%% interval, and the items that flipped")
+    e.add_argument("--generate", metavar="PROMPTS", help="prompts file (.txt one per line, or .jsonl): greedy "
+                   "outputs of both models side by side, earliest divergence first")
+    e.add_argument("--max-new-tokens", type=int, default=32, help="generation length (default 32)")
+    e.add_argument("--match", default="exact", choices=["exact", "contains", "regex"],
+                   help="how generation records without a \"match\" field are scored (default exact)")
+    e.add_argument("--no-chat-template", action="store_true", help="prompt with the plain text, not the chat template")
+    e.add_argument("--batch-size", type=int, default=16, help="sequences per forward for task log-likelihoods")
     e.add_argument("--windows", type=int, default=40, help="windows of --window-len tokens (default 40)")
     e.add_argument("--window-len", type=int, default=512)
     e.add_argument("--no-speed", action="store_true", help="skip the speed measurement")

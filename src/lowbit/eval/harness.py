@@ -240,10 +240,7 @@ def _eval_encoder(model, reference, tokenizer, text, n_sentences, speed, label, 
     if tokenizer is None or isinstance(text, torch.Tensor):
         raise LowbitError("evaluate: an encoder needs text and its tokenizer (sentences are cut from the text)")
     sents = sentences(text, n_sentences)
-    batches = [tokenizer(sents[a: a + 32], padding=True, truncation=True, max_length=128, return_tensors="pt")
-               for a in range(0, len(sents), 32)]
-    batches = [{k: v for k, v in b.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-               for b in batches]
+    batches = encoder_batches(tokenizer, sents)
     res = EvalResult(label=label, kind="encoder", n_windows=len(sents), window_len=0,
                      positions=sum(int(b["attention_mask"].sum()) for b in batches))
     emb_q = _embed(model, batches, show, label)  # (N, H) float64
@@ -257,6 +254,13 @@ def _eval_encoder(model, reference, tokenizer, text, n_sentences, speed, label, 
     res.cos_mean, res.cos_min = cos.mean().item(), cos.min().item()
     res.nn_agreement = metrics.nn_agreement(emb_r, emb_q)
     return res, ref
+
+
+def encoder_batches(tokenizer: Any, sents: list[str], batch_size: int = 32, max_length: int = 128) -> list[dict]:
+    """Padded encoder inputs of ``batch_size`` sentences each (at most ``max_length`` tokens)."""
+    batches = [tokenizer(sents[a: a + batch_size], padding=True, truncation=True, max_length=max_length,
+                         return_tensors="pt") for a in range(0, len(sents), batch_size)]
+    return [{k: v for k, v in b.items() if k in ("input_ids", "attention_mask", "token_type_ids")} for b in batches]
 
 
 @torch.inference_mode()

@@ -17,8 +17,10 @@ import html
 import io
 import json
 import os
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -148,7 +150,8 @@ _PLOTS = (("KL distribution", plot_kl_hist), ("size vs quality", plot_size_vs_qu
           ("KL per window", plot_window_kl))
 
 
-def write_report(results: list[EvalResult], path: str | os.PathLike, title: str = "lowbit evaluation") -> Path:
+def write_report(results: list[EvalResult], path: str | os.PathLike, title: str = "lowbit evaluation", *,
+                 tasks: Sequence = (), generations: Any = None) -> Path:
     """Write a report: ``.html`` → one self-contained file (plots inlined as PNG); ``.md`` → Markdown with
     the PNGs written beside it (``<stem>-<plot>.png``). Returns the report's path.
 
@@ -159,7 +162,7 @@ def write_report(results: list[EvalResult], path: str | os.PathLike, title: str 
     >>> write_report([result], "eval.md"), sorted(p.name for p in Path().glob("eval-*.png"))
     (PosixPath('eval.md'), ['eval-KL-distribution.png', 'eval-KL-per-window.png', 'eval-size-vs-quality.png'])
     """
-    if not results:
+    if not results and not tasks and generations is None:
         raise LowbitError("write_report: no results to report")
     p = Path(path)
     if p.suffix.lower() not in (".html", ".htm", ".md"):
@@ -168,8 +171,9 @@ def write_report(results: list[EvalResult], path: str | os.PathLike, title: str 
     plots = [(name, png) for name, png in plots if png is not None]
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     data = json.dumps([r.to_dict() for r in results], indent=1, default=str)
+    extra = _task_text(tasks, generations)
     if p.suffix.lower() == ".md":
-        body = [f"# {title}", "", f"_{stamp}_", "", "```", format_table(results), "```", ""]
+        body = [f"# {title}", "", f"_{stamp}_", "", "```", format_table(results), extra, "```", ""]
         for name, png in plots:
             img = p.with_name(f"{p.stem}-{name.replace(' ', '-')}.png")
             with atomic_file(img) as tmp:
@@ -179,9 +183,21 @@ def write_report(results: list[EvalResult], path: str | os.PathLike, title: str 
         text = "\n".join(body)
     else:
         text = _html(results, plots, title, stamp, data)
+        if extra:
+            sect = f"<h2>tasks and generations</h2><pre>{html.escape(extra)}</pre>"
+            text = text.replace("<details>", sect + "<details>", 1)
     with atomic_file(p) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return p
+
+
+def _task_text(tasks: Sequence, generations: Any) -> str:
+    """Task accuracies and side-by-side generations as text (see :mod:`lowbit.eval.tasks`)."""
+    from lowbit.eval.generations import format_generations
+    from lowbit.eval.tasks import format_tasks
+
+    parts = ([format_tasks(tasks)] if tasks else []) + ([format_generations(generations)] if generations else [])
+    return "\n\n".join(parts)
 
 
 def _html(results, plots, title, stamp, data) -> str:
