@@ -15,3 +15,12 @@ class CheckpointError(LowbitError):
 
 class WeightsFileError(LowbitError, ValueError):
     """A weights file (safetensors, GGUF) that is missing, of an unknown kind, truncated or corrupt."""
+
+
+def first_line(e: BaseException, typed: bool = False) -> str:
+    """The first line of an exception's message (its type's name when it has none), for one-line errors;
+    ``typed`` puts the type's name in front (``KeyError: 'x'``)."""
+    text = str(e).strip()
+    if not text:
+        return type(e).__name__
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if typed else text.splitlines()[0]

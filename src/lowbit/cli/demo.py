@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from rich.console import Console
 
 import lowbit
@@ -25,16 +24,10 @@ def best_method() -> str:
 
 
 def generate(model, tok, prompt: str, max_new_tokens: int = 40) -> str:
-    msgs = [{"role": "user", "content": prompt}]
-    if getattr(tok, "chat_template", None):
-        ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        ids = ids["input_ids"]
-    else:
-        ids = tok(prompt, return_tensors="pt").input_ids
-    with torch.no_grad():
-        outp = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                              do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
-    return tok.decode(outp[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    """The greedy answer to ``prompt`` (through the chat template when the tokenizer has one)."""
+    from lowbit.eval.tasks import greedy
+
+    return tok.decode(greedy(model, tok, prompt, max_new_tokens), skip_special_tokens=True).strip()
 
 
 def _texts(args: argparse.Namespace) -> tuple[str, str, str]:

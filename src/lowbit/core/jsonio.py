@@ -25,7 +25,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lowbit.errors import LowbitError
+from lowbit.errors import LowbitError, first_line
 
 MAX_DEPTH = 64  # lowbit's own files nest 5 deep; config.json files under 10
 MAX_JSON_BYTES = 100_000_000
@@ -73,8 +73,7 @@ def parse_json(text: str | bytes, where: str | os.PathLike, max_depth: int = MAX
     except RecursionError:
         raise JSONFileError(f"{where}: not valid JSON (nested more than {max_depth} deep)") from None
     except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError, bad constants, over-long integers
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise JSONFileError(f"{where}: not valid JSON ({first})") from None
+        raise JSONFileError(f"{where}: not valid JSON ({first_line(e)})") from None
     if not _depth_ok(doc, max_depth):
         raise JSONFileError(f"{where}: not valid JSON (nested more than {max_depth} deep)")
     return doc

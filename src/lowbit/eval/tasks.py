@@ -117,7 +117,7 @@ class TaskKind:
 
     name: str
     identify: Callable[[dict], bool]
-    parse: Callable[[dict, str], Any]
+    parse: Callable[[dict, str, int], Any]  # (record, "file:line", line)
     run: Callable[..., list]
     judge: Callable[..., dict[str, list[float | None]]]
     show: Callable[[Any], str]
@@ -158,7 +158,7 @@ def _field(rec: dict, key: str, kind: type | tuple, where: str) -> Any:
     return v
 
 
-def _parse_mc(rec: dict, where: str) -> MCItem:
+def _parse_mc(rec: dict, where: str, line: int) -> MCItem:
     ctx = rec.get("context", rec.get("question"))
     if not isinstance(ctx, str):
         raise TaskFileError(f"{where}: a multiple-choice record needs a \"context\" or \"question\" string")
@@ -168,10 +168,10 @@ def _parse_mc(rec: dict, where: str) -> MCItem:
     ans = _field(rec, "answer", int, where)
     if not 0 <= ans < len(choices):
         raise TaskFileError(f"{where}: \"answer\" {ans} is not an index into {len(choices)} choices")
-    return MCItem(ctx, tuple(choices), ans, int(where.rsplit(":", 1)[1]))
+    return MCItem(ctx, tuple(choices), ans, line)
 
 
-def _parse_gen(rec: dict, where: str) -> GenItem:
+def _parse_gen(rec: dict, where: str, line: int) -> GenItem:
     prompt = _field(rec, "prompt", str, where)
     target = rec.get("target")
     if target is not None and not isinstance(target, str):
@@ -187,15 +187,15 @@ def _parse_gen(rec: dict, where: str) -> GenItem:
     until = rec.get("until", [])
     if not isinstance(until, list) or not all(isinstance(u, str) and u for u in until):
         raise TaskFileError(f"{where}: \"until\" must be a list of non-empty strings")
-    return GenItem(prompt, target, match, tuple(until), int(where.rsplit(":", 1)[1]))
+    return GenItem(prompt, target, match, tuple(until), line)
 
 
-def _parse_pair(rec: dict, where: str) -> PairItem:
+def _parse_pair(rec: dict, where: str, line: int) -> PairItem:
     a, b = _field(rec, "a", str, where), _field(rec, "b", str, where)
     label = rec.get("label")
     if label not in (0, 1) or isinstance(label, bool):
         raise TaskFileError(f"{where}: \"label\" must be 0 or 1, got {label!r}")
-    return PairItem(a, b, int(label), int(where.rsplit(":", 1)[1]))
+    return PairItem(a, b, int(label), line)
 
 
 # -- task files -----------------------------------------------------------------------------------
@@ -231,7 +231,7 @@ def load_task(path: str | os.PathLike) -> Task:
             if kind is None:
                 raise TaskFileError(f"{where}: unknown record shape (expected \"choices\" (mc), \"prompt\" (gen) "
                                     f"or \"a\"/\"b\"/\"label\" (pairs))")
-        items.append(kind.parse(rec, where))
+        items.append(kind.parse(rec, where, n))
     if kind is None:
         raise TaskFileError(f"{p}: no records (one JSON object per line)")
     return Task(p.stem, str(p), kind.name, tuple(items))
@@ -462,9 +462,8 @@ def eval_tasks(model: torch.nn.Module, reference: torch.nn.Module | None = None,
             m.eval()
         with use_kernels(opts.kernels):
             for task in loaded:
-                kind = KINDS.get(task.kind)
-                outs = kind.run(model, tokenizer, task.items, opts)
-                ref_outs = None if reference is None else kind.run(reference, tokenizer, task.items, opts)
+                outs = run_task(model, tokenizer, task, opts)
+                ref_outs = None if reference is None else run_task(reference, tokenizer, task, opts)
                 results.append(score_task(task, outs, ref_outs, opts, label))
     finally:
         for m, was in states:

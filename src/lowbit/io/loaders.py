@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from lowbit.core.jsonio import parse_json, read_json
-from lowbit.errors import LowbitError, WeightsFileError
+from lowbit.errors import LowbitError, WeightsFileError, first_line
 from lowbit.io.atomic import atomic_dir
 from lowbit.io.gguf.reader import GGUF_MAGIC, read_gguf_index
 from lowbit.model.hfconfig import GENERIC_DIR_NAMES, check_config_sizes
@@ -215,11 +215,6 @@ def cached_float_dir(gguf_path: str | os.PathLike) -> Path:
 # -- loading ----------------------------------------------------------------------------------------
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
-
-
 def _dtype_kwarg(dtype: torch.dtype) -> dict[str, Any]:
     import transformers
 
@@ -287,11 +282,11 @@ def _load_hf(ref: str, label: str, dtype: torch.dtype, lazy: bool = False,
         raise
     except OSError as e:
         if Path(ref).exists():
-            raise SourceError(f"{label}: cannot load this model folder ({_first_line(e)})") from None
+            raise SourceError(f"{label}: cannot load this model folder ({first_line(e, typed=True)})") from None
         raise SourceError(f"{label}: not a local path, and the Hugging Face Hub could not provide it "
-                          f"({_first_line(e)})") from None
+                          f"({first_line(e, typed=True)})") from None
     except Exception as e:  # transformers / safetensors raise many types for a broken folder
-        raise SourceError(f"{label}: cannot load this model ({_first_line(e)})") from None
+        raise SourceError(f"{label}: cannot load this model ({first_line(e, typed=True)})") from None
     if tok is None:
         logger.warning("%s has no tokenizer files; returning the model without a tokenizer", label)
     return model, tok
@@ -324,7 +319,7 @@ def _load_gguf(path: Path) -> tuple[nn.Module, Any]:
     except LowbitError:
         raise
     except Exception as e:  # unsupported architecture, tokenizer type, tensor type, …
-        raise SourceError(f"{path}: transformers cannot load this GGUF file ({_first_line(e)})") from None
+        raise SourceError(f"{path}: transformers cannot load this GGUF file ({first_line(e, typed=True)})") from None
     setattr(tok, SOURCE_GGUF_ATTR, str(path))  # the GGUF export reads the source's own metadata through it
     return model, tok
 

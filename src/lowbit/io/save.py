@@ -22,7 +22,7 @@ from torch import nn
 
 from lowbit.core.jsonio import JSONFileError, field, read_json
 from lowbit.core.qtensor import QTensor
-from lowbit.errors import CheckpointError, LowbitError
+from lowbit.errors import CheckpointError, LowbitError, first_line
 from lowbit.io.atomic import atomic_dir
 from lowbit.io.checkpoint import load_tensors, save_tensors
 from lowbit.model.convert import quantized_module
@@ -146,8 +146,7 @@ def _build(p: Path, cls, config) -> nn.Module:
         return cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)
     except (ValueError, TypeError, KeyError, AttributeError, ZeroDivisionError, IndexError, OverflowError,
             RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{p / 'config.json'}: transformers cannot build this model ({first})") from None
+        raise CheckpointError(f"{p / 'config.json'}: transformers cannot build this model ({first_line(e)})") from None
 
 
 def _check_embedding(p: Path, name: str, entry: dict[str, Any], new: QEmbedding) -> None:
@@ -251,8 +250,8 @@ def load_tokenizer(folder: Path, label: str | os.PathLike) -> Any:
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError, ImportError,
             RuntimeError, UnicodeDecodeError) as e:  # transformers and tokenizers raise these for bad files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{label}: cannot load its tokenizer ({type(e).__name__}: {first[:200]})") from None
+        raise CheckpointError(f"{label}: cannot load its tokenizer ({type(e).__name__}: {first_line(e)[:200]})"
+                              ) from None
     except Exception as e:  # the tokenizers library's own Exception type for a malformed tokenizer.json
         if type(e).__name__ != "Exception":
             raise

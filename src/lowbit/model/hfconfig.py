@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lowbit.core.jsonio import JSONFileError, read_json
-from lowbit.errors import LowbitError
+from lowbit.errors import LowbitError, first_line
 
 # folder names that say nothing about the model: its label adds the parent folder (``minilm/model``)
 GENERIC_DIR_NAMES = frozenset({"model", "models", "hf", "float", "weights", "checkpoint", "snapshot"})
@@ -86,8 +86,7 @@ def _read_config(source: Any) -> Any:
     except LowbitError:
         raise
     except _CONFIG_ERRORS as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"{source}: cannot read a model config ({first})") from None
+        raise ConfigError(f"{source}: cannot read a model config ({first_line(e)})") from None
 
 
 # sizes a config may state, with bounds no real model comes near (the largest today: ~130 layers, 262k tokens,
