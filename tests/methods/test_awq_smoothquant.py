@@ -90,3 +90,29 @@ def test_unfoldable_pairs_are_one_warning(tiny_llama):
     assert len(lines) == (1 if gqa else 0)
     if gqa:
         assert f"in {cfg.num_hidden_layers} block(s)" in lines[0]
+
+
+def test_awq_keeps_a_weight_already_on_a_ggml_grid_unscaled():
+    # A Q4_1 model's weights (SmolLM2's shipped GGUF) sit exactly on Q4_1's grid, which Q5_1 contains: any input
+    # scaling loses that grid, so the search must keep alpha 0 though its grouped proxy ranks a scaling best.
+    from lowbit.layouts import layout_of
+
+    torch.manual_seed(0)
+    x = torch.randn(1024, 256) * (torch.rand(256) * 4) ** 2
+    # min-max Q4_1 blocks, as llama.cpp's reference quantization writes them: every block uses codes 0 and 15
+    codes = torch.randint(0, 16, (64 * 8, 32)).float()
+    codes[:, 0], codes[:, 1] = 0, 15
+    d = (torch.rand(64 * 8, 1) * 0.01 + 0.002).half().float()
+    m = (-torch.rand(64 * 8, 1) * 0.08).half().float()
+    w = (m + d * codes).reshape(64, 256)
+    for name in ("q5_1", "q4_1"):
+        s, info = search_scales(x, [w], parse_scheme(name))
+        assert info["alpha"] == 0.0 and torch.equal(s, torch.ones(256)), (name, info)
+        if "real_loss" in info:  # the proxy picked a scaling; the real fit showed it was worse
+            assert info["real_loss_unscaled"] < info["real_loss"]
+        q = layout_of(parse_scheme(name)).quantize(w * s, parse_scheme(name))
+        assert torch.allclose(q.dequantize(torch.float32), w, atol=1e-3)  # the source grid survives (fp16 scale)
+    # off any grid, with activation outliers, a k-quant still gains from scaling
+    w = torch.randn(64, 256) * 0.05
+    s, info = search_scales(x, [w], parse_scheme("q3_k"))
+    assert info["alpha"] > 0 and info["real_loss"] < info["real_loss_unscaled"]

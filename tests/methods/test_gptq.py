@@ -224,3 +224,37 @@ def test_float_target_fits_the_float_outputs(scheme):
     assert torch.allclose(w_star.double(), lsq, atol=1e-3)
     with pytest.raises(LowbitError, match="xtx_cross has shape"):
         float_target_weight(w, stats.xtx, torch.eye(3))
+
+
+@pytest.mark.parametrize("scheme", ["q4_0", "q4_1", "q5_1", "q8_0", "iq4_nl", "iq4_xs", "q2_k", "q3_k", "q4_k", "q6_k"])
+def test_refit_of_ggml_block_scales_lowers_every_rows_error(scheme):
+    # After the sweep, each row's fp16 block scales (and mins) are re-solved for the chosen codes on the full
+    # Hessian. No row may get worse, the whole layer must gain, and the QTensor must hold exactly the new Ŵ.
+    x, w = make_x("illcond", 2048, 512), make_w(48, 512)
+    xtx, s = x.T @ x, parse_scheme(scheme)
+    q0, plain, info0 = gptq_quantize(w, xtx, 2048, s, refit=False)
+    q, refit, info = gptq_quantize(w, xtx, 2048, s)
+    assert info["refit"] and not info0["refit"]
+    assert torch.equal(q.dequantize(torch.float32), refit)
+    rows = lambda wh: (((w - wh).double() @ xtx.double()) * (w - wh).double()).sum(1)  # noqa: E731
+    assert bool((rows(refit) <= rows(plain) * (1 + 1e-6)).all())
+    assert reconstruction_loss(w, refit, xtx, 2048) < 0.999 * reconstruction_loss(w, plain, xtx, 2048)
+    # the codes are the sweep's own: only the float parameters moved
+    from lowbit.layouts.ggml import BLOCK_TYPES
+
+    bt = BLOCK_TYPES[s.block.ggml]
+    (c0, p0), (c1, p1) = (bt.unpack(t.codes.view(-1, bt.type_size)) for t in (q0, q))
+    assert torch.equal(c0, c1) and any(not torch.equal(p0[k], p1[k]) for k in p0)
+
+
+def test_refit_is_the_least_squares_optimum_for_one_block():
+    # One Q8_0 block of a row with H = I: the refit scale is <w, c> / <c, c> for the sweep's codes c (then fp16).
+    w = make_w(1, 32)
+    x = torch.eye(32) * 4.0
+    q, w_hat, _ = gptq_quantize(w, x.T @ x, 32, parse_scheme("q8_0"))
+    from lowbit.layouts.ggml import BLOCK_TYPES
+
+    codes, p = BLOCK_TYPES["Q8_0"].unpack(q.codes.view(1, -1))
+    c = BLOCK_TYPES["Q8_0"].values(codes, {k: torch.ones_like(v) for k, v in p.items()})
+    d = float((w * c).sum() / (c * c).sum())
+    assert abs(float(p["d"].flatten()[0]) - d) <= abs(d) * 2**-10

@@ -90,6 +90,13 @@ class Layout:
         """The QTensor of GPTQ's result ``w_hat`` ``(rows, cols)``, every group on its own grid."""
         raise NotImplementedError
 
+    def refit(self, scheme: Scheme, grids: list[ColumnGrid], target: torch.Tensor, xtx: torch.Tensor
+              ) -> torch.Tensor | None:
+        """After GPTQ's sweep, re-solve the grids' float parameters for the codes chosen, minimising the
+        output error ``(W − Ŵ) XᵀX (W − Ŵ)ᵀ`` against ``target`` W ``(rows, cols)``; updates ``grids`` in place
+        and returns the new Ŵ, or None where the layout has no such step."""
+        return None
+
 
 _LAYOUTS: Registry[Layout] = Registry("layout", SchemeError)
 

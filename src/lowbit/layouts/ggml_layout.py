@@ -20,9 +20,11 @@ from lowbit.core.scheme import Scheme, parse_scheme
 from lowbit.errors import LowbitError
 from lowbit.layouts.base import Layout, register_layout
 from lowbit.layouts.ggml import BLOCK_TYPES, BlockType
+from lowbit.layouts.ggml import search as S
 from lowbit.layouts.ggml.search import saliency
 from lowbit.primitives.quant import as_matrix
 
+STEPS = (1.0, 0.5, 0.25)  # fractions of the step to the refit optimum each row tries (fp16 rounding)
 CHUNK = 1 << 20  # weights fitted per step: big enough to amortise thread start-up, small enough for cache
 # the grouped grid of each type's sub-block (same width, same sharing of one scale): searches that round a
 # weight many times (AWQ's 21 scalings per layer pair) rank candidates on it, not on the slower block search
@@ -116,6 +118,12 @@ class GGMLLayout(Layout):
         p = bt.fit(w.float().contiguous(), imp.float().reshape(1, -1).expand(w.shape[0], -1))
         return _BlockGrid(bt, p, w.shape[0])
 
+    def refit(self, scheme, grids, target, xtx):
+        bg: list[_BlockGrid] = grids  # type: ignore[assignment]
+        if not bg or not any(v.is_floating_point() for v in bg[0].p.values()):
+            return None
+        return refit_blocks(bg, target.float(), xtx.float())
+
     def assemble(self, scheme, shape, dtype, grids, w_hat):
         bt = block_type(scheme)
         bg: list[_BlockGrid] = grids  # type: ignore[assignment]
@@ -124,3 +132,64 @@ class GGMLLayout(Layout):
         params = {k: torch.stack([g.p[k] for g in bg], dim=1).reshape(rows * nb, *bg[0].p[k].shape[1:])
                   for k in bg[0].p}
         return QTensor(bt.pack(codes, params).reshape(-1), None, None, tuple(shape), dtype, scheme)
+
+
+def _basis(g: _BlockGrid, keys: list[str]) -> torch.Tensor:
+    """``(rows, K, block_size)``: the values each float parameter of ``g`` contributes per unit (the decode
+    is linear in them: value = Σ_k p_k · basis_k for fixed codes and integer sub-scales)."""
+    parts = []
+    for k in keys:
+        p = {n: (torch.ones_like(v) if n == k else torch.zeros_like(v)) if n in keys else v for n, v in g.p.items()}
+        parts.append(g.bt.values(g.codes, p))
+    return torch.stack(parts, dim=1)
+
+
+def _row_losses(d: torch.Tensor, xtx: torch.Tensor) -> torch.Tensor:
+    """``(rows,)`` output errors d XᵀX dᵀ of the rows of ``d`` ``(rows, cols)`` (float64)."""
+    d = d.double()
+    return ((d @ xtx.double()) * d).sum(1)
+
+
+def refit_blocks(bg: list[_BlockGrid], target: torch.Tensor, xtx: torch.Tensor) -> torch.Tensor:
+    """Least-squares float parameters (fp16 scales, mins) of every block of each row jointly, for the codes
+    GPTQ chose, on the full Hessian. Returns the new Ŵ ``(rows, cols)``; ``bg`` is updated in place.
+
+    For one row, Ŵ_r = Σ_{b,k} p_{bk} B_{bk} with B the basis of block b's parameter k, so the best p solves
+    (B H Bᵀ) p = B H w_r: a (blocks·K)-square system per row, H = XᵀX. The optimum can sit along directions
+    that fp16 rounding ruins (outlier channels, near-duplicate inputs), so each row takes the best of the
+    steps p₀ + α (p* − p₀), α ∈ STEPS, rounded to fp16, or keeps p₀.
+    """
+    keys = [k for k, v in bg[0].p.items() if v.is_floating_point()]
+    rows, bs, nb, nk = bg[0].codes.shape[0], bg[0].bt.block_size, len(bg), len(keys)
+    hb = xtx.double().reshape(nb, bs, nb, bs)  # float64: H's entries span many decades (outlier channels)
+    basis = torch.stack([_basis(g, keys) for g in bg], dim=1)  # (rows, nb, K, bs)
+    p0 = torch.stack([torch.stack([g.p[k].reshape(rows) for k in keys], dim=1) for g in bg], dim=1)  # (rows, nb, K)
+    best = torch.zeros(rows, nb * nk, dtype=torch.float64)  # the optimum p* - p0, per row
+    step = max(1, CHUNK * 4 // (nb * nk * nb * bs))  # bounds the (rows, nb, K, nb, bs) product
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        b = basis[r0:r1].double()
+        hbt = torch.einsum("rika,iajb->rikjb", b, hb)  # (r, nb, K, nb, bs)
+        a = torch.einsum("rikjb,rjlb->rikjl", hbt, b).reshape(r1 - r0, nb * nk, nb * nk)
+        resid = target[r0:r1].double().reshape(r1 - r0, nb, bs) - (b * p0[r0:r1].double().unsqueeze(-1)).sum(2)
+        rhs = torch.einsum("rikjb,rjb->rik", hbt, resid).reshape(r1 - r0, -1)
+        a.diagonal(dim1=1, dim2=2).add_(1e-9 * a.diagonal(dim1=1, dim2=2).mean(1, keepdim=True).clamp(min=1e-300))
+        best[r0:r1] = torch.linalg.solve(a, rhs.unsqueeze(-1)).squeeze(-1).nan_to_num(0.0)
+
+    def values(p: torch.Tensor) -> torch.Tensor:  # (rows, nb, K) -> Ŵ (rows, cols)
+        return (basis * p.unsqueeze(-1)).sum(2).reshape(rows, nb * bs)
+
+    w_best = values(p0)
+    p_best, err_best = p0, _row_losses(target - w_best, xtx)
+    for alpha in STEPS:
+        p = S.fp16((p0.double() + alpha * best.reshape(rows, nb, nk)).float())
+        w = values(p)
+        err = _row_losses(target - w, xtx)
+        better = err < err_best
+        p_best = torch.where(better.reshape(-1, 1, 1), p, p_best)
+        w_best = torch.where(better.unsqueeze(1), w, w_best)
+        err_best = torch.where(better, err, err_best)
+    for b, g in enumerate(bg):
+        for i, k in enumerate(keys):
+            g.p[k] = p_best[:, b, i].reshape(g.p[k].shape)
+    return w_best

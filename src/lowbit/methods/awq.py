@@ -65,7 +65,26 @@ def search_scales(x: torch.Tensor, weights: list[torch.Tensor], scheme: Scheme, 
         losses.append(loss)
         if best_loss is None or loss < best_loss:
             best_loss, best_s, best_a = loss, s, a
-    return best_s, {"alpha": best_a, "loss": best_loss, "loss_unscaled": losses[0]}
+    info = {"alpha": best_a, "loss": best_loss, "loss_unscaled": losses[0]}
+    if scheme.layout != "affine" and best_a > 0:
+        # The proxy only ranks scalings. A GGML type's real fit can hold a grid the weights already sit on
+        # (a Q4_1 model's blocks fit Q5_1/Q4_1 exactly) that any scaling loses: check the pick against none.
+        real = _real_fit_loss(x, weights, refs, best_s, scheme)
+        unscaled = _real_fit_loss(x, weights, refs, torch.ones_like(x_mean), scheme)
+        info.update(real_loss=real, real_loss_unscaled=unscaled)
+        if unscaled <= real:
+            best_s, info["alpha"] = torch.ones_like(x_mean), 0.0
+    return best_s, info
+
+
+def _real_fit_loss(x: torch.Tensor, weights: list[torch.Tensor], refs: list[torch.Tensor], s: torch.Tensor,
+                   scheme: Scheme) -> float:
+    """Σ ‖X Wᵀ − (X / s) Q(W · s)ᵀ‖² with Q the layout's own fit, weighted by E[(x / s)²] as quantization is."""
+    xs = x / s
+    imp = xs.square().mean(dim=0)
+    layout = layout_of(scheme)
+    return sum(float((xs @ layout.quantize(w * s, scheme, importance=imp).dequantize(torch.float32).T - r)
+                     .square().sum()) for w, r in zip(weights, refs, strict=True))
 
 
 def hessian_clip(w: torch.Tensor, xtx: torch.Tensor, scheme: Scheme, shrinks: tuple[float, ...] = SHRINKS

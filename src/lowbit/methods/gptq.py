@@ -97,6 +97,7 @@ def gptq_quantize(
     damp_max: float = 1.0,
     act_order: bool | None = None,
     static_groups: bool | None = None,
+    refit: bool = True,
 ) -> tuple[QTensor, torch.Tensor, dict]:
     """GPTQ of ``weight`` ``(out, in)`` given ``xtx`` = Σ x xᵀ ``(in, in)`` over ``tokens`` inputs, onto any
     layout: the layout gives the grid of each column group (a group, a GGML block, the whole row).
@@ -105,7 +106,8 @@ def gptq_quantize(
     implies static groups (every group's grid fitted from the original weights up front); without it each
     group's grid is fitted from the error-updated weights when the sweep reaches it. None: the layout's
     default. ``importance`` (``(in,)``, e.g. E[x²]) weights the grid fits (a GGML layout weighs them by the
-    Hessian's diagonal when None).
+    Hessian's diagonal when None). ``refit`` then re-solves the grids' float parameters for the chosen codes
+    on the full Hessian where the layout has that step (:meth:`Layout.refit`; GGML blocks).
 
     >>> x = torch.randn(256, 48); w = torch.randn(16, 48)
     >>> q, w_hat, info = gptq_quantize(w, x.T @ x, 256, parse_scheme("int3-g16"))
@@ -201,6 +203,9 @@ def gptq_quantize(
     if perm is not None:
         w_hat = w_hat[:, torch.argsort(perm)]
     w_hat = w_hat.contiguous()
+    refitted = layout.refit(scheme, grids, w0.masked_fill(dead, 0.0), xtx.detach().to(w0)) if refit else None  # type: ignore[arg-type]
+    if refitted is not None:
+        w_hat = refitted
     qtensor = layout.assemble(scheme, tuple(weight.shape), weight.dtype, grids, w_hat)  # type: ignore[arg-type]
     info = {
         "damp": damp_used,
@@ -208,6 +213,7 @@ def gptq_quantize(
         "dead_columns": int(dead.sum()),
         "act_order": bool(act_order),
         "static_groups": bool(static),
+        "refit": refitted is not None,
         "seconds": time.perf_counter() - t0,
     }
     if raised:
@@ -253,6 +259,9 @@ class GptqOptions:
         "help": "columns by decreasing H_ii with static groups (default: the layout's: on for grouped "
                 "schemes, off for GGML blocks)"})
     static_groups: bool | None = field(default=None, metadata={"help": "fit every group's grid up front"})
+    refit: bool = field(default=True, metadata={
+        "help": "after the sweep, re-solve each row's block scales for the chosen codes on the full Hessian "
+                "(GGML types)"})
     float_target: bool = field(default=False, metadata={
         "help": "aim at the float model's outputs (collects cross statistics)", "wants": "cross"})
 
@@ -291,7 +300,7 @@ def gptq(weight: torch.Tensor, stats: LayerStats, scheme: Scheme, config: Method
     q, w_hat, info = gptq_quantize(
         target, stats.xtx, stats.tokens, scheme, observer=config.observer, importance=imp,
         block_size=o.block_size, damp=o.damp, damp_max=o.damp_max, act_order=o.act_order,
-        static_groups=o.static_groups,
+        static_groups=o.static_groups, refit=o.refit,
     )
     info["float_target"] = float_target
     w2 = target.reshape(w_hat.shape)  # with float_target, losses are measured from the target (up to a constant)
