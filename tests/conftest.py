@@ -21,6 +21,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers / huggingface_hub are imported
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# kernels by priority, the same on every machine; tests/kernels/test_tuning.py turns measuring on
+os.environ.setdefault("LOWBIT_KERNEL_TUNING", "off")
 # the cache the real-asset fixtures use, fixed at start-up: tests that point LOWBIT_CACHE at a temporary
 # folder must not make a session fixture rebuild SmolLM2's float copy there
 _SESSION_CACHE = os.environ.get("LOWBIT_CACHE")

@@ -5,8 +5,9 @@ CPU facts, checked once per layer) at the batch sizes it declares (``min_tokens`
 the input, i.e. batch × sequence), in the activation dtypes it declares. ``prepare(module)`` packs the
 weight once (at the first call; the result is dropped with the layer's other caches on a move or a
 ``load_state_dict``); ``run(module, state, x)`` computes ``x Ŵᵀ + b``. Among the kernels that can serve a
-call, the highest ``priority`` wins, so the choice is a pure function of (layer, batch size, dtype, mode):
-the same inputs always run the same arithmetic.
+call, the fastest on this machine runs (measured once per kind of call and remembered per machine:
+:mod:`lowbit.kernels.tuning`); with ``LOWBIT_KERNEL_TUNING=off``, or under an explicit mode, the highest
+``priority`` wins, so the choice is a pure function of (layer, batch size, dtype, mode).
 
 Reference kernels (``reference=True``) compute exactly what dequantizing the weight and running the float
 op computes; every fast kernel is tested against them. :func:`use_kernels` switches what may run:
@@ -42,6 +43,7 @@ class Kernel:
     reference: bool = False  # the dequantize reference's arithmetic exactly
     accepts: Callable[[Any, torch.Tensor], bool] | None = None  # a per-call condition beyond size and dtype
     doc: str = ""
+    measured: bool = True  # False: wins whenever it serves, never timed against the others (tuning.py)
 
     def takes(self, module: Any, x: torch.Tensor, tokens: int) -> bool:
         return (self.min_tokens <= tokens and (self.max_tokens is None or tokens <= self.max_tokens)
@@ -142,16 +144,30 @@ def candidates(module: Any, mode: tuple[str, ...] | str | None = None) -> list[K
 
 
 def choose(module: Any, x: torch.Tensor) -> Kernel:
-    """The kernel that runs ``module(x)``: the first of its candidates that takes this batch size and dtype."""
+    """The kernel that runs ``module(x)``. Under mode ``auto`` with several kernels able to run the call, the
+    fastest on this machine (measured once per kind of call, :mod:`lowbit.kernels.tuning`); otherwise, or with
+    ``LOWBIT_KERNEL_TUNING=off``, the first of its candidates (by priority) that takes this batch size and dtype."""
+    from lowbit.kernels import tuning
+
     cache = module._kernel_candidates
     if cache is None or cache[0] != _mode:
-        cache = module._kernel_candidates = (_mode, candidates(module))
+        cache = module._kernel_candidates = (_mode, candidates(module), {})
     tokens = x.numel() // max(1, x.shape[-1])
-    for k in cache[1]:
-        if k.takes(module, x, tokens):
-            return k
-    raise LowbitError(f"no kernel serves {type(module).__name__}({module.qweight.scheme.name}) for "
-                      f"{tokens} tokens of {x.dtype} under kernel mode {_mode!r}")
+    tune = _mode == "auto" and tuning.enabled()
+    memo_key = (x.dtype, x.device.type, tuning.bucket(tokens), torch.get_num_threads()) if tune else None
+    k = cache[2].get(memo_key) if tune else None
+    if k is not None and k.takes(module, x, tokens):
+        return k
+    takers = [k for k in cache[1] if k.takes(module, x, tokens)]
+    if not takers:
+        raise LowbitError(f"no kernel serves {type(module).__name__}({module.qweight.scheme.name}) for "
+                          f"{tokens} tokens of {x.dtype} under kernel mode {_mode!r}")
+    fixed = [t for t in takers if not t.measured]
+    if not tune or len(takers) == 1 or fixed:
+        return (fixed or takers)[0] if tune else takers[0]
+    k = tuning.fastest(module, x, tokens, [t for t in takers if t.measured])
+    cache[2][memo_key] = k
+    return k
 
 
 def prepared(module: Any, k: Kernel) -> Any:

@@ -172,7 +172,8 @@ class QLinear(QModule):
 
         names = []
         for t in tokens:
-            x = torch.empty(t, self.in_features, dtype=self.compute_dtype, device=self.qweight_codes.device)
+            g = torch.Generator(device=self.qweight_codes.device).manual_seed(t)  # timed when kernels are measured
+            x = torch.randn(t, self.in_features, generator=g, device=self.qweight_codes.device).to(self.compute_dtype)
             k = choose(self, x)
             prepared(self, k)
             names.append(k.name)
