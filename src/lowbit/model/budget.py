@@ -63,6 +63,19 @@ def parse_budget(text: str) -> Budget:
                       f"bound on the predicted KL (kl<=0.05)")
 
 
+def parse_schemes(text: str | None, option: str = "--schemes") -> list[str] | None:
+    """``int8,int4-g64`` as a list of scheme names (None when not given); a bad name is one error."""
+    from lowbit.core.scheme import parse_scheme
+
+    if not text:
+        return None
+    names = [t.strip() for t in text.replace(" ", ",").split(",") if t.strip()]
+    try:
+        return [parse_scheme(n).name for n in names]
+    except LowbitError as e:
+        raise LowbitError(f"{option}: {e}") from None
+
+
 @dataclass(frozen=True)
 class Allocation:
     """The chosen candidate per unit, the Plan, and what it promises (bytes of the checkpoint, linear bpw,
@@ -172,16 +185,19 @@ def allocate(table: SensitivityTable, budget: Budget | str) -> Plan:
 
 
 def budget_plan(table: SensitivityTable, choices: tuple[str, ...]) -> Plan:
-    """``*`` at the candidate holding most weights, one exact-name rule per layer that differs, then the fixed
-    layers (embeddings, head) at their schemes by RTN: a Plan that reads and edits by hand."""
+    """``*`` at the scheme holding most weights, one exact-name rule per layer that differs (at the type a GGML
+    candidate falls back to on that layer, so the plan says what is stored), then the fixed layers (embeddings,
+    head) at their schemes by RTN: a Plan that reads and edits by hand."""
+    per_layer: dict[str, str] = {}
     weight = Counter[str]()
     for u, c in zip(table.units, choices, strict=True):
-        weight[c] += u.weights
+        schemes = u.costs[c].schemes or (c,) * len(u.layers)
+        for n, s in zip(u.layers, schemes, strict=True):
+            per_layer[n] = s
+            weight[s] += u.weights / len(u.layers)
     base = weight.most_common(1)[0][0] if weight else "int8"
     rules = [Rule("*", base, table.method, table.config, kind="linear")]
-    for u, c in zip(table.units, choices, strict=True):
-        if c != base:
-            rules += [Rule(n, c, table.method, table.config) for n in u.layers]
+    rules += [Rule(n, s, table.method, table.config) for n, s in per_layer.items() if s != base]
     for n, s in table.fixed.items():
         rules.append(Rule(n, s, "rtn", MethodConfig()) if s is not None else Rule(n, None))
     return Plan(tuple(rules))
