@@ -193,10 +193,10 @@ def plan_budget(model: nn.Module, tokenizer: Any = None, budget: str = "4bpw",
     True
     """
     from lowbit.model.budget import allocation, parse_budget
-    from lowbit.model.sensitivity import DEFAULT_SCHEMES, GGUF_SCHEMES, fingerprint, measure_sensitivity
+    from lowbit.model.sensitivity import fingerprint, measure_sensitivity
 
     b = parse_budget(budget)  # a bad budget fails before any work
-    cands = tuple(schemes) if schemes else (GGUF_SCHEMES if gguf else DEFAULT_SCHEMES)
+    cands = budget_candidates(schemes, gguf)
     path = None if table is None or isinstance(table, SensitivityTable) else Path(table)
     tab = table if isinstance(table, SensitivityTable) else None
     if path is not None and path.is_file():
@@ -205,6 +205,7 @@ def plan_budget(model: nn.Module, tokenizer: Any = None, budget: str = "4bpw",
     if tab is not None:
         _check_table(tab, method, cands if schemes else None, path or "the sensitivity table")
     else:
+        check_budget(model, b, method, cands, gguf)
         if calib is None:
             raise LowbitError("--budget needs calibration text to measure each layer's sensitivity: pass --calib "
                               "FILE (or --table FILE with a measured table)")
@@ -215,6 +216,23 @@ def plan_budget(model: nn.Module, tokenizer: Any = None, budget: str = "4bpw",
         if path is not None:
             tab.save(path)
     return allocation(tab, b)
+
+
+def budget_candidates(schemes: Sequence[str] | None, gguf: bool = False) -> tuple[str, ...]:
+    """The candidate schemes of a budget: the user's, else the defaults (GGML types for a GGUF file)."""
+    from lowbit.model.sensitivity import DEFAULT_SCHEMES, GGUF_SCHEMES
+
+    return tuple(schemes) if schemes else (GGUF_SCHEMES if gguf else DEFAULT_SCHEMES)
+
+
+def check_budget(model: nn.Module, budget: Any, method: str, schemes: Sequence[str], gguf: bool = False) -> None:
+    """Refuse a bpw / bytes budget the candidates cannot meet, from the layer shapes alone (before measuring)."""
+    from lowbit.model.budget import allocation, parse_budget
+    from lowbit.model.sensitivity import bytes_table
+
+    b = budget if not isinstance(budget, str) else parse_budget(budget)
+    if b.kind != "kl":
+        allocation(bytes_table(model, method=method, schemes=schemes, fixed_scheme="q8_0" if gguf else "int8"), b)
 
 
 def _check_table(tab: SensitivityTable, method: str, schemes: Sequence[str] | None, where: Any) -> None:

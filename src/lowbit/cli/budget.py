@@ -48,13 +48,19 @@ def budget_allocation(args: argparse.Namespace, model: Any, tok: Any, table: str
     (else ``table``); one summary line on ``err``."""
     if not getattr(args, "budget", None):
         return None
+    from lowbit.api import budget_candidates, check_budget
+    from lowbit.cli.commands import _config
+
     path = args.table or table
-    if err is not None and path and Path(path).is_file():
+    reuse = bool(path and Path(path).is_file())
+    cands = budget_candidates(schemes_of(args.schemes))
+    if not reuse:
+        check_budget(model, args.budget, args.method, cands)  # an unreachable budget fails before the measurement
+    if err is not None and reuse:
         err.print(f"sensitivity   reusing {path}")
     elif err is not None:
-        err.print(f"sensitivity   measuring {len(schemes_of(args.schemes) or []) or 'default'} candidates per unit "
-                  f"on {args.calib_windows} windows × {args.window_len} tokens of {args.calib}")
-    from lowbit.cli.commands import _config
+        err.print(f"sensitivity   measuring {len(cands)} candidate schemes per unit of layers on "
+                  f"{args.calib_windows} windows × {args.window_len} tokens of {args.calib}")
 
     a = lowbit.plan_budget(model, tok, args.budget, args.calib, method=args.method, config=_config(args),
                            schemes=schemes_of(args.schemes), windows=args.calib_windows, window_len=args.window_len,

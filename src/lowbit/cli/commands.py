@@ -103,7 +103,7 @@ def layer_table(report: QuantReport, limit: int = 12) -> Table:
     return t
 
 
-def _validate(args: argparse.Namespace) -> None:
+def _validate(args: argparse.Namespace, calibrated: bool = True) -> None:
     """Everything that can be checked before the (slow) model load."""
     from lowbit.io.gguf.mixes import is_mix
     from lowbit.methods.registry import get_method
@@ -119,7 +119,7 @@ def _validate(args: argparse.Namespace) -> None:
     method_spec(args.method).parse(_config(args))  # `--option damp=abc`: one line naming the option, before the load
     check_budget_args(args)
     why = _needs_calib(args)
-    if why and not args.calib:
+    if why and not args.calib and calibrated:
         raise LowbitError(f"{why} needs calibration text: pass --calib FILE (or --calib random: statistics from "
                           f"random tokens, no data)")
     _check_calib(args)
@@ -309,9 +309,12 @@ def cmd_size(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def cmd_plan(args: argparse.Namespace) -> dict[str, Any] | None:
-    _validate(args)
-    model, tok = lowbit.load(args.source)
     table = str(Path(args.out).with_suffix(".sensitivity.json")) if args.out and args.budget else None
+    if args.budget and not args.table and table and Path(table).is_file():
+        args.table = table  # the table a previous `lowbit plan -o` wrote beside the plan
+    # a plan from a measured sensitivity table needs no calibration text: the table holds what it measured
+    _validate(args, calibrated=not (args.budget and Path(args.table or table or "").is_file()))
+    model, tok = lowbit.load(args.source)
     alloc = budget_allocation(args, model, tok, table, err=None if args.json else err)
     base = (alloc.plan if alloc is not None else None) or _plan(args, model) or scheme_plan(
         model, args.scheme, args.method, _config(args), calibrated=bool(args.calib))

@@ -209,6 +209,28 @@ def unit_costs(mods: dict[str, nn.Module], stats: dict[str, LayerStats], fisher:
     return out
 
 
+def bytes_table(model: nn.Module, *, method: str = "gptq", schemes: Sequence[str] = DEFAULT_SCHEMES,
+                tied: bool = True, fixed_scheme: str = "int8") -> SensitivityTable:
+    """The table's bytes alone (every predicted KL 0), from the layer shapes, without any data: enough to tell
+    a bits-per-weight or bytes budget these candidates cannot meet before anything is measured."""
+    cands = [parse_scheme(s).name for s in schemes]
+    units = units_of(model, arch_for(model), tied)
+    rows = []
+    for u in units:
+        mods = [model.get_submodule(n) for n in u]
+        costs = {}
+        for c in cands:
+            ss = [layer_scheme(m, c, method) for m in mods]
+            if all(ss):
+                costs[c] = Cost(sum(layout_of(x).nbytes(x, tuple(weight_matrix(m).shape))
+                                    for x, m in zip(ss, mods, strict=True) if x is not None), 0.0)
+        rows.append(Unit(u, sum(weight_matrix(m).numel() for m in mods), costs))
+    fixed = fixed_layers(model, units, fixed_scheme)
+    fbytes, flin = fixed_bytes(model, units, fixed)
+    return SensitivityTable(model=fingerprint(model), method=method, config=MethodConfig(), candidates=tuple(cands),
+                            units=tuple(rows), fixed=fixed, fixed_bytes=fbytes, fixed_linear=flin)
+
+
 def measure_sensitivity(model: nn.Module, windows: torch.Tensor, *, method: str = "gptq",
                         config: MethodConfig | None = None, schemes: Sequence[str] = DEFAULT_SCHEMES,
                         fisher_windows: int = 8, seed: int = 0, batch_size: int = 8, tied: bool = True,
