@@ -225,7 +225,7 @@ def budget_row(shape: ModelShape, budget: Any, context: int = 4096, kv_bytes: in
     >>> from lowbit.model.budget import parse_budget
     >>> r = budget_row(model_shape("config.json"), parse_budget("3.5bpw"))
     >>> r.format, round(r.linear_bpw, 2), round(r.weight_bytes / 1e9, 2)
-    ('3.5bpw', 3.5, 2.97)
+    ('3.5bpw', 3.5, 3.02)
     """
     if budget.kind not in ("bpw", "bytes"):
         raise SizeError(f"--budget {budget.text}: a KL bound needs a measured sensitivity table (lowbit plan "
