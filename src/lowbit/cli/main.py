@@ -151,7 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=commands.cmd_size)
 
-    pl = sub.add_parser("plan", help="write the resolved per-layer plan of a model as JSON")
+    pl = sub.add_parser("plan", help="write the resolved per-layer plan of a model as JSON (--budget: mixed "
+                                     "precision from measured sensitivity)",
+                        description="Write SOURCE's per-layer plan. With --budget (3.5bpw, 60MB, kl<=0.05) and "
+                                    "--calib, each unit of layers gets the scheme that costs least predicted KL "
+                                    "within the budget; the sensitivity table is saved beside -o "
+                                    "(NAME.sensitivity.json) and reused by later runs.")
     pl.add_argument("source")
     pl.add_argument("-o", "--out", help="write the plan here (default: print a table)")
     pl.add_argument("--json", action="store_true", help="print the plan and its resolved layers as JSON")
