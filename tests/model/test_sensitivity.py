@@ -84,15 +84,18 @@ def test_proxy_ranks_units_as_measured_kl_does(tiny_llama, windows, table):
 def test_fisher_predicts_the_kl_of_a_small_perturbation(tiny_llama, windows):
     model = tiny_llama[0]
     mod = model.model.layers[1].mlp.down_proj
-    fisher, tokens = output_fisher(model, windows, {"d": mod}, seed=1)
-    assert tokens == windows.numel() and fisher["d"].shape == (mod.out_features,) and bool((fisher["d"] > 0).all())
+    fisher = output_fisher(model, windows, {"d": mod}, seed=1)
+    f, w = fisher.channel["d"], fisher.token["d"]
+    assert fisher.tokens == windows.numel() and f.shape == (mod.out_features,) and bool((f > 0).all())
+    assert w.shape == (windows.numel(),) and float(w.mean()) == pytest.approx(1.0, rel=1e-5)
     xs = []
     h = mod.register_forward_pre_hook(lambda m, a: xs.append(a[0].reshape(-1, a[0].shape[-1])))
     ref = logprobs(model, windows)
     h.remove()
-    x = torch.cat(xs)
+    x = torch.cat(xs)  # (N·T, in), the windows in order, as the weights
+    xw = x * w.sqrt()[:, None]
     dw = 0.05 * mod.weight.detach().std() * torch.randn(mod.weight.shape, generator=torch.Generator().manual_seed(2))
-    pred = predicted_kl(dw, x.T @ x, fisher["d"], x.shape[0])
+    pred = predicted_kl(dw, xw.T @ xw, f, x.shape[0])
     with torch.no_grad():
         mod.weight += dw
     meas = mean_kl(ref, logprobs(model, windows))

@@ -28,6 +28,8 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +41,7 @@ from lowbit.errors import LowbitError
 from lowbit.layouts import layout_of
 from lowbit.methods.registry import LayerStats, MethodConfig, get_method, method_spec
 from lowbit.model.arch import ArchInfo, arch_for, blocks_of
-from lowbit.model.calibrate import capture_block_inputs, collect_stats, run_block
+from lowbit.model.calibrate import BlockInput, capture_block_inputs, collect_stats, run_block
 from lowbit.model.convert import weight_matrix
 from lowbit.model.plan import fit_row_length, layer_kind, row_length
 from lowbit.model.sensitivity_table import Cost, SensitivityTable, Unit
@@ -116,20 +118,32 @@ def fixed_bytes(model: nn.Module, units: Sequence[tuple[str, ...]], fixed: dict[
     return total, (lin_w, lin_b)
 
 
+@dataclass
+class OutputFisher:
+    """The output gradients of the sampled-label loss, per layer: ``channel`` = mean over tokens of (∂L/∂y_o)²
+    ``(out,)`` (float64); ``token`` = Σ_o (∂L/∂y_o)² per token ``(N·T,)``, scaled to mean 1 (float32), so that
+    ``channel[o] · token[t]`` is a rank-one fit of (∂L/∂y_{t,o})²; ``tokens`` = N·T."""
+
+    channel: dict[str, torch.Tensor]
+    token: dict[str, torch.Tensor]
+    tokens: int
+
+
 def output_fisher(model: nn.Module, windows: torch.Tensor, layers: dict[str, nn.Module], seed: int = 0
-                  ) -> tuple[dict[str, torch.Tensor], int]:
-    """Per layer, the mean over tokens of the squared gradient of the sampled-label loss on each of its output
-    channels ``(out,)`` (float64), and the token count; ``windows`` ``(N, T)``, one window per backward."""
+                  ) -> OutputFisher:
+    """The :class:`OutputFisher` of ``layers`` on ``windows`` ``(N, T)``, one window per backward pass."""
     emb = model.get_input_embeddings()
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     acc = {n: torch.zeros(1, dtype=torch.float64) for n in layers}
+    per_token: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
     gen = torch.Generator().manual_seed(seed)
 
     def make_hook(n: str):
         def grad_hook(g: torch.Tensor) -> None:
-            g2 = g.detach().to(torch.float64).square().reshape(-1, g.shape[-1]).sum(dim=0).cpu()  # (out,)
-            acc[n] = acc[n] + g2
+            g2 = g.detach().to(torch.float64).square().reshape(-1, g.shape[-1]).cpu()  # (T, out)
+            acc[n] = acc[n] + g2.sum(dim=0)
+            per_token[n].append(g2.sum(dim=1))
 
         def hook(mod, args, out):
             if out.requires_grad:
@@ -157,7 +171,45 @@ def output_fisher(model: nn.Module, windows: torch.Tensor, layers: dict[str, nn.
             h.remove()
         for p, f in zip(params, flags, strict=True):
             p.requires_grad_(f)
-    return {n: a / max(tokens, 1) for n, a in acc.items()}, tokens
+    token = {}
+    for n, parts in per_token.items():
+        t = torch.cat(parts) if parts else torch.ones(tokens, dtype=torch.float64)  # one (T,) per window, in order
+        token[n] = (t / t.mean().clamp(min=1e-300)).to(torch.float32)
+    return OutputFisher({n: a / max(tokens, 1) for n, a in acc.items()}, token, tokens)
+
+
+def weighted_xtx(block: nn.Module, inputs: list[BlockInput], layers: dict[str, nn.Module],
+                 token: dict[str, torch.Tensor], n_windows: int) -> dict[str, torch.Tensor]:
+    """Σ_t w_t x_t x_tᵀ ``(in, in)`` per layer over the first ``n_windows`` calibration windows, ``w`` the
+    layer's per-token gradient weight (:class:`OutputFisher`), its windows in order."""
+    out: dict[str, torch.Tensor] = {}
+    state: dict[str, Any] = {}
+
+    def make_hook(n: str):
+        def hook(mod, args):
+            x = args[0].detach()  # (B, T, in)
+            b0, take = state["first"], state["take"]
+            xs = x[:take].to(torch.float32)
+            w = token[n][b0 * x.shape[1]:(b0 + take) * x.shape[1]].to(xs.device).reshape(take, x.shape[1], 1)
+            xw = (xs * w.sqrt()).reshape(-1, x.shape[-1])  # (take·T, in)
+            h = (xw.T @ xw).double()
+            out[n] = h if n not in out else out[n] + h
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in layers.items()]
+    try:
+        with torch.no_grad():
+            for bi in inputs:
+                take = min(bi.hidden.shape[0], n_windows - bi.first_window)
+                if take <= 0:
+                    break
+                state.update(first=bi.first_window, take=take)
+                block(bi.hidden, **bi.kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return out
 
 
 def predicted_kl(dw: torch.Tensor, xtx: torch.Tensor, fisher: torch.Tensor, tokens: int) -> float:
@@ -179,9 +231,11 @@ def layer_scheme(mod: nn.Module, candidate: str, method: str) -> Scheme | None:
     return s
 
 
-def unit_costs(mods: dict[str, nn.Module], stats: dict[str, LayerStats], fisher: dict[str, torch.Tensor],
-               candidates: Sequence[str], method: str, config: MethodConfig) -> dict[str, Cost]:
-    """Each candidate's cost for one unit (``mods``: full name -> layer), quantizing each layer alone."""
+def unit_costs(mods: dict[str, nn.Module], stats: dict[str, LayerStats], fisher: OutputFisher,
+               hw: dict[str, torch.Tensor], candidates: Sequence[str], method: str, config: MethodConfig
+               ) -> dict[str, Cost]:
+    """Each candidate's cost for one unit (``mods``: full name -> layer), quantizing each layer alone from its
+    ``stats``; ``hw``: each layer's gradient-weighted XᵀX over the Fisher windows (:func:`weighted_xtx`)."""
     fn = get_method(method)
     out: dict[str, Cost] = {}
     seen: set[tuple[str, ...]] = set()
@@ -203,8 +257,7 @@ def unit_costs(mods: dict[str, nn.Module], stats: dict[str, LayerStats], fisher:
             except LowbitError as e:
                 raise LowbitError(f"sensitivity: layer {n}, {cand}: {e}") from None
             nbytes += q.nbytes
-            assert st.xtx is not None
-            kl += predicted_kl(q.dequantize(torch.float32) - w, st.xtx, fisher[n], st.tokens)
+            kl += predicted_kl(q.dequantize(torch.float32) - w, hw[n], fisher.channel[n], fisher.tokens)
         out[cand] = Cost(nbytes, kl, key if key != (cand,) * len(key) else ())
     return out
 
@@ -245,7 +298,8 @@ def measure_sensitivity(model: nn.Module, windows: torch.Tensor, *, method: str 
     info = arch_for(model)
     units = units_of(model, info, tied)
     mods = {n: model.get_submodule(n) for u in units for n in u}
-    fisher, _ = output_fisher(model, windows[: max(1, fisher_windows)], mods, seed)
+    n_fisher = min(max(1, fisher_windows), int(windows.shape[0]))
+    fisher = output_fisher(model, windows[:n_fisher], mods, seed)
     blocks_name, blocks = blocks_of(model, info)
     rows: list[Unit] = []
     tokens = 0
@@ -256,9 +310,10 @@ def measure_sensitivity(model: nn.Module, windows: torch.Tensor, *, method: str 
             rel = {n[len(prefix):]: n for n in mods if n.startswith(prefix)}
             layers = {full: block.get_submodule(r) for r, full in rel.items()}
             stats = collect_stats(block, inputs, layers, set(layers))
+            hw = weighted_xtx(block, inputs, layers, fisher.token, n_fisher)
             for u in (u for u in units if u[0].startswith(prefix)):
                 um = {n: layers[n] for n in u}
-                costs = unit_costs(um, stats, fisher, cands, method, cfg)
+                costs = unit_costs(um, stats, fisher, hw, cands, method, cfg)
                 rows.append(Unit(u, sum(weight_matrix(m).numel() for m in um.values()), costs))
             tokens = max([tokens] + [s.tokens for s in stats.values()])
             inputs = run_block(block, inputs)
@@ -267,5 +322,5 @@ def measure_sensitivity(model: nn.Module, windows: torch.Tensor, *, method: str 
     return SensitivityTable(
         model=fingerprint(model), method=method, config=cfg, candidates=tuple(cands), units=tuple(rows),
         fixed=fixed, fixed_bytes=fbytes, fixed_linear=flin, windows=int(windows.shape[0]),
-        window_len=int(windows.shape[1]), fisher_windows=min(fisher_windows, int(windows.shape[0])), seed=seed,
+        window_len=int(windows.shape[1]), fisher_windows=n_fisher, seed=seed, proxy="fisher-rank1",
         tokens=tokens)

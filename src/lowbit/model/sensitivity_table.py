@@ -75,7 +75,7 @@ class SensitivityTable:
     fisher_windows: int = 0  # windows of the backward pass (output gradients)
     seed: int = 0
     tokens: int = 0
-    proxy: str = "fisher-diag"  # ½ Σ_o f_o (ΔW H ΔWᵀ)_oo / tokens
+    proxy: str = "fisher-rank1"  # ½ Σ_o f_o (ΔW H_w ΔWᵀ)_oo / tokens, H_w = Σ_t w_t x_t x_tᵀ (see sensitivity)
     version: int = TABLE_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -121,7 +121,7 @@ class SensitivityTable:
             fixed_bytes=jfield(d, "fixed_bytes", int, where), fixed_linear=(fl[0], fl[1]),
             windows=jfield(d, "windows", int, where, 0), window_len=jfield(d, "window_len", int, where, 0),
             fisher_windows=jfield(d, "fisher_windows", int, where, 0), seed=jfield(d, "seed", int, where, 0),
-            tokens=jfield(d, "tokens", int, where, 0), proxy=jfield(d, "proxy", str, where, "fisher-diag"),
+            tokens=jfield(d, "tokens", int, where, 0), proxy=jfield(d, "proxy", str, where, "fisher-rank1"),
             extra=jfield(d, "extra", dict, where, {}))
 
     @classmethod
