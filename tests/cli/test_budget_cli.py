@@ -99,3 +99,10 @@ def test_bad_budget_input_is_one_line_exit_2(tmp_path, capsys, tiny_llama_dir, c
         err = err.splitlines()[-1] + "\n"
     assert needle in err and err.startswith("error: ") and err.count("\n") == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_export_hf_budget_quantizes_first(tmp_path, capsys, tiny_llama_dir, calib):
+    code, stdout, err = run(capsys, "export", "hf", tiny_llama_dir, "-o", tmp_path / "hf", "--budget", "6bpw",
+                            "--method", "gptq", "--calib", calib, *CALIB_ARGS, "--schemes", "int4-g64,int8", "--json")
+    assert code == 0, err
+    assert (tmp_path / "hf" / "config.json").is_file()
