@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.api import calibration_windows, default_plan, evaluate, export_hf, load, quantize, save
+from lowbit.api import calibration_windows, default_plan, evaluate, export_hf, load, plan_budget, quantize, save
 from lowbit.core.qtensor import QTensor
 from lowbit.core.scheme import Scheme, parse_scheme, preset_names, register_preset
 from lowbit.errors import LowbitError
@@ -20,7 +20,10 @@ from lowbit.eval.tasks import TaskOptions, eval_tasks, load_task
 from lowbit.io.checkpoint import load_tensors, save_tensors
 from lowbit.methods.registry import MethodConfig
 from lowbit.methods.rtn import quantize_rtn
+from lowbit.model.budget import Allocation, allocate, parse_budget
 from lowbit.model.plan import Plan
+from lowbit.model.sensitivity import measure_sensitivity
+from lowbit.model.sensitivity_table import SensitivityTable
 
 __version__ = "0.1.0"
 
@@ -28,7 +31,8 @@ __all__ = [
     "bench", "compare_generations", "eval_tasks", "load_task", "TaskOptions",
     "calibration_windows", "default_plan", "evaluate", "export_hf", "load", "quantize", "save", "Plan", "MethodConfig",
     "LowbitError", "QTensor", "Scheme", "load_tensors", "parse_scheme", "preset_names", "quantize_tensor",
-    "register_preset", "save_tensors",
+    "register_preset", "save_tensors", "plan_budget", "allocate", "parse_budget", "Allocation",
+    "measure_sensitivity", "SensitivityTable",
 ]
 
 

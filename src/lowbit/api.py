@@ -37,8 +37,10 @@ from lowbit.io.save import is_lowbit_dir, load_quantized
 from lowbit.io.save import save as _save
 from lowbit.methods.registry import MethodConfig
 from lowbit.model.arch import arch_for_type, resolve_path
+from lowbit.model.budget import Allocation
 from lowbit.model.plan import Plan
 from lowbit.model.quantize import QuantReport, quantize_model
+from lowbit.model.sensitivity_table import SensitivityTable
 
 
 def load(source: str | os.PathLike, dtype: torch.dtype = torch.float32, *, lazy: bool = False,
@@ -166,6 +168,83 @@ def quantize(model: nn.Module, tokenizer: Any = None, scheme: str = "int4-g128",
     report = quantize_model(target, full, win, batch_size=batch_size, progress=progress, device=device)
     target.lowbit_plan = full  # type: ignore[attr-defined]
     return target, report
+
+
+def plan_budget(model: nn.Module, tokenizer: Any = None, budget: str = "4bpw",
+                calib: str | os.PathLike | Sequence[str] | torch.Tensor | None = None, *, method: str = "gptq",
+                config: MethodConfig | None = None, schemes: Sequence[str] | None = None, windows: int = 128,
+                window_len: int = 512, table: SensitivityTable | str | os.PathLike | None = None,
+                fisher_windows: int = 8, gguf: bool = False, progress: bool | None = None) -> Allocation:
+    """A mixed-precision Plan for ``budget`` (``3.5bpw``, ``60MB``, ``kl<=0.05``; see :mod:`lowbit.model.budget`):
+    each unit of layers (q/k/v of a block, gate/up, o, down) at the candidate of ``schemes`` that keeps the
+    predicted KL of the final logits least within the budget. Returns the :class:`Allocation` (``.plan``, and the
+    bytes, linear bpw and KL it promises).
+
+    The sensitivity table is measured on ``calib`` for ``method`` (see :mod:`lowbit.model.sensitivity`), or read
+    from ``table``: a SensitivityTable, or a JSON file that is read when it exists and written when it does not.
+    ``gguf=True`` takes GGML types as candidates (default :data:`~lowbit.model.sensitivity.GGUF_SCHEMES`) and
+    keeps the embeddings and head at Q8_0, as a GGUF file stores them.
+
+    >>> a = lowbit.plan_budget(model, tok, "4.5bpw", calib=windows, schemes=["int8", "int4-g64", "int2-g64"])
+    >>> a.linear_bpw <= 4.5, a.plan.resolve(model)["model.embed_tokens"].scheme.name
+    (True, 'int8')
+    >>> qmodel, report = lowbit.quantize(model, tok, plan=a.plan, method="gptq", calib=windows)
+    >>> abs(report.linear_bpw - a.linear_bpw) < 1e-9
+    True
+    """
+    from lowbit.model.budget import allocation, parse_budget
+    from lowbit.model.sensitivity import fingerprint, measure_sensitivity
+
+    b = parse_budget(budget)  # a bad budget fails before any work
+    cands = budget_candidates(schemes, gguf)
+    path = None if table is None or isinstance(table, SensitivityTable) else Path(table)
+    tab = table if isinstance(table, SensitivityTable) else None
+    if path is not None and path.is_file():
+        tab = SensitivityTable.load(path)
+        tab.check_model(fingerprint(model), path)
+    if tab is not None:
+        _check_table(tab, method, cands if schemes else None, path or "the sensitivity table")
+    else:
+        check_budget(model, b, method, cands, gguf)
+        if calib is None:
+            raise LowbitError("--budget needs calibration text to measure each layer's sensitivity: pass --calib "
+                              "FILE (or --table FILE with a measured table)")
+        win = calibration_windows(tokenizer, calib, windows, window_len)
+        tab = measure_sensitivity(model, win, method=method, config=config, schemes=cands,
+                                  fisher_windows=fisher_windows, fixed_scheme="q8_0" if gguf else "int8",
+                                  progress=progress)
+        if path is not None:
+            tab.save(path)
+    return allocation(tab, b)
+
+
+def budget_candidates(schemes: Sequence[str] | None, gguf: bool = False) -> tuple[str, ...]:
+    """The candidate schemes of a budget: the user's, else the defaults (GGML types for a GGUF file)."""
+    from lowbit.model.sensitivity import DEFAULT_SCHEMES, GGUF_SCHEMES
+
+    return tuple(schemes) if schemes else (GGUF_SCHEMES if gguf else DEFAULT_SCHEMES)
+
+
+def check_budget(model: nn.Module, budget: Any, method: str, schemes: Sequence[str], gguf: bool = False) -> None:
+    """Refuse a bpw / bytes budget the candidates cannot meet, from the layer shapes alone (before measuring)."""
+    from lowbit.model.budget import allocation, parse_budget
+    from lowbit.model.sensitivity import bytes_table
+
+    b = budget if not isinstance(budget, str) else parse_budget(budget)
+    if b.kind != "kl":
+        allocation(bytes_table(model, method=method, schemes=schemes, fixed_scheme="q8_0" if gguf else "int8"), b)
+
+
+def _check_table(tab: SensitivityTable, method: str, schemes: Sequence[str] | None, where: Any) -> None:
+    """A reused table was measured for this method and (when the user names them) these candidates."""
+    from lowbit.core.scheme import parse_scheme
+
+    if tab.method != method:
+        raise LowbitError(f"{where}: measured for method {tab.method}, not {method}; pass --method {tab.method} "
+                          f"or another --table")
+    if schemes is not None and sorted(parse_scheme(s).name for s in schemes) != sorted(tab.candidates):
+        raise LowbitError(f"{where}: measured for candidates {','.join(tab.candidates)}, not "
+                          f"{','.join(schemes)}; drop --schemes or pass another --table")
 
 
 def evaluate(model: nn.Module, reference: nn.Module | None = None, *, device: str | torch.device | None = None,

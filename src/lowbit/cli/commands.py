@@ -13,6 +13,7 @@ from rich.table import Table
 
 import lowbit
 from lowbit.api import scheme_plan
+from lowbit.cli.budget import budget_allocation, check_budget_args
 from lowbit.errors import LowbitError
 from lowbit.io.exporters import Exporter, ExportOptions
 from lowbit.methods.registry import MethodConfig, method_spec
@@ -102,7 +103,7 @@ def layer_table(report: QuantReport, limit: int = 12) -> Table:
     return t
 
 
-def _validate(args: argparse.Namespace) -> None:
+def _validate(args: argparse.Namespace, calibrated: bool = True) -> None:
     """Everything that can be checked before the (slow) model load."""
     from lowbit.io.gguf.mixes import is_mix
     from lowbit.methods.registry import get_method
@@ -116,8 +117,9 @@ def _validate(args: argparse.Namespace) -> None:
         Plan.from_json(args.plan)
     Plan.default(args.scheme if not is_mix(args.scheme) else "int8").with_rules(args.rule, args.keep)
     method_spec(args.method).parse(_config(args))  # `--option damp=abc`: one line naming the option, before the load
+    check_budget_args(args)
     why = _needs_calib(args)
-    if why and not args.calib:
+    if why and not args.calib and calibrated:
         raise LowbitError(f"{why} needs calibration text: pass --calib FILE (or --calib random: statistics from "
                           f"random tokens, no data)")
     _check_calib(args)
@@ -131,11 +133,11 @@ def _check_calib(args: argparse.Namespace) -> None:
         read_text(args.calib)
 
 
-def _quantize(args: argparse.Namespace, model, tok) -> tuple[Any, QuantReport]:
+def _quantize(args: argparse.Namespace, model, tok, plan: Plan | None = None) -> tuple[Any, QuantReport]:
     if args.calib and not args.json:
         err.print(f"calibration   {args.calib_windows} windows × {args.window_len} tokens from {args.calib}")
     return lowbit.quantize(model, tok, scheme=args.scheme, method=args.method, calib=args.calib,
-                           windows=args.calib_windows, window_len=args.window_len, plan=_plan(args, model),
+                           windows=args.calib_windows, window_len=args.window_len, plan=plan or _plan(args, model),
                            rules=args.rule, keep=args.keep, config=_config(args), inplace=True,
                            progress=None if not args.json else False, device=parse_device(args.device))
 
@@ -152,14 +154,18 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any] | None:
     _validate(args)
     _check_out(args.out, args.force, args.source)
     t0 = time.perf_counter()
-    model, tok = lowbit.load(args.source, lazy=True)  # blocks are read one at a time as quantization reaches them
-    qmodel, report = _quantize(args, model, tok)
+    # blocks are read one at a time as quantization reaches them; a budget's sensitivity needs the whole model
+    model, tok = lowbit.load(args.source, lazy=not args.budget)
+    alloc = budget_allocation(args, model, tok, err=None if args.json else err)
+    qmodel, report = _quantize(args, model, tok, None if alloc is None else alloc.plan)
     _warn_unmatched(args, qmodel)
     saved = lowbit.save(qmodel, args.out, tokenizer=tok, plan=qmodel.lowbit_plan, report=report, force=args.force)
     size = sum(f.stat().st_size for f in saved.iterdir())
     result = {"out": str(saved), "bytes_on_disk": size, "bpw": report.linear_bpw, "bpw_with_embeddings": report.bpw,
               "seconds": time.perf_counter() - t0,
               "report": report.to_dict()}
+    if alloc is not None:
+        result["budget"] = alloc.summary()
     if args.json:
         return result
     out.print(layer_table(report))
@@ -292,8 +298,10 @@ def cmd_inspect(args: argparse.Namespace) -> dict[str, Any] | None:
 
 def cmd_size(args: argparse.Namespace) -> dict[str, Any] | None:
     from lowbit.model import sizecalc
+    from lowbit.model.budget import parse_budget
 
-    report = sizecalc.size_report(args.source, context=args.context)
+    budgets = [parse_budget(b) for b in args.budget]  # before the config is read
+    report = sizecalc.size_report(args.source, context=args.context, budgets=budgets)
     if args.json:
         return report.to_dict()
     out.print(sizecalc.format_report(report))
@@ -301,20 +309,28 @@ def cmd_size(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def cmd_plan(args: argparse.Namespace) -> dict[str, Any] | None:
-    _validate(args)
-    model, _ = lowbit.load(args.source)
-    base = _plan(args, model) or scheme_plan(model, args.scheme, args.method, _config(args),
-                                             calibrated=bool(args.calib))
+    table = str(Path(args.out).with_suffix(".sensitivity.json")) if args.out and args.budget else None
+    if args.budget and not args.table and table and Path(table).is_file():
+        args.table = table  # the table a previous `lowbit plan -o` wrote beside the plan
+    # a plan from a measured sensitivity table needs no calibration text: the table holds what it measured
+    _validate(args, calibrated=not (args.budget and Path(args.table or table or "").is_file()))
+    model, tok = lowbit.load(args.source)
+    alloc = budget_allocation(args, model, tok, table, err=None if args.json else err)
+    base = (alloc.plan if alloc is not None else None) or _plan(args, model) or scheme_plan(
+        model, args.scheme, args.method, _config(args), calibrated=bool(args.calib))
     plan = base.with_rules(args.rule, args.keep, method=args.method, config=_config(args))
     for pat in plan.unmatched_patterns(model):
         err.print(f"[yellow]warning[/]: rule pattern {pat!r} matches no layer")
     resolved = {n: lp.to_dict() for n, lp in plan.resolve(model).items()}
-    doc = plan.to_dict() | {"resolved": resolved}
+    summary = {} if alloc is None else {"budget": alloc.summary()}
+    doc = plan.to_dict() | summary | {"resolved": resolved}
     if args.out:
+        import json
+
         from lowbit.io.atomic import atomic_file
 
         with atomic_file(args.out) as tmp:
-            tmp.write_text(plan.to_json() + "\n")
+            tmp.write_text(json.dumps(plan.to_dict() | summary, indent=2) + "\n")
         err.print(f"wrote {args.out} ({len(plan.rules)} rules, {len(resolved)} layers)")
         return None
     if args.json:
@@ -377,11 +393,11 @@ def _quantizes_first(exporter: Exporter, args: argparse.Namespace) -> bool:
     from lowbit.io.save import is_lowbit_dir
 
     if is_lowbit_dir(args.model):
-        if args.scheme or args.plan or args.rule or args.keep:
-            raise LowbitError(f"{args.model}: already quantized by lowbit; drop --scheme/--plan/--rule/--keep "
+        if args.scheme or args.plan or args.rule or args.keep or args.budget:
+            raise LowbitError(f"{args.model}: already quantized by lowbit; drop --scheme/--plan/--rule/--keep/--budget "
                               f"(or give the float model to quantize it again)")
         return False
-    if not (args.scheme or args.plan):
+    if not (args.scheme or args.plan or args.budget):
         raise LowbitError(f"{args.model}: not a lowbit model directory: pass --scheme (e.g. int4-g128, int8; "
                           f"with --method/--calib as for quantize) to quantize it first")
     if exporter.weight_only and (args.act or args.method == "smoothquant"):
@@ -409,7 +425,8 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any] | None:
     else:
         model, tok = lowbit.load(args.model)
     if quantize:
-        model, qreport = _quantize(args, model, tok)
+        alloc = budget_allocation(args, model, tok, err=None if args.json else err)
+        model, qreport = _quantize(args, model, tok, None if alloc is None else alloc.plan)
         _warn_unmatched(args, model)
         if not args.json:
             out.print(layer_table(qreport))

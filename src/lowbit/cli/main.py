@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from lowbit.cli import commands
+from lowbit.cli.budget import add_budget_args
 from lowbit.errors import LowbitError
 from lowbit.io.exporters import OptionSpec, exporter_names, get_exporter, option_specs
 from lowbit.methods.registry import options_help
@@ -47,6 +48,7 @@ def _quant_args(p: argparse.ArgumentParser, default_scheme: str | None = "int4-g
                    help="extra rule, e.g. 'mlp.down_proj=int8' (repeatable; later rules win)")
     p.add_argument("--keep", action="append", default=[], metavar="PATTERN",
                    help="keep matching layers in float, e.g. lm_head (repeatable)")
+    add_budget_args(p)
 
 
 def _add_option(p: argparse.ArgumentParser, spec: OptionSpec) -> None:
@@ -143,10 +145,18 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("size", help="memory calculator from a config, model dir, hub id or .gguf")
     s.add_argument("source")
     s.add_argument("--context", type=int, default=4096, help="context length for the KV cache (default 4096)")
+    s.add_argument("--budget", action="append", default=[], metavar="BUDGET",
+                   help="add a row for a budget: bits per weight of the linear layers (3.5bpw) or bytes of the "
+                        "weights (4GB), with the embeddings and head at int8 (repeatable)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=commands.cmd_size)
 
-    pl = sub.add_parser("plan", help="write the resolved per-layer plan of a model as JSON")
+    pl = sub.add_parser("plan", help="write the resolved per-layer plan of a model as JSON (--budget: mixed "
+                                     "precision from measured sensitivity)",
+                        description="Write SOURCE's per-layer plan. With --budget (3.5bpw, 60MB, kl<=0.05) and "
+                                    "--calib, each unit of layers gets the scheme that costs least predicted KL "
+                                    "within the budget; the sensitivity table is saved beside -o "
+                                    "(NAME.sensitivity.json) and reused by later runs.")
     pl.add_argument("source")
     pl.add_argument("-o", "--out", help="write the plan here (default: print a table)")
     pl.add_argument("--json", action="store_true", help="print the plan and its resolved layers as JSON")

@@ -47,9 +47,9 @@ from lowbit.model.shape import (
 __all__ = [
     "ARCH_SUFFIX_TASKS", "DEFAULT_FORMATS", "EMBED_FALLBACK", "ENCODER_MODEL_TYPES", "GENERIC_DIR_NAMES",
     "GGUF_CATEGORIES", "GGUF_FALLBACK", "GGUF_RECIPES", "OTHER_BYTES", "TASK_AUTO_CLASSES", "ModelShape",
-    "SizeError", "SizeReport", "SizeRow", "TensorShape", "auto_model_class", "format_report", "gguf_tensor_type",
-    "kv_cache_bytes", "load_config", "model_shape", "model_task", "scheme_nbytes", "size_report", "size_table",
-    "tensor_nbytes",
+    "SizeError", "SizeReport", "SizeRow", "TensorShape", "auto_model_class", "budget_row", "format_report",
+    "gguf_tensor_type", "kv_cache_bytes", "load_config", "model_shape", "model_task", "scheme_nbytes", "size_report",
+    "size_table", "tensor_nbytes",
 ]
 
 DEFAULT_FORMATS = ("fp32", "bf16", "fp8", "int8", "int4-g128", "int3-g64", "int2-g64", "Q4_K_M")
@@ -217,11 +217,42 @@ class SizeReport:
         return max(fits, key=lambda r: r.weight_bytes, default=None)
 
 
+def budget_row(shape: ModelShape, budget: Any, context: int = 4096, kv_bytes: int = 2) -> SizeRow:
+    """The row of a ``--budget`` (a :class:`lowbit.model.budget.Budget` of bits per weight or bytes): embeddings
+    and head at int8 and norms at 16 bits as in the scheme rows, the linear layers at the bits per weight the
+    budget names or leaves. bpw counts an untied head with the linear layers, as ``lowbit quantize`` reports it.
+
+    >>> from lowbit.model.budget import parse_budget
+    >>> r = budget_row(model_shape("config.json"), parse_budget("3.5bpw"))
+    >>> r.format, round(r.linear_bpw, 2), round(r.weight_bytes / 1e9, 2)
+    ('3.5bpw', 3.5, 3.02)
+    """
+    if budget.kind not in ("bpw", "bytes"):
+        raise SizeError(f"--budget {budget.text}: a KL bound needs a measured sensitivity table (lowbit plan "
+                        f"--budget {budget.text} --calib FILE); size takes bits per weight or bytes")
+    fixed = sum(tensor_nbytes("int4", t) for t in shape.tensors if t.role != "linear")  # int8 edges, 16-bit rest
+    head = [t for t in shape.tensors if t.role == "head"]
+    n_lin, n_head = shape.params("linear"), sum(t.numel for t in head)
+    head_bytes = sum(tensor_nbytes("int4", t) for t in head)
+    if budget.kind == "bpw":
+        lin = budget.value * (n_lin + n_head) / 8 - head_bytes
+    else:
+        lin = budget.value - fixed
+    if lin <= 0:
+        raise SizeError(f"--budget {budget.text}: less than the embeddings, head and norms take at int8 "
+                        f"({fixed / 1e6:.2f} MB)")
+    total = fixed + lin
+    kv = kv_cache_bytes(shape, context, kv_bytes)
+    return SizeRow(budget.text, 8 * total / shape.params(), int(total), int(total) + kv,
+                   8 * (lin + head_bytes) / max(n_lin + n_head, 1))
+
+
 def size_report(
     source: Any,
     formats: tuple[str, ...] | list[str] = DEFAULT_FORMATS,
     context: int = 4096,
     kv_bytes: int = 2,
+    budgets: tuple[Any, ...] | list[Any] = (),
 ) -> SizeReport:
     """:func:`size_table` plus parameter counts and this machine's RAM, for the ``lowbit size`` command.
 
@@ -243,7 +274,7 @@ def size_report(
     if context < 1:
         raise SizeError(f"context must be a positive number of tokens, got {context}")
     shape = source if isinstance(source, ModelShape) else model_shape(source)
-    rows = size_table(shape, formats, context, kv_bytes)
+    rows = size_table(shape, formats, context, kv_bytes) + [budget_row(shape, b, context, kv_bytes) for b in budgets]
     try:
         import psutil
 

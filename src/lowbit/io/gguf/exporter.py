@@ -41,6 +41,12 @@ class GGUFOptions(ExportOptions):
     calib_windows: int = option(128, "calibration windows", minimum=1)
     window_len: int = option(512, "tokens per calibration window", minimum=1)
     threads: int | None = option(None, "torch threads while encoding", minimum=1)
+    budget: str | None = option(None, "mixed precision under a budget instead of --type: bits per weight of the "
+                                      "linear layers (4.5bpw), bytes (60MB) or a predicted-KL bound (kl<=0.05); "
+                                      "each unit of layers gets a GGML type by measured sensitivity (needs --calib)")
+    table: str | None = option(None, "--budget's sensitivity table JSON: read when it exists, else written there")
+    schemes: str | None = option(None, "--budget's candidate GGML types, comma-separated (default "
+                                       "q8_0,q6_k,q5_k,q5_0,q4_k,q4_0,q3_k,q2_k)")
     check: bool = option(False, "load the written file in llama.cpp (llama-cpp-python, in a child process) and run "
                                 "it on a short text: perplexity and a greedy continuation")
 
@@ -54,6 +60,26 @@ class GGUFOptions(ExportOptions):
                 raise self.invalid("calib", f"method {self.method!r} needs calibration text: a text file, or "
                                             f"'random' for statistics from random tokens")
         self._check_type()
+        self._check_budget()
+
+    def _check_budget(self) -> None:
+        if self.budget is None:
+            if self.table or self.schemes:
+                raise self.invalid("budget", "--table / --schemes choose --budget's types: pass --budget too")
+            return
+        from lowbit.model.budget import parse_budget, parse_schemes
+
+        checks = (("budget", lambda: parse_budget(self.budget)), ("schemes", lambda: parse_schemes(self.schemes)))
+        for name, check in checks:
+            try:
+                check()
+            except LowbitError as e:
+                raise self.invalid(name, str(e).split(": ", 1)[-1]) from None
+        if self.type is not None:
+            raise self.invalid("type", "--type and --budget both choose the tensors' types: pass one of them")
+        if self.calib is None and not (self.table and Path(self.table).is_file()):
+            raise self.invalid("calib", "--budget measures each layer's sensitivity on calibration text: pass "
+                                        "--calib FILE (or --table FILE with a measured table)")
 
     def _check_type(self) -> None:
         if self.type is not None:
@@ -70,13 +96,15 @@ class GGUFDetails:
 
     gguf: GGUFReport
     check: llamacpp.RuntimeCheck | None = None
+    allocation: Any = None  # --budget's Allocation (lowbit.model.budget)
 
     @property
     def warnings(self) -> list[str]:
         return self.gguf.warnings
 
     def to_dict(self) -> dict[str, Any]:
-        return self.gguf.to_dict() | ({"check": self.check.to_dict()} if self.check else {})
+        d = self.gguf.to_dict() | ({"check": self.check.to_dict()} if self.check else {})
+        return d | ({"budget": self.allocation.summary()} if self.allocation is not None else {})
 
 
 def _windows(tokenizer: Any, options: GGUFOptions):
@@ -99,7 +127,7 @@ class GGUFExporter(Exporter):
     Options = GGUFOptions
 
     def streams(self, options: GGUFOptions) -> bool:
-        return options.calib is None  # calibration runs the model, so it must be loaded
+        return options.calib is None and options.budget is None  # calibration runs the model: it must be loaded
 
     def preflight(self, options: GGUFOptions) -> None:
         from lowbit.eval.windows import is_random_calib, read_text
@@ -115,12 +143,28 @@ class GGUFExporter(Exporter):
         quantized = isinstance(qmodel, nn.Module) and any(
             isinstance(m, QLinear | QEmbedding) for m in qmodel.modules())
         gtype = options.type or (None if quantized else "Q4_K_M")
+        alloc = None
+        if options.budget is not None:
+            if quantized:
+                raise LowbitError("--budget plans a float model's types; this model is already quantized")
+            alloc = self._allocate(qmodel, tokenizer, calib, options, progress)
         report = export_gguf(qmodel, tokenizer, out, gtype, calib=calib, method=options.method,
-                             progress=progress, threads=options.threads)
+                             progress=progress, threads=options.threads, plan=None if alloc is None else alloc.plan)
         check = None
         if options.check:  # llama.cpp in a child process: a crash there is a one-line error, the file stays written
             check = llamacpp.check(out, threads=options.threads or 1)
-        return GGUFDetails(report, check)
+        return GGUFDetails(report, check, alloc)
+
+    def _allocate(self, model: Any, tokenizer: Any, calib: Any, options: GGUFOptions, progress: bool | None) -> Any:
+        """--budget's allocation over GGML types (sensitivity measured for the export's method)."""
+        import lowbit
+        from lowbit.model.budget import parse_schemes
+
+        method = options.method if options.method not in (None, "search") else (
+            DEFAULT_CALIBRATED if calib is not None else "rtn")
+        return lowbit.plan_budget(model, tokenizer, options.budget, calib, method=method,
+                                  schemes=parse_schemes(options.schemes), table=options.table, gguf=True,
+                                  progress=progress)
 
     def summary(self, report: ExportReport, source: str) -> list[str]:
         d: GGUFDetails = report.details
@@ -131,6 +175,10 @@ class GGUFExporter(Exporter):
                    " (the default with calibration text: the best measured in bench/RESULTS.md)" if o.calib else
                    " (the block search; with --calib a calibrated method is the default)")
             lines.append(f"quantized with method {d.gguf.method}{why}")
+        if d.allocation is not None:
+            from lowbit.cli.budget import budget_line
+
+            lines.append(budget_line(d.allocation))
         lines += [f"wrote {report.path} ({report.bytes_written / 1e6:.1f} MB, {d.gguf.bpw:.2f} bpw, "
                  f"{len(d.gguf.fallbacks)} tensors fell back to another type because their rows do not fit the block)"]
         if d.check:
