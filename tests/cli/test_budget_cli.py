@@ -4,22 +4,13 @@ import json
 
 import pytest
 
-from lowbit.cli.main import main
+from tests.cli.conftest import run
 
 CALIB_ARGS = ("--calib-windows", "4", "--window-len", "64")
 
 
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
-@pytest.fixture
-def calib(tmp_path):
-    p = tmp_path / "calib.txt"
-    p.write_text(" ".join(f"the quick brown fox {i} jumps over the lazy dog." for i in range(400)))
-    return p
 
 
 def test_plan_budget_writes_a_plan_and_its_table_then_reuses_it(tmp_path, capsys, tiny_llama_dir, calib):

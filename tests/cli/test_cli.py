@@ -4,20 +4,7 @@ import json
 
 import pytest
 
-from lowbit.cli.main import main
-
-
-def run(capsys, *argv):
-    code = main(list(argv))
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
-
-
-@pytest.fixture
-def calib(tmp_path):
-    p = tmp_path / "calib.txt"
-    p.write_text(" ".join(f"the quick brown fox {i} jumps over the lazy dog." for i in range(400)))
-    return p
+from tests.cli.conftest import run
 
 
 def test_quantize_inspect_eval_plan(tmp_path, capsys, tiny_llama_dir, calib):
