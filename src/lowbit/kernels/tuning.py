@@ -134,6 +134,13 @@ def time_call(run, reps_seconds: float = MIN_SECONDS, max_runs: int = MAX_RUNS) 
     return best
 
 
+def _synced(y: torch.Tensor) -> torch.Tensor:
+    """``y`` once its device has finished computing it (CUDA runs asynchronously: time the work, not the launch)."""
+    if y.is_cuda:
+        torch.cuda.synchronize(y.device)
+    return y
+
+
 def fastest(module: Any, x: torch.Tensor, tokens: int, takers: list) -> Any:
     """The kernel among ``takers`` (each able to run this call) that runs it fastest here, measured once per
     kind of call on this machine and remembered."""
@@ -152,7 +159,7 @@ def fastest(module: Any, x: torch.Tensor, tokens: int, takers: list) -> Any:
     with torch.no_grad():
         for k in takers:
             state = prepared(module, k)
-            times[k.name] = time_call(lambda k=k, state=state: k.run(module, state, x))
+            times[k.name] = time_call(lambda k=k, state=state: _synced(k.run(module, state, x)))
     name = min(times, key=times.__getitem__)
     for k in takers:  # the losers' packed copies go: only the kernel that runs keeps memory
         if k.name != name:
