@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.kernels import tuning
 from lowbit.registry import Registry
 
 
@@ -147,8 +148,6 @@ def choose(module: Any, x: torch.Tensor) -> Kernel:
     """The kernel that runs ``module(x)``. Under mode ``auto`` with several kernels able to run the call, the
     fastest on this machine (measured once per kind of call, :mod:`lowbit.kernels.tuning`); otherwise, or with
     ``LOWBIT_KERNEL_TUNING=off``, the first of its candidates (by priority) that takes this batch size and dtype."""
-    from lowbit.kernels import tuning
-
     cache = module._kernel_candidates
     if cache is None or cache[0] != _mode:
         cache = module._kernel_candidates = (_mode, candidates(module), {})
@@ -162,9 +161,11 @@ def choose(module: Any, x: torch.Tensor) -> Kernel:
     if not takers:
         raise LowbitError(f"no kernel serves {type(module).__name__}({module.qweight.scheme.name}) for "
                           f"{tokens} tokens of {x.dtype} under kernel mode {_mode!r}")
+    if not tune or len(takers) == 1:
+        return takers[0]
     fixed = [t for t in takers if not t.measured]
-    if not tune or len(takers) == 1 or fixed:
-        return (fixed or takers)[0] if tune else takers[0]
+    if fixed:
+        return fixed[0]
     k = tuning.fastest(module, x, tokens, [t for t in takers if t.measured])
     cache[2][memo_key] = k
     return k

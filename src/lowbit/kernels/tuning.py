@@ -71,21 +71,26 @@ def choices_path() -> Path:
     return cache_dir() / "kernel-choices.json"
 
 
+def _read(path: Path) -> dict:
+    """The choices file as ``{"version": 1, "machines": {machine: {call: kernel}}}``; ValueError when it is not."""
+    if path.stat().st_size > 8 << 20:
+        raise ValueError("larger than 8 MB")
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict) or data.get("version") != FILE_VERSION or not isinstance(data.get("machines"), dict):
+        raise ValueError("not a kernel-choices file of version 1")
+    for mine in data["machines"].values():
+        if not isinstance(mine, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in mine.items()):
+            raise ValueError("its entries are not strings")
+    return data
+
+
 def _load(known: set[str]) -> dict[str, str]:
     """This machine's stored choices; a damaged or foreign file is ignored (one warning) and rewritten later."""
     path = choices_path()
     if not path.exists():
         return {}
     try:
-        if path.stat().st_size > 8 << 20:
-            raise ValueError("larger than 8 MB")
-        data = json.loads(path.read_text())
-        if not isinstance(data, dict) or data.get("version") != FILE_VERSION or not isinstance(data.get("machines"),
-                                                                                               dict):
-            raise ValueError("not a kernel-choices file of version 1")
-        mine = data["machines"].get(machine_key(), {})
-        if not isinstance(mine, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in mine.items()):
-            raise ValueError("its entries are not strings")
+        mine = _read(path)["machines"].get(machine_key(), {})
     except (OSError, ValueError, UnicodeDecodeError) as e:
         log.warning("ignoring %s: %s", path, e)
         return {}
@@ -97,17 +102,10 @@ def _store(key: str, name: str) -> None:
 
     path = choices_path()
     try:
-        data = json.loads(path.read_text()) if path.exists() else {}
-        if not isinstance(data, dict) or data.get("version") != FILE_VERSION or not isinstance(data.get("machines"),
-                                                                                               dict):
-            data = {}
+        data = _read(path) if path.exists() else {"version": FILE_VERSION, "machines": {}}
     except (OSError, ValueError, UnicodeDecodeError):
-        data = {}
-    data = {"version": FILE_VERSION, "machines": data.get("machines", {})}
-    mine = data["machines"].setdefault(machine_key(), {})
-    if not isinstance(mine, dict):
-        mine = data["machines"][machine_key()] = {}
-    mine[key] = name
+        data = {"version": FILE_VERSION, "machines": {}}  # damaged: _load warned; start the file again
+    data["machines"].setdefault(machine_key(), {})[key] = name
     try:
         with atomic_file(path) as tmp:
             tmp.write_text(json.dumps(data, indent=1, sort_keys=True))

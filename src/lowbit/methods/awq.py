@@ -66,7 +66,7 @@ def search_scales(x: torch.Tensor, weights: list[torch.Tensor], scheme: Scheme, 
         if best_loss is None or loss < best_loss:
             best_loss, best_s, best_a = loss, s, a
     info = {"alpha": best_a, "loss": best_loss, "loss_unscaled": losses[0]}
-    if scheme.layout != "affine" and best_a > 0:
+    if _fake_rounds_on_a_proxy(scheme) and best_a > 0:
         # The proxy only ranks scalings. A GGML type's real fit can hold a grid the weights already sit on
         # (a Q4_1 model's blocks fit Q5_1/Q4_1 exactly) that any scaling loses: check the pick against none.
         real = _real_fit_loss(x, weights, refs, best_s, scheme)
@@ -75,6 +75,11 @@ def search_scales(x: torch.Tensor, weights: list[torch.Tensor], scheme: Scheme, 
         if unscaled <= real:
             best_s, info["alpha"] = torch.ones_like(x_mean), 0.0
     return best_s, info
+
+
+def _fake_rounds_on_a_proxy(scheme: Scheme) -> bool:
+    """:func:`_fake` rounds ``scheme`` on a stand-in grid (its layout's proxy), not on its own fit."""
+    return layout_of(scheme).proxy(scheme) != scheme
 
 
 def _real_fit_loss(x: torch.Tensor, weights: list[torch.Tensor], refs: list[torch.Tensor], s: torch.Tensor,
