@@ -15,6 +15,9 @@ and these names (the models are fresh copies in every doctest: change them freel
   ``tok``      its byte-level BPE tokenizer (300 tokens; ``<|im_start|>`` / ``<|im_end|>`` are bos / eos)
   ``windows``  calibration token windows ``(4, 32)`` (LongTensor) from ``calib.txt``
   ``qmodel``   ``lowbit.quantize(model, tok, "int4-g128", "gptq", calib=windows)``
+  ``cnn``      a seeded random MobileNetV2 (``lowbit.model.vision``), eval mode
+  ``images``   six seeded random images ``(6, 3, 64, 64)``
+  ``qcnn``     ``lowbit.quantize(cnn, calib=images, scheme="int8", act="int8-static", method="rtn")``
   ``torch``, ``np``, ``os``, ``math``, ``Path``, ``transformers``, ``lowbit`` and lowbit's public names
   (``parse_scheme``, ``Scheme``, ``QTensor``, ``quantize_tensor``, ``Plan``, ``MethodConfig``, …)
 Each doctest starts from ``torch.manual_seed(0)`` (the global RNG is restored after it), and
@@ -80,7 +83,7 @@ LLAMA2_7B_CONFIG = {
 }
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-FRESH = ("model", "qmodel")  # deep-copied for each doctest that names them
+FRESH = ("model", "qmodel", "cnn", "qcnn")  # deep-copied for each doctest that names them
 # lowbit's public names that no module defines differently (``load``, ``save``, ``quantize``, ``evaluate`` are
 # left out: modules have their own functions of those names, which their examples mean)
 PUBLIC = ("parse_scheme", "Scheme", "QTensor", "quantize_tensor", "save_tensors", "load_tensors", "Plan",
@@ -140,9 +143,16 @@ def doctest_world(tmp_path_factory):
         lowbit.save_tensors(files / "model.safetensors", dict(model.state_dict()))
         export_gguf(model, tok, files / "model.gguf", "Q4_K_M", progress=False)
         lowbit.save(qmodel, files / "out", tokenizer=tok)
+        from lowbit.model.vision import build_vision
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            cnn = build_vision("mobilenet_v2")
+            images = torch.randn(6, 3, 64, 64)
+        qcnn, _ = lowbit.quantize(cnn, calib=images, scheme="int8", act="int8-static", method="rtn", progress=False)
     names = {n: getattr(lowbit, n) for n in PUBLIC}
     names.update(torch=torch, np=np, os=os, math=math, Path=Path, transformers=transformers, lowbit=lowbit,
-                 model=model, tok=tok, windows=windows, qmodel=qmodel)
+                 model=model, tok=tok, windows=windows, qmodel=qmodel, cnn=cnn, images=images, qcnn=qcnn)
     return {"names": names, "files": files, "cache": cache}
 
 

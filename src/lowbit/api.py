@@ -137,11 +137,12 @@ def calibration_windows(tokenizer: Any, calib: str | os.PathLike | Sequence[str]
     return token_windows(tokenizer, calib, windows, window_len)
 
 
-def quantize(model: nn.Module, tokenizer: Any = None, scheme: str = "int4-g128", method: str = "rtn",
-             calib: str | os.PathLike | Sequence[str] | torch.Tensor | None = None, windows: int = 128,
+def quantize(model: nn.Module, tokenizer: Any = None, scheme: str = "int4-g128", method: str | None = None,
+             calib: str | os.PathLike | Sequence[str] | torch.Tensor | Any | None = None, windows: int = 128,
              window_len: int = 512, plan: Plan | None = None, rules: Sequence[str] = (), keep: Sequence[str] = (),
              config: MethodConfig | None = None, inplace: bool = False, progress: bool | None = None,
-             batch_size: int = 8, device: str | torch.device | None = None) -> tuple[nn.Module, QuantReport]:
+             batch_size: int = 8, device: str | torch.device | None = None, *, act: str | None = None,
+             observer: str = "percentile", act_dtype: str = "uint8") -> tuple[nn.Module, Any]:
     """Quantize ``model`` (a copy unless ``inplace``) and return ``(qmodel, report)``.
 
     ``scheme`` is a scheme (``int4-g128``, ``q4_k`` …) or a llama.cpp mix (``Q4_K_M``, ``Q3_K_S`` …: the
@@ -159,8 +160,33 @@ def quantize(model: nn.Module, tokenizer: Any = None, scheme: str = "int4-g128",
     ...                                  windows=4, window_len=32)
     >>> sorted({layer.scheme for layer in report.layers})  # the mix's types, and its fallbacks for rows of 384
     ['q4_k', 'q5_0', 'q6_k', 'q8_0']
+
+    Any other model (a CNN, any traceable module) with ``act="int8-static"``: the full-integer scheme of edge
+    runtimes (see :mod:`lowbit.model.static`), calibrated on ``calib`` inputs: a tensor (N, C, H, W), an iterable of
+    batches, or a callable that runs the model on them; ``observer`` picks the activation ranges (percentile, mse,
+    minmax), ``method`` the weight rounding (``gptq``, the default here, or ``rtn``); ``keep`` globs stay float.
+    The report is a :class:`~lowbit.model.static.StaticReport`.
+
+    >>> qcnn, rep = lowbit.quantize(cnn, calib=images, scheme="int8", act="int8-static")
+    >>> type(qcnn.get_submodule("features.0.0")).__name__, rep.folded_bn
+    ('QConv2d', 52)
     """
+    if _full_integer(model, calib, act):
+        from lowbit.model.static import quantize_static
+
+        if scheme != "int8":
+            raise LowbitError(f"scheme {scheme}: full-integer (act='int8-static') quantization of this model stores "
+                              f"weights as int8: pass scheme='int8'")
+        if calib is None:
+            raise LowbitError("act='int8-static' needs calibration inputs (calib=images)")
+        if inplace:
+            raise LowbitError("inplace=True: a full-integer model is a new (traced) module; the source is kept")
+        return quantize_static(model, calib, observer=observer, method=method or "gptq", act_dtype=act_dtype,
+                               keep=keep, batch_size=batch_size, progress=progress)
+    method = method or "rtn"
     cfg = config or MethodConfig()
+    if act is not None:
+        cfg = replace(cfg, options={**cfg.options, "act": act})
     base = plan or scheme_plan(model, scheme, method, cfg, calibrated=calib is not None)
     full = base.with_rules(list(rules), list(keep), method=method, config=cfg)
     target = model if inplace else copy.deepcopy(model)
@@ -168,6 +194,31 @@ def quantize(model: nn.Module, tokenizer: Any = None, scheme: str = "int4-g128",
     report = quantize_model(target, full, win, batch_size=batch_size, progress=progress, device=device)
     target.lowbit_plan = full  # type: ignore[attr-defined]
     return target, report
+
+
+def _full_integer(model: nn.Module, calib: Any, act: str | None) -> bool:
+    """The full-integer graph path: static activations asked for on a model lowbit has no transformer family for,
+    or calibration given as tensors / batches / a function rather than text or token ids."""
+    if act != "int8-static":
+        return False
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if arch_for_type(model_type) is None:
+        return True
+    return callable(calib) or (isinstance(calib, torch.Tensor) and calib.is_floating_point())
+
+
+def export_onnx(qmodel: nn.Module, path: str | os.PathLike, example_inputs: tuple[torch.Tensor, ...] | None = None,
+                *, force: bool = False, **kwargs: Any):
+    """Write ``qmodel`` as an ONNX file onnxruntime runs with its integer kernels (see :mod:`lowbit.io.onnx`):
+    a full-integer model as a QDQ graph with lowbit's own scales and zero-points (no tool re-quantizes it).
+
+    >>> report = lowbit.export_onnx(qcnn, "m.onnx", example_inputs=(images[:1],))
+    >>> report.quantized_layers, report.activation_points
+    (53, 65)
+    """
+    from lowbit.io.onnx import export_onnx as _export
+
+    return _export(qmodel, path, example_inputs, force=force, **kwargs)
 
 
 def plan_budget(model: nn.Module, tokenizer: Any = None, budget: str = "4bpw",
@@ -248,7 +299,7 @@ def _check_table(tab: SensitivityTable, method: str, schemes: Sequence[str] | No
 
 
 def evaluate(model: nn.Module, reference: nn.Module | None = None, *, device: str | torch.device | None = None,
-             **kwargs: Any):
+             inputs: torch.Tensor | None = None, labels: torch.Tensor | None = None, **kwargs: Any):
     """Perplexity, KL and top-1 vs ``reference`` (LMs) or embedding cosine (encoders); see lowbit.eval.
 
     ``device`` (default: where each model is): both models are moved there (and stay there) to be evaluated.
@@ -258,7 +309,20 @@ def evaluate(model: nn.Module, reference: nn.Module | None = None, *, device: st
     >>> r.n_windows, r.window_len, r.kl_mean < 1e-3   # the exact KL varies with the CPU's float sums
     (2, 64, True)
     >>> lowbit.evaluate(qmodel, reference=model, tokenizer=tok, text="held_out.txt", device="cuda")  # doctest: +SKIP
+
+    An image model: ``inputs`` (N, 3, H, W) and optional ``labels`` give top-1 agreement with ``reference`` (and
+    accuracy), logits SQNR and per-layer SQNR (:class:`~lowbit.eval.vision.ImageEval`).
+
+    >>> r = lowbit.evaluate(qcnn, reference=cnn, inputs=images)
+    >>> r.n_images, len(r.layers)
+    (6, 53)
     """
+    if inputs is not None:
+        from lowbit.eval.vision import evaluate_images
+
+        if reference is None:
+            raise LowbitError("evaluate(inputs=...): pass reference=FLOAT_MODEL to compare with")
+        return evaluate_images(model, reference, inputs, labels, **kwargs)
     from lowbit.eval import evaluate as _evaluate
     from lowbit.model.device import optional_device
 

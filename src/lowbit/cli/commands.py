@@ -116,6 +116,9 @@ def _validate(args: argparse.Namespace, calibrated: bool = True) -> None:
     if args.plan:
         Plan.from_json(args.plan)
     Plan.default(args.scheme if not is_mix(args.scheme) else "int8").with_rules(args.rule, args.keep)
+    if getattr(args, "act_observer", None) == "mse":
+        raise LowbitError("--act-observer mse: a transformer's static activations take minmax, percentile or entropy "
+                          "(mse is for the full-integer vision path)")
     method_spec(args.method).parse(_config(args))  # `--option damp=abc`: one line naming the option, before the load
     check_budget_args(args)
     why = _needs_calib(args)
@@ -184,9 +187,14 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any] | None:
     from lowbit.eval.generations import compare_generations, format_generations, read_prompts
     from lowbit.eval.tasks import TaskOptions, eval_tasks, format_tasks, load_task
 
+    if args.images:
+        from lowbit.cli.vision import eval_vision
+
+        return eval_vision(args, out)
     device = parse_device(args.device)
     if not (args.data or args.task or args.generate):
-        raise LowbitError("eval: nothing to evaluate on: pass --data FILE, --task FILE.jsonl or --generate PROMPTS")
+        raise LowbitError("eval: nothing to evaluate on: pass --data FILE, --task FILE.jsonl, --generate PROMPTS or "
+                          "--images DIR")
     text = read_text(args.data) if args.data else None
     tasks = [load_task(t) for t in args.task]  # every file checked before any model loads
     prompts = read_prompts(args.generate) if args.generate else None
@@ -414,6 +422,12 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any] | None:
 
     exporter = get_exporter(args.format)
     options = _export_options(exporter, args)
+    if getattr(options, "arch", None):  # a vision model: full-integer quantization on images, then the file
+        from lowbit.cli.vision import export_vision
+
+        return export_vision(args, exporter, options, out, _check_out)
+    if exporter.quantizes_first and args.method is None:
+        args.method = "rtn"
     if exporter.quantizes_first:
         parse_device(args.device)  # before anything is loaded or written
     quantize = exporter.quantizes_first and _quantizes_first(exporter, args)

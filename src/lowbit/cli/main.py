@@ -21,21 +21,23 @@ from lowbit.methods.registry import options_help
 
 
 def _quant_args(p: argparse.ArgumentParser, default_scheme: str | None = "int4-g128",
-                default_method: str = "rtn") -> None:
+                default_method: str | None = "rtn") -> None:
     p.add_argument("--scheme", default=default_scheme,
                    help=f"quantization scheme, e.g. int4-g128, int4-g64-sym, int3-g64, int8, fp8, nf4-g64, a GGML type "
                         f"(q4_k, q6_k, q4_0, iq4_xs …) or a llama.cpp mix (Q4_K_M, Q3_K_M, Q2_K_S …) "
                         f"({f'default {default_scheme}' if default_scheme else 'quantizes a float MODEL first'})")
     p.add_argument("--method", default=default_method,
-                   help=f"rtn | gptq | hqq | ... (default {default_method}); see `lowbit quantize --help`")
+                   help=f"rtn | gptq | hqq | ... (default {default_method or 'rtn; a vision model: gptq'}); see "
+                        f"`lowbit quantize --help`")
     p.add_argument("--observer", default="minmax", help="range observer for rtn: minmax | mse | percentile")
     p.add_argument("--importance", action="store_true",
                    help="weight rounding error by E[x^2] of each input channel (needs --calib)")
     p.add_argument("--act", choices=["int8-dynamic", "int8-static", "fp8-dynamic"],
                    help="also quantize activations (W8A8): int8 per token (dynamic), int8 per tensor from "
                         "calibration (static), or fp8 per token; smoothquant implies int8-dynamic")
-    p.add_argument("--act-observer", choices=["minmax", "percentile", "entropy"],
-                   help="range observer for --act int8-static (default minmax)")
+    p.add_argument("--act-observer", choices=["minmax", "percentile", "mse", "entropy"],
+                   help="range observer for --act int8-static (default minmax; a vision model: percentile, and "
+                        "no entropy)")
     p.add_argument("--alpha", type=float, help="SmoothQuant migration strength in [0, 1] (default 0.5)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="a method option, e.g. act_order=true, damp=0.05, block_size=64 (repeatable)")
@@ -78,7 +80,7 @@ def _export_parsers(sub: argparse._SubParsersAction) -> None:
         x.add_argument("model")
         x.add_argument("-o", "--out", required=True, help=exporter.out_help)
         if exporter.quantizes_first:
-            _quant_args(x, default_scheme=None)
+            _quant_args(x, default_scheme=None, default_method=None)
             _device_arg(x, "a float MODEL is quantized")
         for spec in option_specs(exporter.Options):
             _add_option(x, spec)
@@ -132,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--kernels", default="reference",
                    help="kernels the quality figures are computed with: reference (default: the stored weights "
                         "exactly), auto (lowbit's fast kernels, as the runtime runs), or kernel names")
+    e.add_argument("--images", metavar="DIR", help="a vision model: MODEL is an .onnx file, compared on these images "
+                   "with --reference WEIGHTS.pth --arch ARCH (top-1 agreement, size, speed in onnxruntime)")
+    e.add_argument("--arch", help="the vision architecture of --reference (mobilenet_v2)")
+    e.add_argument("--image-size", type=int, default=224, help="vision input crop (default 224)")
+    e.add_argument("--threads", type=int, default=1, help="onnxruntime / torch threads for --images (default 1)")
     _device_arg(e, "both models run")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=commands.cmd_eval)

@@ -22,7 +22,7 @@ A new exporter is one file; registering it adds ``lowbit export NAME`` with a fl
 ...     def write(self, qmodel, out, tokenizer, options, *, force=False, progress=None):
 ...         ...                                  # returns its own report: a dataclass with warnings and to_dict()
 >>> exporter_names()
-['gguf', 'hf', 'npz']
+['gguf', 'hf', 'npz', 'onnx']
 >>> _ = _EXPORTERS.remove("npz")  # (this example's exporter writes nothing: unregister it again)
 """
 
@@ -42,7 +42,7 @@ from lowbit.registry import Registry
 
 # Modules whose exporters register themselves on import; loaded on the first registry look-up, so importing this
 # module stays light and an exporter file only depends on this one.
-_BUILTINS = ("lowbit.io.gguf.exporter", "lowbit.io.hf_exporter")
+_BUILTINS = ("lowbit.io.gguf.exporter", "lowbit.io.hf_exporter", "lowbit.io.onnx.exporter")
 _EXPORTERS: Registry[type[Exporter]] = Registry("exporter")
 _KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
@@ -287,8 +287,8 @@ def exporter_names() -> list[str]:
 def get_exporter(name: str) -> Exporter:
     """The registered exporter ``name``.
 
-    >>> get_exporter("onnx")
+    >>> get_exporter("tflite")
     Traceback (most recent call last):
-    lowbit.errors.LowbitError: unknown exporter 'onnx' (known: gguf, hf)
+    lowbit.errors.LowbitError: unknown exporter 'tflite' (known: gguf, hf, onnx)
     """
     return _registry().get(name)()

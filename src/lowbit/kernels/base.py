@@ -148,11 +148,12 @@ def choose(module: Any, x: torch.Tensor) -> Kernel:
     """The kernel that runs ``module(x)``. Under mode ``auto`` with several kernels able to run the call, the
     fastest on this machine (measured once per kind of call, :mod:`lowbit.kernels.tuning`); otherwise, or with
     ``LOWBIT_KERNEL_TUNING=off``, the first of its candidates (by priority) that takes this batch size and dtype."""
+    mode = getattr(module, "kernel_mode", None) or _mode  # a layer may pin its own (full-integer: reference)
     cache = module._kernel_candidates
-    if cache is None or cache[0] != _mode:
-        cache = module._kernel_candidates = (_mode, candidates(module), {})
+    if cache is None or cache[0] != mode:
+        cache = module._kernel_candidates = (mode, candidates(module, mode), {})
     tokens = x.numel() // max(1, x.shape[-1])
-    tune = _mode == "auto" and tuning.enabled()
+    tune = mode == "auto" and tuning.enabled()
     memo_key = (x.dtype, x.device.type, tuning.bucket(tokens), torch.get_num_threads()) if tune else None
     k = cache[2].get(memo_key) if tune else None
     if k is not None and k.takes(module, x, tokens):
@@ -160,7 +161,7 @@ def choose(module: Any, x: torch.Tensor) -> Kernel:
     takers = [k for k in cache[1] if k.takes(module, x, tokens)]
     if not takers:
         raise LowbitError(f"no kernel serves {type(module).__name__}({module.qweight.scheme.name}) for "
-                          f"{tokens} tokens of {x.dtype} under kernel mode {_mode!r}")
+                          f"{tokens} tokens of {x.dtype} under kernel mode {mode!r}")
     if not tune or len(takers) == 1:
         return takers[0]
     fixed = [t for t in takers if not t.measured]

@@ -31,7 +31,7 @@ from torch import nn
 
 from lowbit.core.qtensor import QTensor
 from lowbit.errors import LowbitError
-from lowbit.model.qmodules import QEmbedding, QLinear
+from lowbit.model.qmodules import QConv2d, QEmbedding, QLinear
 from lowbit.registry import Registry
 
 PROBE_TOL = 1e-3  # relative difference allowed between the float module and the quantized arithmetic
@@ -81,6 +81,8 @@ def weight_matrix(mod: nn.Module) -> torch.Tensor:
     from transformers.pytorch_utils import Conv1D
 
     w = mod.weight.detach()
+    if isinstance(mod, nn.Conv2d):  # one row per output channel: (out, in / groups × kh × kw)
+        return w.reshape(w.shape[0], -1)
     return w.T.contiguous() if isinstance(mod, Conv1D) else w
 
 
@@ -118,6 +120,10 @@ def _probe(name: str, mod: nn.Module, new: nn.Module) -> None:
         x = torch.unique(torch.tensor([0, 1, n // 2, n - 1] + ([new.padding_idx % n] if new.padding_idx is not None
                                                                   else []), device=w.device))
         got = new.finish(torch.nn.functional.embedding(x, w))
+    elif isinstance(new, QConv2d):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        x = torch.randn(1, new.in_channels, *(max(k, 5) for k in new.kernel_size), generator=g).to(w.device, w.dtype)
+        got = new.conv_with(x, mod.weight.detach())
     else:
         assert isinstance(new, QLinear)
         g = torch.Generator(device="cpu").manual_seed(0)
@@ -164,6 +170,12 @@ def _is_scaled_embedding(m: nn.Module) -> bool:
 @register_conversion(nn.Embedding, accepts=_is_scaled_embedding)
 def _scaled_embedding(mod: nn.Embedding, q: QTensor) -> QEmbedding:
     return QEmbedding(q, mod.padding_idx, embed_scale=torch.as_tensor(mod.embed_scale, dtype=torch.float32))
+
+
+@register_conversion(nn.Conv2d, accepts=lambda m: type(m).forward is nn.Conv2d.forward and m.padding_mode == "zeros"
+                     and isinstance(m.padding, tuple))
+def _conv2d(mod: nn.Conv2d, q: QTensor) -> QConv2d:
+    return QConv2d.from_float(mod, q)
 
 
 @register_conversion(QLinear)

@@ -1,4 +1,4 @@
-"""Runtime modules holding QTensors: ``QLinear`` and ``QEmbedding``.
+"""Runtime modules holding QTensors: ``QLinear``, ``QConv2d`` and ``QEmbedding``.
 
 The quantized model stays a normal transformers model: only leaf layers are swapped. ``QLinear.forward``
 goes through a kernel of :mod:`lowbit.kernels` (the fastest registered one serving the layer at that batch
@@ -135,6 +135,7 @@ class QLinear(QModule):
         self.out_features, self.in_features = qweight.shape
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.act_scheme: str | None = None  # activation quantization, set by W8A8 methods
+        self.kernel_mode: str | None = None  # kernels this layer may use (None: the current mode; see use_kernels)
         self.input_scale: torch.Tensor | None
         self.act_scale: torch.Tensor | None
         self.register_buffer("input_scale", None)  # per-input-channel divisor (SmoothQuant, unfoldable pairs)
@@ -182,6 +183,50 @@ class QLinear(QModule):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"scheme={self.qweight.scheme.name}, bias={self.bias is not None}")
+
+
+class QConv2d(QModule):
+    """A 2-d convolution (regular, pointwise or depthwise) whose weight is a QTensor of shape
+    (out_channels, in_channels / groups × kh × kw): one row per output channel, so per-channel schemes scale
+    each output channel. It computes by dequantizing (the reference arithmetic), in its input's dtype.
+
+    >>> conv = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)
+    >>> q = QConv2d.from_float(conv, lowbit.quantize_tensor(conv.weight.detach().reshape(8, -1), "int8"))
+    >>> q(torch.randn(1, 8, 5, 5)).shape, q.qweight.scheme.name
+    (torch.Size([1, 8, 5, 5]), 'int8')
+    """
+
+    def __init__(self, qweight: QTensor, kernel_size: tuple[int, int], bias: torch.Tensor | None = None, *,
+                 stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups: int = 1):
+        super().__init__(qweight)
+        self.out_channels = qweight.shape[0]
+        self.kernel_size, self.groups = tuple(kernel_size), groups
+        self.in_channels = qweight.shape[1] // (self.kernel_size[0] * self.kernel_size[1]) * groups
+        self.stride, self.padding, self.dilation = tuple(stride), padding, tuple(dilation)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @classmethod
+    def from_float(cls, mod: nn.Conv2d, q: QTensor) -> QConv2d:
+        return cls(q, mod.kernel_size, mod.bias, stride=mod.stride, padding=mod.padding, dilation=mod.dilation,
+                   groups=mod.groups)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Dequantized weight (float32) in the conv's own shape (out, in / groups, kh, kw)."""
+        return self.qweight.dequantize(torch.float32).reshape(
+            self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+
+    def conv_with(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """The conv's arithmetic for a float weight ``w`` of the conv's shape."""
+        return F.conv2d(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype), self.stride,
+                        self.padding, self.dilation, self.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv_with(x, self.weight)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"groups={self.groups}, scheme={self.qweight.scheme.name}, bias={self.bias is not None}")
 
 
 class QEmbedding(QModule):
