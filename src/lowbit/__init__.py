@@ -39,7 +39,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "bench", "compare_generations", "eval_tasks", "load_task", "TaskOptions",
-    "calibration_windows", "default_plan", "evaluate", "export_hf", "export_onnx", "load", "quantize", "save", "Plan", "MethodConfig",
+    "calibration_windows", "default_plan", "evaluate", "export_hf", "export_onnx",
+    "load", "quantize", "save", "Plan", "MethodConfig",
     "LowbitError", "QTensor", "Scheme", "load_tensors", "parse_scheme", "preset_names", "quantize_tensor",
     "register_preset", "save_tensors", "plan_budget", "allocate", "parse_budget", "Allocation",
     "measure_sensitivity", "SensitivityTable",

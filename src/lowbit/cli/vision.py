@@ -38,7 +38,8 @@ def export_vision(args: argparse.Namespace, exporter: Exporter, options: OnnxOpt
 
     method = args.method or "gptq"
     if method not in STATIC_METHODS:
-        raise LowbitError(f"--method {method}: a vision model's weights are quantized with {' or '.join(STATIC_METHODS)}")
+        raise LowbitError(f"--method {method}: a vision model's weights are quantized with "
+                          f"{' or '.join(STATIC_METHODS)}")
     observer = args.act_observer or "percentile"
     if observer == "entropy":
         raise LowbitError("--act-observer entropy: not offered for the asymmetric activation ranges of the "

@@ -328,5 +328,5 @@ def _quantize_weights(gm: fx.GraphModule, quantized: set[str], sch, report: Stat
         setattr(gm.get_submodule(parent) if parent else gm, leaf, new)
         rel = float((q.dequantize(torch.float32) - w).norm() / w.norm().clamp(min=1e-30))
         kind = "conv" if isinstance(mod, nn.Conv2d) else "linear"
-        report.layers.append(LayerReport(node.target, sch.name, report.method, q.bits_per_weight, q.numel, q.nbytes, rel,
-                                         None, time.perf_counter() - t, note, kind))
+        report.layers.append(LayerReport(node.target, sch.name, report.method, q.bits_per_weight, q.numel, q.nbytes,
+                                         rel, None, time.perf_counter() - t, note, kind))

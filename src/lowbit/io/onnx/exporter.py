@@ -13,8 +13,8 @@ from typing import Any, Literal
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.model.static import is_full_integer
 from lowbit.io.exporters import Exporter, ExportOptions, ExportReport, option, register_exporter
+from lowbit.model.static import is_full_integer
 
 
 @dataclass(frozen=True)

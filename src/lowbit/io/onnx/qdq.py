@@ -25,10 +25,9 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.model.static import is_full_integer
 from lowbit.io.atomic import atomic_file
 from lowbit.model.qmodules import QConv2d, QLinear
-from lowbit.model.static import ActQuant, input_act
+from lowbit.model.static import ActQuant, input_act, is_full_integer
 
 OPSET = 17
 
