@@ -91,13 +91,13 @@ def toy():
 
 
 def test_registry_names_and_unknown_name():
-    assert exporter_names() == ["gguf", "hf"]
+    assert exporter_names() == ["gguf", "hf", "onnx"]
     assert get_exporter("gguf").Options is GGUFOptions and get_exporter("hf").quantizes_first
     with pytest.raises(LowbitError) as info:
-        get_exporter("onnx")
-    assert str(info.value) == "unknown exporter 'onnx' (known: gguf, hf)"
-    with pytest.raises(LowbitError, match="unknown exporter 'onnx'"):
-        unregister_exporter("onnx")
+        get_exporter("tflite")
+    assert str(info.value) == "unknown exporter 'tflite' (known: gguf, hf, onnx)"
+    with pytest.raises(LowbitError, match="unknown exporter 'tflite'"):
+        unregister_exporter("tflite")
 
 
 def test_registration_refuses_what_the_cli_cannot_hold():
@@ -124,7 +124,7 @@ def test_registration_refuses_what_the_cli_cannot_hold():
         register_exporter(type("Bad", (ToyExporter,), {"name": "Bad Name"}))
     with pytest.raises(LowbitError, match="'gguf' is already registered"):
         register_exporter(type("Other", (ToyExporter,), {"name": "gguf"}))
-    assert exporter_names() == ["gguf", "hf"]
+    assert exporter_names() == ["gguf", "hf", "onnx"]
 
 
 # -- options ---------------------------------------------------------------------------------------------
@@ -180,7 +180,7 @@ def test_cli_defaults_are_the_options_defaults():
     args = ap.parse_args(["export", "hf", "m", "-o", "d", "--strict"])
     assert commands._export_options(get_exporter("hf"), args) == HFOptions(strict=True)
     assert (args.scheme, args.method, args.observer, args.calib, args.calib_windows, args.window_len) == (
-        None, "rtn", "minmax", None, 128, 512)
+        None, None, "minmax", None, 128, 512)  # no --method: rtn, or gptq for a vision model (cmd_export decides)
 
 
 def test_a_bad_option_is_one_line_naming_the_flag(capsys, tmp_path, tiny_llama_dir):

@@ -7,8 +7,8 @@ from lowbit.model.qmodules import QLinear
 
 
 def test_conversions_by_name():
-    assert CONVERSIONS.names() == ["conv1d", "embedding", "linear", "requantize_embedding", "requantize_linear",
-                                   "scaled_embedding"]
+    assert CONVERSIONS.names() == ["conv1d", "conv2d", "embedding", "linear", "requantize_embedding",
+                                   "requantize_linear", "scaled_embedding"]
     assert conversion_for(nn.Linear(4, 4)) is CONVERSIONS.get("linear")
     assert conversion_for(nn.Embedding(4, 4)) is CONVERSIONS.get("embedding")
     assert conversion_for(nn.Embedding(4, 4, max_norm=1.0)) is None
