@@ -201,9 +201,13 @@ def _example_inputs(model: nn.Module, kind: str, given: Mapping[str, torch.Tenso
     return {k: out[k] for k in order if k in out}
 
 
+def outputs_of(kind: str) -> str:
+    return "logits" if kind == "causal-lm" else "last_hidden_state"
+
+
 def _export_float(stand_in: nn.Module, kind: str, inputs: dict[str, torch.Tensor], opset: int, path: Path) -> None:
     names = tuple(inputs)
-    output = "logits" if kind == "causal-lm" else "last_hidden_state"
+    output = outputs_of(kind)
     axes = {n: {0: "batch", 1: "sequence"} for n in (*names, output)}
     with torch.no_grad():
         torch.onnx.export(_Graph(stand_in, kind, names), tuple(inputs.values()), str(path), dynamo=False,
@@ -259,13 +263,17 @@ def write_transformer_onnx(qmodel: nn.Module, path: str | os.PathLike, *,
 
         model = onnx.load(str(float_file))
         say("rewriting quantized layers")
+        in_graph = {i.name for i in model.graph.initializer}
         counts = G.rewrite(model, {f"m.{n}": (m, kinds[n]) for n, m in quantized.items()}, opset)
-        missing = sorted(n for n, m in quantized.items() if counts.get(f"m.{n}", 0) == 0
-                         and not _shares_rewritten(m, quantized, counts))
+        served = {n for n, m in quantized.items() if counts.get(f"m.{n}", 0) or _shares_rewritten(m, quantized, counts)}
+        missing = sorted(n for n in quantized if n not in served and f"m.{n}.weight" in in_graph)
         if missing:
-            raise LowbitError(f"layer {missing[0]}: not found in the exported graph (no MatMul / Gather reads its "
-                              f"weight); the export cannot place it")
-        report.layers = dict(Counter(kinds[n] for n in quantized))
+            raise LowbitError(f"layer {missing[0]}: its weight is in the exported graph but no MatMul / Gemm / Gather "
+                              f"the export knows reads it; the export cannot place it")
+        unused = [n for n in quantized if n not in served]
+        if unused:
+            report.warnings.append(f"{', '.join(unused)}: not in the graph (it does not feed {outputs_of(kind)})")
+        report.layers = dict(Counter(kinds[n] for n in quantized if n in served))
         report.inputs = [i.name for i in model.graph.input]
         report.outputs = [o.name for o in model.graph.output]
         say(f"writing {dest}")
