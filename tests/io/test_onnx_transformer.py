@@ -196,7 +196,7 @@ def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
     return float((lp.exp() * (lp - lq)).sum(-1).mean())
 
 
-def test_smollm2_int4_logits_kl(smollm2_dir, tmp_path):
+def test_smollm2_int4_logits_kl(smollm2_dir, tmp_path, reference_kernels):
     from lowbit.cli.assets import wikitext
     from lowbit.eval.windows import read_text
 
@@ -211,7 +211,9 @@ def test_smollm2_int4_logits_kl(smollm2_dir, tmp_path):
     with torch.no_grad():
         ref = q(input_ids=windows, attention_mask=mask).logits
     kl = _kl(ref, torch.from_numpy(y))
-    assert kl < 1e-3, kl
+    # vs lowbit's float32 dequantize reference: the same weights, so only float32 summation order differs
+    # (lowbit's fast int4 kernels round through bf16: ~1e-3 from either)
+    assert kl < 1e-5, kl
 
 
 def test_minilm_w8a8_cosine_vs_float(minilm_dir, tmp_path):
