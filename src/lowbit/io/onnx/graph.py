@@ -29,6 +29,7 @@ class _Builder:
         self.nodes: list[Any] = []
         self.inits: list[Any] = []
         self.names: set[str] = {i.name for i in model.graph.initializer}
+        self.act_cache: dict[tuple, tuple[str, str]] = {}  # (input, act scheme, static scale) -> (codes, scale)
 
     def init(self, name: str, array: np.ndarray) -> str:
         from onnx import numpy_helper
@@ -53,45 +54,62 @@ def _matmulnbits(b: _Builder, name: str, m: nn.Module, x: str, out: str) -> None
     b.node("MatMulNBits", ins, out, domain=MS_DOMAIN, **t.attrs)
 
 
-def _int8_int8(b: _Builder, name: str, m: nn.Module, x: str, out: str, opset: int) -> None:
-    """lowbit's W8A8 arithmetic (:mod:`lowbit.kernels.int8_int8`): per-token (or static) int8 codes of ``x``,
-    the exact int32 product with the int8 weight, then ``acc * s_x * s_w`` in float32."""
-    codes, w_scale = int8_weight(m)  # (out, in) int8, (out,) float32
-    p = f"{name}.act"
+def _act_codes(b: _Builder, x: str, m: nn.Module, opset: int) -> tuple[str, str]:
+    """lowbit's int8 activation codes of ``x`` (:func:`lowbit.kernels.activations.quantize_activation`) as uint8
+    ``code + 128``, and their scale (per token ``(..., 1)``, or the static scalar). Layers reading the same ``x``
+    with the same scheme (q, k, v) share one quantization, as their codes are the same."""
+    key = (x, m.act_scheme, None if m.act_scale is None else float(m.act_scale))
+    if key in b.act_cache:
+        return b.act_cache[key]
+    p = f"{x}.int8_{len(b.act_cache)}"
     if m.act_scheme == "int8-dynamic":
         a = b.node("Abs", [x], f"{p}.abs")
         if opset >= 18:
             amax = b.node("ReduceMax", [a, b.init(f"{p}.axes", np.array([-1], np.int64))], f"{p}.amax", keepdims=1)
         else:
             amax = b.node("ReduceMax", [a], f"{p}.amax", axes=[-1], keepdims=1)
-        amax = b.node("Max", [amax, b.init(f"{p}.eps", np.array(1e-8, np.float32))], f"{p}.amax_clamped")
-        s = b.node("Div", [amax, b.init(f"{p}.qmax", np.array(127.0, np.float32))], f"{p}.scale")
+        amax = b.node("Max", [amax, b.init("act.eps", np.array(1e-8, np.float32))], f"{p}.amax_clamped")
+        s = b.node("Div", [amax, b.init("act.qmax", np.array(127.0, np.float32))], f"{p}.scale")
     else:  # int8-static: the calibrated scale, as lowbit casts it to the activations' dtype
         s = b.init(f"{p}.scale", np.array(float(m.act_scale.to(torch.float32)), np.float32))
+    # codes + 128 as uint8 with zero point 128: the same int32 sums, on onnxruntime's fast u8 x s8 GEMM (its
+    # s8 x s8 MatMulInteger runs ~40x slower on x86)
     q = b.node("Round", [b.node("Div", [x, s], f"{p}.scaled")], f"{p}.rounded")
-    q = b.node("Clip", [q, b.init(f"{p}.lo", np.array(-127.0, np.float32)),
-                        b.init(f"{p}.hi", np.array(127.0, np.float32))], f"{p}.clipped")
-    q = b.node("Cast", [q], f"{p}.codes", to=3)  # INT8
+    q = b.node("Add", [q, b.init("act.offset", np.array(128.0, np.float32))], f"{p}.offset_codes")
+    q = b.node("Clip", [q, b.init("act.lo", np.array(1.0, np.float32)), b.init("act.hi", np.array(255.0, np.float32))],
+               f"{p}.clipped")  # [-127, 127] + 128
+    q = b.node("Cast", [q], f"{p}.codes", to=2)  # UINT8
+    b.act_cache[key] = (q, s)
+    return q, s
+
+
+def _int8_int8(b: _Builder, name: str, m: nn.Module, x: str, out: str, opset: int, bias: str | None) -> None:
+    """lowbit's W8A8 arithmetic (:mod:`lowbit.kernels.int8_int8`): the int8 codes of ``x``, the exact int32
+    product with the int8 weight, rescaled in float32 (``MatMulIntegerToFloat``: ``acc * s_w + bias``, then
+    ``* s_x``; lowbit multiplies ``acc * s_x * s_w + bias``: the same up to float32 rounding)."""
+    codes, w_scale = int8_weight(m)  # (out, in) int8, (out,) float32
+    q, s = _act_codes(b, x, m, opset)
     w = b.init(f"{name}.qweight.int8_t", codes.T.contiguous().numpy())  # (in, out)
-    acc = b.node("MatMulInteger", [q, w], f"{name}.acc")
-    y = b.node("Mul", [b.node("Cast", [acc], f"{name}.acc_float", to=1), s], f"{name}.times_act_scale")
-    b.node("Mul", [y, b.init(f"{name}.qweight.scale", w_scale.numpy().astype(np.float32))], out)
+    ins = [q, w, b.init("act.one", np.array(1.0, np.float32)),
+           b.init(f"{name}.qweight.scale", w_scale.numpy().astype(np.float32)),
+           b.init("act.zero_point", np.array(128, np.uint8))]
+    y = b.node("MatMulIntegerToFloat", ins, f"{name}.int8_matmul", domain=MS_DOMAIN)
+    if bias is None:
+        b.node("Mul", [y, s], out)
+    else:
+        b.node("Add", [b.node("Mul", [y, s], f"{name}.times_act_scale"), bias], out)
 
 
-def _dq_embedding(b: _Builder, name: str, m: nn.Module) -> str:
-    """The int8 table dequantized per row (``(code - 128) * s`` = lowbit's decode): the name of the float table."""
+def _dq_rows(b: _Builder, name: str, m: nn.Module, ids: str, out: str) -> None:
+    """Rows ``ids`` of an int8 table, dequantized after the lookup (``(code - 128) * s`` = lowbit's decode): only
+    the rows looked up are converted, as lowbit's QEmbedding does."""
     q = m.qweight  # per row: the table reads as a per-channel int8 weight
     rows, cols = q.shape
     codes = (q.codes_grouped().reshape(rows, -1)[:, :cols].to(torch.int16) - 128).to(torch.int8)
-    scale = q.qparams()[0].reshape(-1)
-    q = b.init(f"{name}.qweight.int8", codes.numpy())
-    s = b.init(f"{name}.qweight.scale", scale.numpy().astype(np.float32))
-    table = f"{name}.dequantized"
-    if table not in {n.output[0] for n in b.nodes}:
-        b.node("DequantizeLinear", [q, s], table, axis=0)
-    if m.embed_scale is not None:
-        raise ValueError("an embedding scale is applied after the lookup (stand-in), not to the table")
-    return table
+    table = b.init(f"{name}.qweight.int8", codes.numpy())
+    scale = b.init(f"{name}.qweight.scale", q.qparams()[0].reshape(rows, 1).numpy().astype(np.float32))
+    r = b.node("Cast", [b.node("Gather", [table, ids], f"{out}.codes", axis=0)], f"{out}.codes_float", to=1)
+    b.node("Mul", [r, b.node("Gather", [scale, ids], f"{out}.scales", axis=0)], out)
 
 
 def rewrite(model: Any, layers: dict[str, tuple[nn.Module, str]], opset: int) -> dict[str, int]:
@@ -119,7 +137,6 @@ def rewrite(model: Any, layers: dict[str, tuple[nn.Module, str]], opset: int) ->
 
     b = _Builder(model)
     counts: Counter[str] = Counter()
-    done: dict[str, str] = {}  # float table -> its dequantized replacement
     for node in g.node:
         target = None  # (layer, x, out, bias)
         if node.op_type == "MatMul":
@@ -138,28 +155,24 @@ def rewrite(model: Any, layers: dict[str, tuple[nn.Module, str]], opset: int) ->
                     target = (name, node.input[0], node.output[0], bias)
         elif node.op_type == "Gather" and node.input[0] in owner:
             name = owner[node.input[0]]
+            counts[name] += 1
             if layers[name][1] == "embedding-int8":
-                if node.input[0] not in done:
-                    done[node.input[0]] = _dq_embedding(b, name.removeprefix("m."), layers[name][0])
-                b.nodes.append(helper.make_node("Gather", [done[node.input[0]], node.input[1]], list(node.output),
-                                                name=node.name, **{a.name: helper.get_attribute_value(a)
-                                                                   for a in node.attribute}))
-                counts[name] += 1
+                _dq_rows(b, name.removeprefix("m."), layers[name][0], node.input[1], node.output[0])
                 continue
-            counts[name] += 1  # a float table: the stand-in's dequantized values, kept as they are
+            # otherwise a float table: the stand-in's dequantized values, kept as they are
         if target is None:
             b.nodes.append(node)
             continue
         name, x, out, bias = target
         m, kind = layers[name]
         short = name.removeprefix("m.")
-        mm_out = out if bias is None else f"{short}.matmul"
         if kind == "int8-int8":
-            _int8_int8(b, short, m, x, mm_out, opset)
+            _int8_int8(b, short, m, x, out, opset, bias)
         else:
+            mm_out = out if bias is None else f"{short}.matmul"
             _matmulnbits(b, short, m, x, mm_out)
-        if bias is not None:
-            b.node("Add", [mm_out, bias], out)
+            if bias is not None:
+                b.node("Add", [mm_out, bias], out)
         counts[name] += 1
     del g.node[:]
     g.node.extend(b.nodes)
