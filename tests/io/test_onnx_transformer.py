@@ -100,6 +100,27 @@ def test_tiny_llama_logits_match_lowbit(tiny_llama, tmp_path, reference_kernels)
     assert diff < 1e-5, diff  # the same weights; float32 summation order only (measured ~2e-7, logits ~0.7)
 
 
+def test_tied_head_is_matmulnbits_and_no_float_table_is_left(tiny_tokenizer, tmp_path, reference_kernels):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=len(tiny_tokenizer), tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    q, _ = lowbit.quantize(model, tiny_tokenizer, scheme="int4-g64", progress=False)
+    rep = write_transformer_onnx(q, tmp_path / "m.onnx")
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    assert rep.layers == {"matmulnbits-4bit": 7, "matmulnbits-8bit": 1, "embedding-int8": 1}
+    assert any(n.op_type == "MatMulNBits" and n.input[1] == "lm_head.qweight.B" for n in graph.node)
+    big_float = [i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT and np.prod(i.dims) > 4096]
+    assert big_float == []  # the exporter merged head and table (equal values); both now hold int8 codes
+    ids, mask = _ids(len(tiny_tokenizer))
+    (y,) = run_onnx_isolated(tmp_path / "m.onnx", {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
+    with torch.no_grad():
+        ref = q(input_ids=ids, attention_mask=mask).logits
+    assert (_valid(torch.from_numpy(y), mask) - _valid(ref, mask)).abs().max().item() < 1e-5
+
+
 def test_existing_file_is_refused_unless_force(tiny_llama, tmp_path):
     model, tok = tiny_llama
     q, _ = lowbit.quantize(model, tok, scheme="int4-g64", progress=False)

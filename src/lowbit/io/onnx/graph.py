@@ -123,10 +123,20 @@ def rewrite(model: Any, layers: dict[str, tuple[nn.Module, str]], opset: int) ->
     owner = {f"{n}.weight": n for n in layers}
     by_value: dict[str, str | None] = {}
 
-    def linear_for(init_name: str) -> str | None:
-        name = owner.get(init_name)
-        if name is not None and layers[name][1].startswith(("matmulnbits", "int8-int8")):
-            return name
+    def linear_for(value: str) -> str | None:
+        """The linear layer whose weight ``value`` is: by its name, through the exporter's Identity nodes (it
+        writes a weight equal to another, a tied head, as ``Identity(other)``), else by value."""
+        while True:
+            name = owner.get(value)
+            if name is not None and layers[name][1].startswith(("matmulnbits", "int8-int8")):
+                return name
+            src = producer.get(value)
+            if src is None or src.op_type != "Identity":
+                break
+            value = src.input[0]
+        if value not in inits:
+            return None
+        init_name = value
         if init_name not in by_value:  # merged by the exporter with an equal weight (a tied head): find it by value
             arr = torch.from_numpy(numpy_helper.to_array(inits[init_name]).copy())
             by_value[init_name] = next(
@@ -141,11 +151,11 @@ def rewrite(model: Any, layers: dict[str, tuple[nn.Module, str]], opset: int) ->
         target = None  # (layer, x, out, bias)
         if node.op_type == "MatMul":
             src = producer.get(node.input[1])
-            if src is not None and src.op_type == "Transpose" and src.input[0] in inits:
+            if src is not None and src.op_type == "Transpose":
                 name = linear_for(src.input[0])
                 if name is not None:
                     target = (name, node.input[0], node.output[0], None)
-        elif node.op_type == "Gemm" and node.input[1] in inits:
+        elif node.op_type == "Gemm":
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             if attrs.get("transB") == 1 and not attrs.get("transA") and attrs.get("alpha", 1.0) == 1.0 \
                     and attrs.get("beta", 1.0) == 1.0:
@@ -153,8 +163,8 @@ def rewrite(model: Any, layers: dict[str, tuple[nn.Module, str]], opset: int) ->
                 if name is not None:
                     bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
                     target = (name, node.input[0], node.output[0], bias)
-        elif node.op_type == "Gather" and node.input[0] in owner:
-            name = owner[node.input[0]]
+        elif node.op_type == "Gather" and _through_identity(node.input[0], producer, owner) is not None:
+            name = _through_identity(node.input[0], producer, owner)
             counts[name] += 1
             if layers[name][1] == "embedding-int8":
                 _dq_rows(b, name.removeprefix("m."), layers[name][0], node.input[1], node.output[0])
@@ -181,6 +191,16 @@ def rewrite(model: Any, layers: dict[str, tuple[nn.Module, str]], opset: int) ->
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return dict(counts)
+
+
+def _through_identity(value: str, producer: dict[str, Any], owner: dict[str, str]) -> str | None:
+    """The layer owning ``value`` or a value it is an Identity of (the exporter's form of merged equal weights)."""
+    while value not in owner:
+        src = producer.get(value)
+        if src is None or src.op_type != "Identity":
+            return None
+        value = src.input[0]
+    return owner[value]
 
 
 def _prune(model: Any) -> None:

@@ -263,9 +263,9 @@ def write_transformer_onnx(qmodel: nn.Module, path: str | os.PathLike, *,
 
         model = onnx.load(str(float_file))
         say("rewriting quantized layers")
-        in_graph = {i.name for i in model.graph.initializer}
+        in_graph = {i.name for i in model.graph.initializer} | {i for n in model.graph.node for i in n.input}
         counts = G.rewrite(model, {f"m.{n}": (m, kinds[n]) for n, m in quantized.items()}, opset)
-        served = {n for n, m in quantized.items() if counts.get(f"m.{n}", 0) or _shares_rewritten(m, quantized, counts)}
+        served = {n for n in quantized if counts.get(f"m.{n}", 0)}
         missing = sorted(n for n in quantized if n not in served and f"m.{n}.weight" in in_graph)
         if missing:
             raise LowbitError(f"layer {missing[0]}: its weight is in the exported graph but no MatMul / Gemm / Gather "
@@ -284,13 +284,6 @@ def write_transformer_onnx(qmodel: nn.Module, path: str | os.PathLike, *,
         (dest.parent / report.external_data).stat().st_size if report.external_data else 0)
     report.seconds = time.perf_counter() - t0
     return report
-
-
-def _shares_rewritten(m: nn.Module, quantized: dict[str, nn.Module], counts: dict[str, int]) -> bool:
-    """A layer whose weight the exporter merged into another's initializer (equal values) is served by that one."""
-    w = m.qweight.dequantize(torch.float32)
-    return any(counts.get(f"m.{n}", 0) and o is not m and o.qweight.shape == m.qweight.shape
-               and torch.equal(o.qweight.dequantize(torch.float32), w) for n, o in quantized.items())
 
 
 def _save(model: Any, dest: Path, work: Path) -> str | None:
