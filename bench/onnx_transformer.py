@@ -14,6 +14,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import onnx
 import torch
 
 import lowbit
@@ -53,14 +54,21 @@ def smollm2(a, out: Path) -> None:
     q, _ = lowbit.quantize(model, tok, scheme="int4-g64", progress=False)
     rep = T.write_transformer_onnx(q, out / "smollm2-int4.onnx", force=True)
     float_onnx(model, "causal-lm", out / "smollm2-fp32.onnx", None)
+    int8_compute = out / "smollm2-int4-acc4.onnx"  # the same file with accuracy_level=4: A quantized to int8 per block
+    g = onnx.load(str(out / "smollm2-int4.onnx"))
+    for node in g.graph.node:
+        if node.op_type == "MatMulNBits":
+            node.attribute.append(onnx.helper.make_attribute("accuracy_level", 4))
+    onnx.save(g, str(int8_compute))
     wins = token_windows(tok, read_text(wikitext("test")), a.windows, a.window_len)
     mask = torch.ones_like(wins)
     feeds = {"input_ids": wins, "attention_mask": mask}
-    kl_ref, kl_auto, kl_float_onnx, kl_float_lowbit = [], [], [], []
+    kl_ref, kl_auto, kl_float_onnx, kl_float_lowbit, kl_acc4 = [], [], [], [], []
     for i in range(len(wins)):
         f = {k: v[i:i + 1] for k, v in feeds.items()}
         (y,) = run_onnx_isolated(out / "smollm2-int4.onnx", {k: v.numpy() for k, v in f.items()})
         y = torch.from_numpy(y)
+        (y4,) = run_onnx_isolated(int8_compute, {k: v.numpy() for k, v in f.items()})
         with torch.no_grad():
             with use_kernels("reference"):
                 ref = q(**f).logits
@@ -70,9 +78,11 @@ def smollm2(a, out: Path) -> None:
         kl_auto.append(kl(auto, y))
         kl_float_onnx.append(kl(flt, y))
         kl_float_lowbit.append(kl(flt, ref))
+        kl_acc4.append(kl(ref, torch.from_numpy(y4)))
     prefill = {"input_ids": wins[:1, :128], "attention_mask": mask[:1, :128]}
     t_q = ort_time(out / "smollm2-int4.onnx", prefill, a.repeats)
     t_f = ort_time(out / "smollm2-fp32.onnx", prefill, a.repeats)
+    t_4 = ort_time(int8_compute, prefill, a.repeats)
     n = len(wins)
     print(f"\n## SmolLM2-135M-Instruct int4-g64 (rtn) · {n} WikiText-2 test windows of {a.window_len} tokens")
     print(f"layers: {rep.layers}; warnings: {rep.warnings or 'none'}")
@@ -80,12 +90,15 @@ def smollm2(a, out: Path) -> None:
     print("|---|---|")
     print(f"| KL(lowbit float32 reference ‖ ONNX), mean | {sum(kl_ref) / n:.3g} |")
     print(f"| KL(lowbit default kernels ‖ ONNX), mean | {sum(kl_auto) / n:.3g} |")
+    print(f"| KL(lowbit float32 reference ‖ ONNX with accuracy_level=4), mean | {sum(kl_acc4) / n:.3g} |")
     print(f"| KL(float model ‖ ONNX int4), mean | {sum(kl_float_onnx) / n:.4f} |")
     print(f"| KL(float model ‖ lowbit int4), mean | {sum(kl_float_lowbit) / n:.4f} |")
     s_q, s_f = mib(out / "smollm2-int4.onnx"), mib(out / "smollm2-fp32.onnx")
     print(f"| file: int4 ONNX / fp32 ONNX | {s_q:.1f} MiB / {s_f:.1f} MiB ({s_q / s_f:.3f}x) |")
     print(f"| ORT prefill 128 tokens, batch 1: int4 / fp32 | {1e3 * t_q:.1f} ms / {1e3 * t_f:.1f} ms "
           f"(fp32 / int4 = {t_f / t_q:.2f}x) |")
+    print(f"| ORT prefill 128 tokens, batch 1: int4 with accuracy_level=4 | {1e3 * t_4:.1f} ms "
+          f"(fp32 / int4 = {t_f / t_4:.2f}x) |")
 
 
 def minilm(a, out: Path) -> None:

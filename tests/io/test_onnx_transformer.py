@@ -59,6 +59,36 @@ def test_matmulnbits_weight_is_lowbits_dequantize_bit_for_bit(tmp_path, scheme, 
     assert np.array_equal(y.T, q.dequantize(torch.float32).numpy())
 
 
+@pytest.mark.parametrize("act", ["int8-dynamic", "int8-static"])
+def test_w8a8_single_layer_matches_lowbits_int8_kernel(tmp_path, act):
+    from onnx import TensorProto, helper
+
+    from lowbit.io.onnx import graph as G
+    from lowbit.kernels import use_kernels
+    from lowbit.model.qmodules import QLinear
+
+    g = torch.Generator().manual_seed(0)
+    k, n = 384, 1536
+    layer = QLinear(QTensor.quantize(torch.randn(n, k, generator=g), Scheme.parse("int8")))
+    layer.act_scheme = act
+    layer.act_scale = torch.tensor(0.05) if act == "int8-static" else None
+    io = ([helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])])
+    m = helper.make_model(helper.make_graph([], "one", *io),
+                          opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    b = G._Builder(m)
+    G._int8_int8(b, "layer", layer, "x", "y", 17, None)
+    m.graph.node.extend(b.nodes)
+    m.graph.initializer.extend(b.inits)
+    onnx.save(m, str(tmp_path / "one.onnx"))
+    x = torch.randn(64, k, generator=g) * 3
+    (y,) = run_onnx_isolated(tmp_path / "one.onnx", {"x": x.numpy()})
+    with torch.no_grad(), use_kernels(["int8-int8"]):
+        ref = layer(x)
+    # the same codes and int32 sums; the float32 rescale in another order: a few ulp
+    assert np.abs(y - ref.numpy()).max() <= 1e-6 * np.abs(ref.numpy()).max()
+
+
 @pytest.mark.parametrize("scheme, why", [("int3-g64", "3-bit codes"), ("int4-g24", "groups of 24"),
                                          ("q4_0", "GGML block type"), ("nf4-g64", "not an integer grid")])
 def test_unsupported_scheme_names_the_layer(tiny_llama, tmp_path, scheme, why):
