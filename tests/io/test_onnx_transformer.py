@@ -59,8 +59,8 @@ def test_matmulnbits_weight_is_lowbits_dequantize_bit_for_bit(tmp_path, scheme, 
     assert np.array_equal(y.T, q.dequantize(torch.float32).numpy())
 
 
-@pytest.mark.parametrize("act", ["int8-dynamic", "int8-static"])
-def test_w8a8_single_layer_matches_lowbits_int8_kernel(tmp_path, act):
+@pytest.mark.parametrize("act, opset", [("int8-dynamic", 17), ("int8-dynamic", 18), ("int8-static", 17)])
+def test_w8a8_single_layer_matches_lowbits_int8_kernel(tmp_path, act, opset):
     from onnx import TensorProto, helper
 
     from lowbit.io.onnx import graph as G
@@ -75,9 +75,9 @@ def test_w8a8_single_layer_matches_lowbits_int8_kernel(tmp_path, act):
     io = ([helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])])
     m = helper.make_model(helper.make_graph([], "one", *io),
-                          opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+                          opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid("com.microsoft", 1)])
     b = G._Builder(m)
-    G._int8_int8(b, "layer", layer, "x", "y", 17, None)
+    G._int8_int8(b, "layer", layer, "x", "y", opset, None)
     m.graph.node.extend(b.nodes)
     m.graph.initializer.extend(b.inits)
     onnx.save(m, str(tmp_path / "one.onnx"))
@@ -145,6 +145,19 @@ def test_tied_head_is_matmulnbits_and_no_float_table_is_left(tiny_tokenizer, tmp
     big_float = [i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT and np.prod(i.dims) > 4096]
     assert big_float == []  # the exporter merged head and table (equal values); both now hold int8 codes
     ids, mask = _ids(len(tiny_tokenizer))
+    (y,) = run_onnx_isolated(tmp_path / "m.onnx", {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
+    with torch.no_grad():
+        ref = q(input_ids=ids, attention_mask=mask).logits
+    assert (_valid(torch.from_numpy(y), mask) - _valid(ref, mask)).abs().max().item() < 1e-5
+
+
+def test_traced_without_padding_still_masks_padded_batches(tiny_llama, tmp_path, reference_kernels):
+    model, tok = tiny_llama
+    q, _ = lowbit.quantize(model, tok, scheme="int4-g32-sym", progress=False)
+    ex = {"input_ids": torch.tensor([[5, 6, 7, 8, 9]])}  # one row, no mask: the mask path must still be in the graph
+    rep = write_transformer_onnx(q, tmp_path / "m.onnx", example_inputs=ex, opset=18)
+    assert rep.opset == 18 and rep.layers["matmulnbits-4bit"] == 14
+    ids, mask = _ids(len(tok), rows=3, seq=10, pad=6)
     (y,) = run_onnx_isolated(tmp_path / "m.onnx", {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
     with torch.no_grad():
         ref = q(input_ids=ids, attention_mask=mask).logits
