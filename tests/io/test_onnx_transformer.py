@@ -164,6 +164,21 @@ def test_traced_without_padding_still_masks_padded_batches(tiny_llama, tmp_path,
     assert (_valid(torch.from_numpy(y), mask) - _valid(ref, mask)).abs().max().item() < 1e-5
 
 
+def test_embedding_of_another_scheme_is_a_float_table_and_warned(tiny_llama, tmp_path, reference_kernels):
+    model, tok = tiny_llama
+    q, _ = lowbit.quantize(model, tok, scheme="int4-g64", rules=["model.embed_tokens=int4-g32"], progress=False)
+    assert q.model.embed_tokens.qweight.scheme.name == "int4-g32"
+    rep = write_transformer_onnx(q, tmp_path / "m.onnx")
+    assert rep.layers["embedding-float"] == 1
+    assert rep.warnings == ["model.embed_tokens: int4-g32 embeddings written as float tables (lowbit's dequantized "
+                            "values; the int8 form takes int8 per row)"]
+    ids, mask = _ids(len(tok))
+    (y,) = run_onnx_isolated(tmp_path / "m.onnx", {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
+    with torch.no_grad():
+        ref = q(input_ids=ids, attention_mask=mask).logits
+    assert (_valid(torch.from_numpy(y), mask) - _valid(ref, mask)).abs().max().item() < 1e-5
+
+
 def test_existing_file_is_refused_unless_force(tiny_llama, tmp_path):
     model, tok = tiny_llama
     q, _ = lowbit.quantize(model, tok, scheme="int4-g64", progress=False)
