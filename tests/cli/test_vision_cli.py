@@ -98,3 +98,11 @@ def test_image_folders_and_files_are_checked(tmp_path, images):
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
     with pytest.raises(LowbitError, match="broken.png: not a readable image"):
         load_images([tmp_path / "broken.png"])
+
+
+def test_export_onnx_of_a_quantized_transformer(capsys, tmp_path, tiny_llama_dir):
+    out = tmp_path / "tiny.onnx"
+    code, stdout, err = run(capsys, "export", "onnx", tiny_llama_dir, "--scheme", "int4-g32", "-o", out, "--json")
+    assert code == 0, err
+    r = json.loads(stdout)
+    assert r["format"] == "onnx" and r["layers"]["matmulnbits-4bit"] == 14 and out.is_file()
