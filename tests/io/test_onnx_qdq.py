@@ -69,6 +69,7 @@ def test_onnxruntime_runs_it_on_integer_kernels_and_matches_lowbit(tiny_int8, tm
     plain = run_isolated(_run_ort, str(path), x.numpy(), False, what="onnxruntime (QDQ, no fusion)")
     ops = {n.op_type for n in onnx.load(str(opt)).graph.node}
     assert "QLinearConv" in ops and "Conv" not in ops  # every conv fused into the integer kernel
+    assert "QGemm" in ops and "Gemm" not in ops  # and the classifier
     with torch.no_grad():
         ours = qm(x).numpy()
     step = float(qm.get_submodule([n for n, m in qm.named_modules() if isinstance(m, ActQuant)][-1]).scale)

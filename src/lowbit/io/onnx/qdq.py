@@ -135,7 +135,8 @@ def write_qdq_onnx(qmodel: nn.Module, path: str | os.PathLike, example_inputs: t
         if op.op_type == "Gemm" and not any(a.name == "transB" and a.i == 1 for a in op.attribute):
             raise LowbitError(f"layer {name}: Gemm without transB (an exporter change?)")
         w_scale = info["scale"].numpy().astype(np.float32)
-        new_nodes += _dq(g, f"{name}.weight", info["codes"].numpy(), w_scale)
+        zp = op.op_type == "Gemm"
+        new_nodes += _dq(g, f"{name}.weight", info["codes"].numpy(), w_scale, zp)
         drop.add(wname)
         if info["bias"] is not None and bname in inits:
             if info["act"] is None:
@@ -143,7 +144,7 @@ def write_qdq_onnx(qmodel: nn.Module, path: str | os.PathLike, example_inputs: t
             else:
                 s = float(info["act"].scale) * info["scale"].double()
                 codes = torch.round(info["bias"] / s).clamp(-(2**31), 2**31 - 1).to(torch.int32).numpy()
-                new_nodes += _dq(g, f"{name}.bias", codes, s.numpy().astype(np.float32))
+                new_nodes += _dq(g, f"{name}.bias", codes, s.numpy().astype(np.float32), zp)
                 drop.add(bname)
         report.quantized_layers += 1
     kept = [i for i in g.initializer if i.name not in drop]
@@ -161,15 +162,18 @@ def write_qdq_onnx(qmodel: nn.Module, path: str | os.PathLike, example_inputs: t
     return report
 
 
-def _dq(g, name: str, codes: np.ndarray, scale: np.ndarray) -> list:
-    """Initializers ``name_quantized`` / ``_scale`` and the DequantizeLinear (axis 0) that rebuilds tensor ``name``
-    from them; the zero-point is left out (0 of the codes' type, as the operator defines it)."""
+def _dq(g, name: str, codes: np.ndarray, scale: np.ndarray, zero_point: bool) -> list:
+    """Initializers ``name_quantized`` / ``_scale`` (/ ``_zero_point``, all 0) and the DequantizeLinear (axis 0) that
+    rebuilds tensor ``name`` from them. Without ``zero_point`` the operator's default, 0 of the codes' type, holds:
+    onnxruntime fuses convolutions either way, but fuses a Gemm into QGemm only with the zero-points written."""
     from onnx import helper, numpy_helper
 
-    g.initializer.extend([numpy_helper.from_array(np.ascontiguousarray(codes), f"{name}_quantized"),
-                          numpy_helper.from_array(scale, f"{name}_scale")])
-    return [helper.make_node("DequantizeLinear", [f"{name}_quantized", f"{name}_scale"], [name],
-                             name=f"{name}_dequantize", axis=0)]
+    inits = [numpy_helper.from_array(np.ascontiguousarray(codes), f"{name}_quantized"),
+             numpy_helper.from_array(scale, f"{name}_scale")]
+    if zero_point:
+        inits.append(numpy_helper.from_array(np.zeros(len(scale), codes.dtype), f"{name}_zero_point"))
+    g.initializer.extend(inits)
+    return [helper.make_node("DequantizeLinear", [i.name for i in inits], [name], name=f"{name}_dequantize", axis=0)]
 
 
 def _version() -> str:
