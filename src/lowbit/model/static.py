@@ -123,10 +123,11 @@ class StaticReport:
         return asdict(self)
 
 
-def calib_batches(calib: Any, batch_size: int = 16) -> Callable[[nn.Module], int]:
+def calib_batches(calib: Any, batch_size: int = 16, desc: str | None = None) -> Callable[[nn.Module], int]:
     """A function running a model over the calibration inputs (returns how many samples it fed): ``calib`` is a
     tensor (N, …) cut into batches, an iterable of batches (tensors, tuples of positional inputs, or dicts of
-    keyword inputs), or a callable that runs the model on its inputs itself."""
+    keyword inputs), or a callable that runs the model on its inputs itself. ``desc``: a progress bar of that name
+    over the batches (None: no bar)."""
     if callable(calib) and not isinstance(calib, torch.Tensor | nn.Module):
         def run_fn(m: nn.Module) -> int:
             calib(m)
@@ -144,7 +145,7 @@ def calib_batches(calib: Any, batch_size: int = 16) -> Callable[[nn.Module], int
 
     def run(m: nn.Module) -> int:
         n = 0
-        for b in data:
+        for b in tqdm(data, desc=desc, disable=desc is None, leave=False):
             if isinstance(b, dict):
                 m(**b)
                 first = next(iter(b.values()))
@@ -202,10 +203,8 @@ def quantize_static(model: nn.Module, calib: Any, *, scheme: str = "int8", obser
         raise LowbitError(f"model {type(model).__name__}: no Conv2d or Linear layer to quantize")
     points = insert_modules(gm, activation_points(gm, quantized), lambda p: ActQuant(act_dtype, p.why))
     with torch.no_grad():
-        bar = tqdm(total=None, desc="calibrate", disable=None if progress is None else not progress, leave=False)
-        run = calib_batches(calib, batch_size)
+        run = calib_batches(calib, batch_size, None if progress is False else "calibrate")
         report.calib_samples = run(gm)
-        bar.close()
     for name in points:
         aq = gm.get_submodule(name)
         aq.freeze(observer)
