@@ -183,6 +183,9 @@ def quantize(model: nn.Module, tokenizer: Any = None, scheme: str = "int4-g128",
             raise LowbitError("inplace=True: a full-integer model is a new (traced) module; the source is kept")
         return quantize_static(model, calib, observer=observer, method=method or "gptq", act_dtype=act_dtype,
                                keep=keep, batch_size=batch_size, progress=progress)
+    if act is None and (callable(calib) or (isinstance(calib, torch.Tensor) and calib.is_floating_point())):
+        raise LowbitError("calib holds model inputs (images, tensors), not text or token ids: pass act='int8-static' "
+                          "for the full-integer scheme (int8 weights per channel, 8-bit activations)")
     method = method or "rtn"
     cfg = config or MethodConfig()
     if act is not None:

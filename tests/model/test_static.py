@@ -175,6 +175,8 @@ def test_keep_leaves_a_layer_in_float_and_bad_inputs_are_one_line_errors():
         quantize_static(m, 3)
     with pytest.raises(LowbitError, match="scheme='int8'"):
         lowbit.quantize(m, calib=x, act="int8-static")
+    with pytest.raises(LowbitError, match="pass act='int8-static'"):
+        lowbit.quantize(m, calib=x, scheme="int8")
 
 
 def test_quantize_api_takes_tensors_batches_and_a_function():

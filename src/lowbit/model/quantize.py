@@ -189,7 +189,8 @@ def _quantize_model(model, plan, calib, batch_size, sample_rows, progress, on_bl
     for n, m in model.named_modules():
         if unsupported_leaf(m):
             report.kept.append(n)
-            report.warnings.append(f"{n}: {type(m).__name__} is not supported; kept in float")
+            hint = " (convolutions: act='int8-static', the full-integer path)" if isinstance(m, nn.Conv2d) else ""
+            report.warnings.append(f"{n}: {type(m).__name__} is not supported{hint}; kept in float")
     planned = [n for n, lp in resolved.items() if lp.scheme is not None]
     for n in planned:  # before any calibration: a layer whose forward cannot be kept is refused up front
         check_convertible(n, model.get_submodule(n))
