@@ -183,7 +183,11 @@ def test_quantize_api_takes_tensors_batches_and_a_function():
     m = _tiny()
     x = torch.randn(8, 3, 12, 12)
     a, _ = lowbit.quantize(m, calib=x, scheme="int8", act="int8-static", method="rtn", batch_size=4)
-    b, _ = lowbit.quantize(m, calib=[x[:4], x[4:]], scheme="int8", act="int8-static", method="rtn")
+    b, _ = lowbit.quantize(m, calib=(x[i : i + 4] for i in (0, 4)), scheme="int8", act="int8-static", method="rtn")
+    g1, _ = lowbit.quantize(m, calib=[x[:4], x[4:]], scheme="int8", act="int8-static")
+    g2, _ = lowbit.quantize(m, calib=(x[i : i + 4] for i in (0, 4)), scheme="int8", act="int8-static")
+    with torch.no_grad():  # GPTQ sees a generator's batches in its second pass too
+        assert torch.equal(g1(x), g2(x))
     c, _ = lowbit.quantize(m, calib=lambda mod: [mod(x[:4]), mod(x[4:])], scheme="int8", act="int8-static",
                            method="rtn")
     with torch.no_grad():

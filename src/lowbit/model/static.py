@@ -138,7 +138,7 @@ def calib_batches(calib: Any, batch_size: int = 16, desc: str | None = None) -> 
             raise LowbitError("calibration inputs: an empty tensor")
         data: Iterable = list(calib.split(batch_size))
     elif isinstance(calib, Iterable):
-        data = calib
+        data = list(calib)  # GPTQ runs the batches a second time: a generator must not be spent by the first
     else:
         raise LowbitError(f"calibration inputs: a tensor, an iterable of batches or a callable, not "
                           f"{type(calib).__name__}")
@@ -160,7 +160,7 @@ def calib_batches(calib: Any, batch_size: int = 16, desc: str | None = None) -> 
     return run
 
 
-def quantize_static(model: nn.Module, calib: Any, *, scheme: str = "int8", observer: str = "minmax",
+def quantize_static(model: nn.Module, calib: Any, *, scheme: str = "int8", observer: str = "percentile",
                     act_dtype: str = "uint8", keep: Iterable[str] = (), method: str = "gptq", batch_size: int = 16,
                     progress: bool | None = None) -> tuple[fx.GraphModule, StaticReport]:
     """Full-integer quantization of a copy of ``model`` (``model`` itself is not changed).
