@@ -246,3 +246,14 @@ def test_os_errors_are_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(commands, "cmd_inspect", full)  # main() builds its parser after this
     code, _, err = run(capsys, "inspect", str(tmp_path))
     assert code == 2 and err == f"error: {tmp_path / 'out'}: No space left on device\n"
+
+
+def test_quantize_threads(tmp_path, capsys, tiny_llama_dir):
+    import torch
+
+    before = torch.get_num_threads()
+    code, _, err = run(capsys, "quantize", tiny_llama_dir, "-o", tmp_path / "q", "--scheme", "int8", "--threads", "1")
+    assert code == 0, err
+    assert torch.get_num_threads() == before  # restored after the run
+    code, _, err = run(capsys, "quantize", tiny_llama_dir, "-o", tmp_path / "q2", "--threads", "0")
+    assert code == 2 and "--threads 0: must be at least 1" in err and not (tmp_path / "q2").exists()

@@ -20,6 +20,7 @@ from lowbit.methods.registry import MethodConfig, method_spec
 from lowbit.model.device import parse_device
 from lowbit.model.plan import Plan
 from lowbit.model.quantize import QuantReport
+from lowbit.threads import torch_threads
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -158,9 +159,12 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any] | None:
     _check_out(args.out, args.force, args.source)
     t0 = time.perf_counter()
     # blocks are read one at a time as quantization reaches them; a budget's sensitivity needs the whole model
+    if args.threads is not None and args.threads < 1:
+        raise LowbitError(f"--threads {args.threads}: must be at least 1")
     model, tok = lowbit.load(args.source, lazy=not args.budget)
-    alloc = budget_allocation(args, model, tok, err=None if args.json else err)
-    qmodel, report = _quantize(args, model, tok, None if alloc is None else alloc.plan)
+    with torch_threads(args.threads):
+        alloc = budget_allocation(args, model, tok, err=None if args.json else err)
+        qmodel, report = _quantize(args, model, tok, None if alloc is None else alloc.plan)
     _warn_unmatched(args, qmodel)
     saved = lowbit.save(qmodel, args.out, tokenizer=tok, plan=qmodel.lowbit_plan, report=report, force=args.force)
     size = sum(f.stat().st_size for f in saved.iterdir())

@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-o", "--out", required=True, help="output directory (must not exist unless --force)")
     _quant_args(q)
     _device_arg(q, "the quantization runs (one block at a time; the model itself stays in CPU memory)")
+    q.add_argument("--threads", type=int, help="torch threads while quantizing (default: torch's own choice; on a "
+                   "busy 2-core machine 1 is often faster)")
     q.add_argument("--force", action="store_true", help="replace an existing output directory")
     q.add_argument("--json", action="store_true", help="print the report as JSON")
     q.set_defaults(func=commands.cmd_quantize)
