@@ -30,7 +30,15 @@ from lowbit.core.scheme import parse_scheme
 from lowbit.errors import LowbitError
 from lowbit.methods.registry import LayerStats, MethodConfig, get_method
 from lowbit.model.convert import conversion_for, quantized_module, weight_matrix
-from lowbit.model.graph import QUANTIZABLE, activation_points, fold_batchnorm, insert_modules, same_grid, trace
+from lowbit.model.graph import (
+    QUANTIZABLE,
+    activation_points,
+    equalize_ranges,
+    fold_batchnorm,
+    insert_modules,
+    same_grid,
+    trace,
+)
 from lowbit.model.qmodules import QLinear
 from lowbit.model.report import LayerReport
 from lowbit.primitives.observers import RangeObserver
@@ -106,6 +114,7 @@ class StaticReport:
     kept: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     folded_bn: int = 0
+    equalized: int = 0  # conv → ReLU(6) → conv pairs whose middle activation's channel ranges were evened out
     calib_batches: int = 0
     calib_samples: int = 0
     observer: str = "minmax"
@@ -162,7 +171,8 @@ def calib_batches(calib: Any, batch_size: int = 16, desc: str | None = None) -> 
 
 def quantize_static(model: nn.Module, calib: Any, *, scheme: str = "int8", observer: str = "percentile",
                     act_dtype: str = "uint8", keep: Iterable[str] = (), method: str = "gptq", batch_size: int = 16,
-                    progress: bool | None = None) -> tuple[fx.GraphModule, StaticReport]:
+                    equalize: float | None = 0.5, progress: bool | None = None
+                    ) -> tuple[fx.GraphModule, StaticReport]:
     """Full-integer quantization of a copy of ``model`` (``model`` itself is not changed).
 
     Returns the quantized model (a GraphModule: ``QConv2d`` / ``QLinear`` layers under their float names,
@@ -170,6 +180,8 @@ def quantize_static(model: nn.Module, calib: Any, *, scheme: str = "int8", obser
     module-name globs left in float (a sensitive layer). ``act_dtype``: uint8 (what x86 runtimes fuse) or int8.
     ``method``: ``gptq`` (default: each layer's rounding minimises its output error on the calibration inputs,
     as they arrive on their activation grids; one Hessian per channel for depthwise convs) or ``rtn``.
+    ``equalize``: the strength (0..1) of :func:`~lowbit.model.graph.equalize_ranges` on conv → ReLU(6) → conv
+    pairs before the ranges are observed (None: off).
     """
     if method not in ("gptq", "rtn"):
         raise LowbitError(f"--method {method}: static int8 quantizes weights with gptq or rtn")
@@ -201,9 +213,11 @@ def quantize_static(model: nn.Module, calib: Any, *, scheme: str = "int8", obser
             quantized.add(node.target)
     if not quantized:
         raise LowbitError(f"model {type(model).__name__}: no Conv2d or Linear layer to quantize")
+    run = calib_batches(calib, batch_size, None if progress is False else "calibrate")
+    if equalize:
+        report.equalized = equalize_ranges(gm, run, equalize)
     points = insert_modules(gm, activation_points(gm, quantized), lambda p: ActQuant(act_dtype, p.why))
     with torch.no_grad():
-        run = calib_batches(calib, batch_size, None if progress is False else "calibrate")
         report.calib_samples = run(gm)
     for name in points:
         aq = gm.get_submodule(name)
