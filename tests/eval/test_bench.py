@@ -56,7 +56,9 @@ def test_float_twin_is_the_dequantized_float_model(tiny_llama):
 
 def test_quantized_model_generates_with_kv_cache_as_the_reference_does(tiny_llama):
     _, q = _quantized(tiny_llama, "int8")
-    ids = torch.randint(1, 100, (1, 6))
+    # fixed prompt ids: drawn from the global RNG they changed with the tests run before, and a random tiny model has
+    # near-ties that a bf16 rounding flips early (one draw diverged at the fifth new token)
+    ids = torch.randint(1, 100, (1, 6), generator=torch.Generator().manual_seed(0))
     out = q.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 14)
     assert {m._kernel.name for m in q.modules() if isinstance(m, QLinear)} == {"int8-torch"}
