@@ -17,6 +17,7 @@ from lowbit.errors import LowbitError
 from lowbit.io.exporters import Exporter, disk_bytes
 from lowbit.io.images import ImagePrep, image_files, load_images
 from lowbit.io.onnx.exporter import OnnxOptions
+from lowbit.threads import torch_threads
 
 STATIC_METHODS = ("gptq", "rtn")
 
@@ -71,8 +72,6 @@ def export_vision(args: argparse.Namespace, exporter: Exporter, options: OnnxOpt
 
 def eval_vision(args: argparse.Namespace, out: Console) -> dict[str, Any] | None:
     """Top-1 agreement of MODEL (a .onnx file) with the float reference, sizes, and speed in onnxruntime."""
-    from lowbit.eval.vision import evaluate_images, ms_per_call
-    from lowbit.io.onnx.runtime import ort_model
     from lowbit.model.vision import load_vision, vision_arch_names
 
     if not args.arch or not args.reference:
@@ -84,7 +83,18 @@ def eval_vision(args: argparse.Namespace, out: Console) -> dict[str, Any] | None
     x = load_images(image_files(args.images), _prep(size))
     reference = load_vision(args.reference, args.arch)
     threads = args.threads
-    torch.set_num_threads(threads)
+    if threads < 1:
+        raise LowbitError(f"--threads {threads}: must be at least 1")
+    with torch_threads(threads):
+        return _eval_vision(args, out, x, reference, threads)
+
+
+def _eval_vision(args: argparse.Namespace, out: Console, x: torch.Tensor, reference: torch.nn.Module,
+                 threads: int) -> dict[str, Any] | None:
+    from lowbit.eval.vision import evaluate_images, ms_per_call
+    from lowbit.io.onnx.runtime import ort_model
+
+    size = args.image_size
     qrun = ort_model(args.model, threads=threads)
     r = evaluate_images(qrun, reference, x, per_layer=False)
     with tempfile.TemporaryDirectory() as d:
