@@ -112,6 +112,14 @@ def _ids(vocab: int, rows: int = 2, seq: int = 12, pad: int = 4):
     return ids, mask
 
 
+def _ort_vs_lowbit(path, q, ids: torch.Tensor, mask: torch.Tensor) -> float:
+    """Max |logits| difference between the file in onnxruntime (a child process) and ``q``, on unpadded rows."""
+    (y,) = run_onnx_isolated(path, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
+    with torch.no_grad():
+        ref = q(input_ids=ids, attention_mask=mask).logits
+    return (_valid(torch.from_numpy(y), mask) - _valid(ref, mask)).abs().max().item()
+
+
 def test_tiny_llama_logits_match_lowbit(tiny_llama, tmp_path, reference_kernels):
     model, tok = tiny_llama
     q, _ = lowbit.quantize(model, tok, scheme="int4-g64", progress=False)
@@ -123,10 +131,7 @@ def test_tiny_llama_logits_match_lowbit(tiny_llama, tmp_path, reference_kernels)
     assert sum(n.op_type == "MatMulNBits" for n in graph.node) == 15
     assert all(i.data_type != onnx.TensorProto.FLOAT or np.prod(i.dims) < 64 * 64 for i in graph.initializer)
     ids, mask = _ids(len(tok))
-    (y,) = run_onnx_isolated(tmp_path / "m.onnx", {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
-    with torch.no_grad():
-        ref = q(input_ids=ids, attention_mask=mask).logits
-    diff = (_valid(torch.from_numpy(y), mask) - _valid(ref, mask)).abs().max().item()
+    diff = _ort_vs_lowbit(tmp_path / "m.onnx", q, ids, mask)
     assert diff < 1e-5, diff  # the same weights; float32 summation order only (measured ~2e-7, logits ~0.7)
 
 
@@ -145,10 +150,7 @@ def test_tied_head_is_matmulnbits_and_no_float_table_is_left(tiny_tokenizer, tmp
     big_float = [i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT and np.prod(i.dims) > 4096]
     assert big_float == []  # the exporter merged head and table (equal values); both now hold int8 codes
     ids, mask = _ids(len(tiny_tokenizer))
-    (y,) = run_onnx_isolated(tmp_path / "m.onnx", {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
-    with torch.no_grad():
-        ref = q(input_ids=ids, attention_mask=mask).logits
-    assert (_valid(torch.from_numpy(y), mask) - _valid(ref, mask)).abs().max().item() < 1e-5
+    assert _ort_vs_lowbit(tmp_path / "m.onnx", q, ids, mask) < 1e-5
 
 
 def test_traced_without_padding_still_masks_padded_batches(tiny_llama, tmp_path, reference_kernels):
@@ -158,10 +160,7 @@ def test_traced_without_padding_still_masks_padded_batches(tiny_llama, tmp_path,
     rep = write_transformer_onnx(q, tmp_path / "m.onnx", example_inputs=ex, opset=18)
     assert rep.opset == 18 and rep.layers["matmulnbits-4bit"] == 14
     ids, mask = _ids(len(tok), rows=3, seq=10, pad=6)
-    (y,) = run_onnx_isolated(tmp_path / "m.onnx", {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
-    with torch.no_grad():
-        ref = q(input_ids=ids, attention_mask=mask).logits
-    assert (_valid(torch.from_numpy(y), mask) - _valid(ref, mask)).abs().max().item() < 1e-5
+    assert _ort_vs_lowbit(tmp_path / "m.onnx", q, ids, mask) < 1e-5
 
 
 def test_embedding_of_another_scheme_is_a_float_table_and_warned(tiny_llama, tmp_path, reference_kernels):
@@ -173,10 +172,7 @@ def test_embedding_of_another_scheme_is_a_float_table_and_warned(tiny_llama, tmp
     assert rep.warnings == ["model.embed_tokens: int4-g32 embeddings written as float tables (lowbit's dequantized "
                             "values; the int8 form takes int8 per row)"]
     ids, mask = _ids(len(tok))
-    (y,) = run_onnx_isolated(tmp_path / "m.onnx", {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
-    with torch.no_grad():
-        ref = q(input_ids=ids, attention_mask=mask).logits
-    assert (_valid(torch.from_numpy(y), mask) - _valid(ref, mask)).abs().max().item() < 1e-5
+    assert _ort_vs_lowbit(tmp_path / "m.onnx", q, ids, mask) < 1e-5
 
 
 def test_existing_file_is_refused_unless_force(tiny_llama, tmp_path):
@@ -212,10 +208,7 @@ def test_external_data_file_beside_the_graph(tiny_llama, tmp_path, monkeypatch, 
     assert rep.external_data == "m.onnx.data" and sorted(os.listdir(tmp_path)) == ["m.onnx", "m.onnx.data"]
     assert rep.bytes_on_disk == sum(f.stat().st_size for f in tmp_path.iterdir())
     ids, mask = _ids(len(tok))
-    (y,) = run_onnx_isolated(tmp_path / "m.onnx", {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
-    with torch.no_grad():
-        ref = q(input_ids=ids, attention_mask=mask).logits
-    assert (_valid(torch.from_numpy(y), mask) - _valid(ref, mask)).abs().max().item() < 1e-5
+    assert _ort_vs_lowbit(tmp_path / "m.onnx", q, ids, mask) < 1e-5
 
 
 def test_not_a_causal_lm_or_encoder(tiny_llama, tmp_path):
