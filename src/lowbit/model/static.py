@@ -115,7 +115,6 @@ class StaticReport:
     warnings: list[str] = field(default_factory=list)
     folded_bn: int = 0
     equalized: int = 0  # conv → ReLU(6) → conv pairs whose middle activation's channel ranges were evened out
-    calib_batches: int = 0
     calib_samples: int = 0
     observer: str = "minmax"
     method: str = "gptq"
@@ -291,6 +290,14 @@ def _collect_hessians(gm: fx.GraphModule, quantized: set[str], run: Callable[[nn
     return stats
 
 
+def bias_grid(bias: torch.Tensor, act: ActQuant, qweight) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's int32 bias codes and their per-channel scale, input scale × weight scale (float64, (out,)): the
+    grid of the integer accumulator, on which the full-integer scheme stores biases."""
+    s = (float(act.scale) * qweight.qparams()[0].reshape(-1).double()).expand(bias.shape[0])
+    codes = torch.round(bias.detach().double() / s).clamp(-(2**31), 2**31 - 1).to(torch.int32)
+    return codes, s
+
+
 def is_full_integer(model: nn.Module) -> bool:
     """``model`` came from :func:`quantize_static` (it holds activation quantizers)."""
     return any(isinstance(m, ActQuant) for m in model.modules())
@@ -332,9 +339,8 @@ def _quantize_weights(gm: fx.GraphModule, quantized: set[str], sch, report: Stat
         aq = input_act(gm, node)
         note = ""
         if new.bias is not None and aq is not None:  # int32 bias on the accumulator's grid: s_in · s_w
-            s = float(aq.scale) * q.qparams()[0].reshape(-1).double()
-            codes = torch.round(new.bias.double() / s).clamp(-(2**31), 2**31 - 1)
-            new.bias.copy_((codes * s).to(new.bias.dtype))
+            codes, s = bias_grid(new.bias, aq, q)
+            new.bias.copy_((codes.double() * s).to(new.bias.dtype))
         elif aq is None:
             note = "input not on an integer grid: float input"
         parent, _, leaf = node.target.rpartition(".")

@@ -27,7 +27,7 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.io.atomic import atomic_file
 from lowbit.model.qmodules import QConv2d, QLinear
-from lowbit.model.static import ActQuant, input_act, is_full_integer
+from lowbit.model.static import ActQuant, bias_grid, input_act, is_full_integer
 
 OPSET = 17
 
@@ -86,8 +86,7 @@ def _stand_in(qmodel: nn.Module) -> tuple[nn.Module, dict[str, dict[str, Any]]]:
                 if mod.bias is not None:
                     new.bias.copy_(mod.bias)
             aq = acts_by_layer.get(name)
-            layers[name] = {"codes": codes, "scale": s, "act": aq,
-                            "bias": None if mod.bias is None else mod.bias.detach().double()}
+            layers[name] = {"codes": codes, "scale": s, "act": aq, "qweight": q, "bias": mod.bias}
         else:
             continue
         parent, _, leaf = name.rpartition(".")
@@ -142,9 +141,8 @@ def write_qdq_onnx(qmodel: nn.Module, path: str | os.PathLike, example_inputs: t
             if info["act"] is None:
                 report.warnings.append(f"{name}: its input is not on an integer grid; bias kept in float")
             else:
-                s = float(info["act"].scale) * info["scale"].double()
-                codes = torch.round(info["bias"] / s).clamp(-(2**31), 2**31 - 1).to(torch.int32).numpy()
-                new_nodes += _dq(g, f"{name}.bias", codes, s.numpy().astype(np.float32), zp)
+                codes, s = bias_grid(info["bias"], info["act"], info["qweight"])
+                new_nodes += _dq(g, f"{name}.bias", codes.numpy(), s.numpy().astype(np.float32), zp)
                 drop.add(bname)
         report.quantized_layers += 1
     kept = [i for i in g.initializer if i.name not in drop]
