@@ -25,30 +25,19 @@ import torch
 from lowbit.errors import LowbitError
 
 
-def session(path: str | os.PathLike, threads: int = 1):
-    """An onnxruntime CPU session on ``threads`` threads (intra- and inter-op), full graph optimizations."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
 def _feeds(feeds: Mapping[str, object]) -> dict[str, np.ndarray]:
     return {k: np.ascontiguousarray(np.asarray(v)) for k, v in feeds.items()}
 
 
 def run_onnx(path: str | os.PathLike, feeds: Mapping[str, object], threads: int = 1) -> list[np.ndarray]:
     """The graph's outputs for ``feeds`` (arrays or tensors), computed by onnxruntime in this process."""
-    return session(path, threads).run(None, _feeds(feeds))
+    return ort_session(path, threads).run(None, _feeds(feeds))
 
 
 def time_onnx(path: str | os.PathLike, feeds: Mapping[str, object], repeats: int = 5, warmup: int = 1,
               threads: int = 1) -> float:
     """Median seconds of one ``run`` of the graph on ``feeds`` (after ``warmup`` untimed runs)."""
-    s = session(path, threads)
+    s = ort_session(path, threads)
     f = _feeds(feeds)
     for _ in range(warmup):
         s.run(None, f)
@@ -70,6 +59,8 @@ def run_onnx_isolated(path: str | os.PathLike, feeds: Mapping[str, object], thre
 
 
 def ort_session(path: str | os.PathLike, threads: int = 1, optimize: bool = True):
+    """An onnxruntime CPU session on ``threads`` intra-op threads (one inter-op), all graph optimizations unless
+    ``optimize=False``; a missing file, a missing onnxruntime or a file it cannot load is a one-line LowbitError."""
     try:
         import onnxruntime as ort
     except ImportError:
