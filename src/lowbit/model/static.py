@@ -131,13 +131,13 @@ class StaticReport:
         return asdict(self)
 
 
-def calib_batches(calib: Any, batch_size: int = 16, desc: str | None = None) -> Callable[[nn.Module], int]:
+def calib_batches(calib: Any, batch_size: int = 16, desc: str | None = None) -> Callable[..., int]:
     """A function running a model over the calibration inputs (returns how many samples it fed): ``calib`` is a
     tensor (N, …) cut into batches, an iterable of batches (tensors, tuples of positional inputs, or dicts of
     keyword inputs), or a callable that runs the model on its inputs itself. ``desc``: a progress bar of that name
     over the batches (None: no bar)."""
     if callable(calib) and not isinstance(calib, torch.Tensor | nn.Module):
-        def run_fn(m: nn.Module) -> int:
+        def run_fn(m: nn.Module, what: str | None = None) -> int:
             calib(m)
             return 0
         return run_fn
@@ -151,9 +151,9 @@ def calib_batches(calib: Any, batch_size: int = 16, desc: str | None = None) -> 
         raise LowbitError(f"calibration inputs: a tensor, an iterable of batches or a callable, not "
                           f"{type(calib).__name__}")
 
-    def run(m: nn.Module) -> int:
+    def run(m: nn.Module, what: str | None = None) -> int:  # what: this pass's name on the bar
         n = 0
-        for b in tqdm(data, desc=desc, disable=desc is None, leave=False):
+        for b in tqdm(data, desc=what or desc, disable=desc is None, leave=False):
             if isinstance(b, dict):
                 m(**b)
                 first = next(iter(b.values()))
@@ -214,10 +214,10 @@ def quantize_static(model: nn.Module, calib: Any, *, scheme: str = "int8", obser
         raise LowbitError(f"model {type(model).__name__}: no Conv2d or Linear layer to quantize")
     run = calib_batches(calib, batch_size, None if progress is False else "calibrate")
     if equalize:
-        report.equalized = equalize_ranges(gm, run, equalize)
+        report.equalized = equalize_ranges(gm, lambda g: run(g, "equalize ranges"), equalize)
     points = insert_modules(gm, activation_points(gm, quantized), lambda p: ActQuant(act_dtype, p.why))
     with torch.no_grad():
-        report.calib_samples = run(gm)
+        report.calib_samples = run(gm, "activation ranges")
     for name in points:
         aq = gm.get_submodule(name)
         aq.freeze(observer)
@@ -277,13 +277,13 @@ def _gptq_rows(w: torch.Tensor, h: torch.Tensor, sch, damp: float = 0.01):
     return layout.encode(wq, sch, params)
 
 
-def _collect_hessians(gm: fx.GraphModule, quantized: set[str], run: Callable[[nn.Module], int]
+def _collect_hessians(gm: fx.GraphModule, quantized: set[str], run: Callable[..., int]
                       ) -> dict[str, _ConvStats]:
     stats = {n: _ConvStats(gm.get_submodule(n)) for n in quantized}
     handles = [gm.get_submodule(n).register_forward_pre_hook(st) for n, st in stats.items()]
     try:
         with torch.no_grad():
-            run(gm)
+            run(gm, "gptq statistics")
     finally:
         for hd in handles:
             hd.remove()
