@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from lowbit import qat  # noqa: E402  (lowbit.qat.prepare / convert)
 from lowbit.api import (
     calibration_windows,
     default_plan,
@@ -43,7 +44,7 @@ __all__ = [
     "load", "quantize", "save", "Plan", "MethodConfig",
     "LowbitError", "QTensor", "Scheme", "load_tensors", "parse_scheme", "preset_names", "quantize_tensor",
     "register_preset", "save_tensors", "plan_budget", "allocate", "parse_budget", "Allocation",
-    "measure_sensitivity", "SensitivityTable",
+    "measure_sensitivity", "SensitivityTable", "qat",
 ]
 
 

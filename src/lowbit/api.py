@@ -142,8 +142,13 @@ def quantize(model: nn.Module, tokenizer: Any = None, scheme: str = "int4-g128",
              window_len: int = 512, plan: Plan | None = None, rules: Sequence[str] = (), keep: Sequence[str] = (),
              config: MethodConfig | None = None, inplace: bool = False, progress: bool | None = None,
              batch_size: int = 8, device: str | torch.device | None = None, *, act: str | None = None,
-             observer: str = "percentile", act_dtype: str = "uint8") -> tuple[nn.Module, Any]:
+             observer: str = "percentile", act_dtype: str = "uint8",
+             resume_dir: str | os.PathLike | None = None) -> tuple[nn.Module, Any]:
     """Quantize ``model`` (a copy unless ``inplace``) and return ``(qmodel, report)``.
+
+    ``resume_dir``: checkpoint each finished transformer block there; rerunning the same call after a crash or
+    a kill restores those blocks instead of redoing them, with an identical result (see
+    :mod:`lowbit.model.resume`; delete the folder once the model is saved).
 
     ``scheme`` is a scheme (``int4-g128``, ``q4_k`` …) or a llama.cpp mix (``Q4_K_M``, ``Q3_K_S`` …: the
     per-layer GGML types llama-quantize would choose, as a Plan, onto which ``method`` quantizes; with
@@ -194,7 +199,8 @@ def quantize(model: nn.Module, tokenizer: Any = None, scheme: str = "int4-g128",
     full = base.with_rules(list(rules), list(keep), method=method, config=cfg)
     target = model if inplace else copy.deepcopy(model)
     win = None if calib is None else calibration_windows(tokenizer, calib, windows, window_len)
-    report = quantize_model(target, full, win, batch_size=batch_size, progress=progress, device=device)
+    report = quantize_model(target, full, win, batch_size=batch_size, progress=progress, device=device,
+                            resume_dir=resume_dir)
     target.lowbit_plan = full  # type: ignore[attr-defined]
     return target, report
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -137,13 +138,24 @@ def _check_calib(args: argparse.Namespace) -> None:
         read_text(args.calib)
 
 
-def _quantize(args: argparse.Namespace, model, tok, plan: Plan | None = None) -> tuple[Any, QuantReport]:
+def resume_folder(out: str | Path) -> Path:
+    """Where a run writing ``out`` keeps its block checkpoints: beside it, hidden, removed once ``out`` is written."""
+    p = Path(out)
+    return p.with_name(f".{p.name}.resume")
+
+
+def _quantize(args: argparse.Namespace, model, tok, plan: Plan | None = None,
+              resume: Path | None = None) -> tuple[Any, QuantReport]:
     if args.calib and not args.json:
         err.print(f"calibration   {args.calib_windows} windows × {args.window_len} tokens from {args.calib}")
+    if resume is not None and any(resume.glob("block-*.json")) and not args.json:
+        err.print(f"resuming      {len(list(resume.glob('block-*.json')))} finished block(s) in {resume} (restored if "
+                  f"this is the same job)")
     return lowbit.quantize(model, tok, scheme=args.scheme, method=args.method, calib=args.calib,
                            windows=args.calib_windows, window_len=args.window_len, plan=plan or _plan(args, model),
                            rules=args.rule, keep=args.keep, config=_config(args), inplace=True,
-                           progress=None if not args.json else False, device=parse_device(args.device))
+                           progress=None if not args.json else False, device=parse_device(args.device),
+                           resume_dir=resume)
 
 
 def _warn_unmatched(args: argparse.Namespace, model) -> None:
@@ -164,9 +176,12 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any] | None:
     model, tok = lowbit.load(args.source, lazy=not args.budget)
     with torch_threads(args.threads):
         alloc = budget_allocation(args, model, tok, err=None if args.json else err)
-        qmodel, report = _quantize(args, model, tok, None if alloc is None else alloc.plan)
+        resume = resume_folder(args.out) if args.calib else None
+        qmodel, report = _quantize(args, model, tok, None if alloc is None else alloc.plan, resume)
     _warn_unmatched(args, qmodel)
     saved = lowbit.save(qmodel, args.out, tokenizer=tok, plan=qmodel.lowbit_plan, report=report, force=args.force)
+    if resume is not None:
+        shutil.rmtree(resume, ignore_errors=True)  # the output is written: nothing left to resume
     size = sum(f.stat().st_size for f in saved.iterdir())
     result = {"out": str(saved), "bytes_on_disk": size, "bpw": report.linear_bpw, "bpw_with_embeddings": report.bpw,
               "seconds": time.perf_counter() - t0,

@@ -14,7 +14,7 @@ True
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -23,7 +23,7 @@ from lowbit.core.scheme import Scheme
 from lowbit.errors import LowbitError
 from lowbit.layouts.base import Layout, register_layout
 from lowbit.primitives.observers import get_observer
-from lowbit.primitives.quant import Grid, fake_quantize, group_view
+from lowbit.primitives.quant import Grid, cast_ste, fake_quantize, group_view, round_ste
 
 
 def importance_view(sq_mean: torch.Tensor, shape: tuple[int, ...], scheme: Scheme) -> torch.Tensor:
@@ -56,6 +56,7 @@ class _GroupGrid:
 class AffineLayout(Layout):
     family = "affine"
     gptq_act_order = True
+    learned_offsets = ("z",)
 
     def nbytes(self, scheme: Scheme, shape: tuple[int, ...]) -> int:
         return sum(QTensor(torch.empty(0), None, None, tuple(shape), torch.float32, scheme).expected_nbytes().values())
@@ -86,6 +87,41 @@ class AffineLayout(Layout):
         xg = torch.nn.functional.pad(flat, (0, G * g - flat.shape[1])).reshape(R, G, g)
         y = fake_quantize(xg, scheme.grid, p.s, p.z).reshape(R, -1)[:, : flat.shape[1]]  # straight-through
         return y.reshape(w.shape)
+
+    # -- QAT -----------------------------------------------------------------------------------
+    def learnable(self, q):
+        """Scales ``s`` and zero-points ``z`` ``(R, G, 1)`` (integer zero-points train as floats, rounded on use)."""
+        s, z = q.qparams()
+        return {k: v for k, v in (("s", s), ("z", z)) if v is not None}
+
+    @staticmethod
+    def _stored(scheme: Scheme, params: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The scale and zero-point as the QTensor will store them (straight-through roundings)."""
+        s, z = params.get("s"), params.get("z")
+        if s is not None:
+            s = cast_ste(s.clamp(min=1e-12), getattr(torch, scheme.scale_dtype))
+        if z is not None:
+            fmt = scheme.number_format
+            z = (round_ste(z).clamp(fmt.qmin, fmt.qmax) if scheme.zero_dtype == "int"
+                 else cast_ste(z, getattr(torch, scheme.zero_dtype)))
+        return s, z
+
+    def learned_qtensor(self, w, q, params):
+        s, z = self._stored(q.scheme, params)
+        p = AffineParams(None if s is None else s.detach(), None if z is None else z.detach())
+        return replace(self.encode(w.detach().to(torch.float32), q.scheme, p), dtype=q.dtype)
+
+    def learned_fake(self, w, q, params):
+        scheme = q.scheme
+        exact = self.learned_qtensor(w, q, params).dequantize(torch.float32)
+        if not scheme.grid.has_scale:
+            return exact + (w - w.detach())
+        s, z = self._stored(scheme, params)
+        R, G, g = scheme.group_dims(tuple(w.shape))
+        flat = w.reshape(R, -1)
+        xg = torch.nn.functional.pad(flat, (0, G * g - flat.shape[1])).reshape(R, G, g)
+        soft = fake_quantize(xg, scheme.grid, s, z).reshape(R, -1)[:, : flat.shape[1]].reshape(w.shape)
+        return exact + (soft - soft.detach())
 
     # -- GPTQ ----------------------------------------------------------------------------------
     def group_width(self, scheme, cols):

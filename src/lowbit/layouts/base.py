@@ -12,7 +12,7 @@ import torch
 
 from lowbit.core.qtensor import QTensor
 from lowbit.core.scheme import Scheme
-from lowbit.errors import SchemeError
+from lowbit.errors import LowbitError, SchemeError
 from lowbit.registry import Registry
 
 Params = Any  # a layout's own fitted parameters (tensors), opaque to methods
@@ -73,6 +73,27 @@ class Layout:
         p = self.fit(w.detach(), scheme) if params is None else params
         wq = self.encode(w.detach(), scheme, p).dequantize(torch.float32).to(w.dtype)
         return w + (wq - w).detach()
+
+    # -- quantization-aware training (lowbit.qat) ------------------------------------------------
+    # grid parameters that train additively (offsets in code units); every other float one trains as a
+    # multiple of its starting value, p = p0·exp(θ): a step of the learning rate is a relative change whatever
+    # the layer's scale, and a scale can never cross zero
+    learned_offsets: ClassVar[tuple[str, ...]] = ()
+
+    def learnable(self, q: QTensor) -> dict[str, torch.Tensor]:
+        """The parameters of ``q``'s grid as float32/int tensors: training moves the floating-point ones (scales,
+        zero-points, mins), the rest stay as stored. A layout without this step cannot be trained."""
+        raise LowbitError(f"{q.scheme.name}: the {self.family} layout has no trainable form")
+
+    def learned_qtensor(self, w: torch.Tensor, q: QTensor, params: dict[str, torch.Tensor]) -> QTensor:
+        """``w`` ``q.shape`` encoded on the grid of ``params`` (as :meth:`learnable` gave them, trained), each
+        parameter first rounded to its stored precision: what training's forward computed, as stored."""
+        raise LowbitError(f"{q.scheme.name}: the {self.family} layout has no trainable form")
+
+    def learned_fake(self, w: torch.Tensor, q: QTensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Differentiable form of :meth:`learned_qtensor`: its forward value is that QTensor's dequantized
+        weight bit for bit; gradients pass straight through the rounding to ``w`` and (LSQ) to ``params``."""
+        raise LowbitError(f"{q.scheme.name}: the {self.family} layout has no trainable form")
 
     # -- GPTQ's column sweep ---------------------------------------------------------------------
     def group_width(self, scheme: Scheme, cols: int) -> int:

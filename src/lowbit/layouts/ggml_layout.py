@@ -22,7 +22,7 @@ from lowbit.layouts.base import Layout, register_layout
 from lowbit.layouts.ggml import BLOCK_TYPES, BlockType
 from lowbit.layouts.ggml import search as S
 from lowbit.layouts.ggml.search import saliency
-from lowbit.primitives.quant import as_matrix
+from lowbit.primitives.quant import as_matrix, cast_ste, round_ste
 
 STEPS = (1.0, 0.5, 0.25)  # fractions of the step to the refit optimum each row tries (fp16 rounding)
 CHUNK = 1 << 20  # weights fitted per step: big enough to amortise thread start-up, small enough for cache
@@ -107,6 +107,39 @@ class GGMLLayout(Layout):
             xc = x[r0:r0 + step]
             parts.append(bt.encode(xc, self._weights(xc, bt, importance)).reshape(-1))
         return QTensor(torch.cat(parts), None, None, (rows, cols), w.dtype, scheme)
+
+    # -- QAT -----------------------------------------------------------------------------------
+    def learnable(self, q):
+        """Each block's parameters as stored (fp16 super-scales and mins train; integer sub-scales stay): the
+        type's own grid, so the trained blocks are written as they trained. Types whose values are not affine
+        in their codes (the IQ lookup grids) have no trainable form."""
+        bt = block_type(q.scheme)
+        if bt.values.__func__ is not BlockType.values.__func__:
+            raise LowbitError(f"{q.scheme.name}: its blocks are not affine in their codes; no trainable form")
+        _, p = bt.unpack(q.codes.view(-1, bt.type_size))
+        return {k: v.float() if v.is_floating_point() else v for k, v in p.items()}
+
+    @staticmethod
+    def _stored(params):
+        return {k: cast_ste(v, torch.float16) if v.is_floating_point() else v for k, v in params.items()}
+
+    def _blocks(self, w, q, params):
+        bt = block_type(q.scheme)
+        p = {k: v.detach() for k, v in self._stored(params).items()}
+        x = w.detach().float().reshape(-1, bt.block_size)
+        return bt, bt.pack(bt.quantize(x, p), p)
+
+    def learned_qtensor(self, w, q, params):
+        _, data = self._blocks(w, q, params)
+        return QTensor(data.reshape(-1), None, None, tuple(q.shape), q.dtype, q.scheme)
+
+    def learned_fake(self, w, q, params):
+        bt, data = self._blocks(w, q, params)
+        exact = bt.dequantize(data).reshape(w.shape)
+        s, off = bt.grid(self._stored(params))  # (N, S, 1), differentiable in the float parameters
+        x = w.reshape(s.shape[0], s.shape[1], -1)
+        soft = (round_ste((x - off) * S.safe_inv(s)).clamp(bt.lo, bt.hi) * s + off).reshape(w.shape)
+        return exact + (soft - soft.detach())
 
     # -- GPTQ ----------------------------------------------------------------------------------
     def group_width(self, scheme, cols):

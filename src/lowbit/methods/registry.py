@@ -128,18 +128,46 @@ class MethodSpec:
     fallback: str = "rtn"
     help: str = ""
     act: str | None = None  # activation scheme implied by the method (SmoothQuant: int8 per token)
+    trains: bool = False  # the runner trains the method's blocks after quantizing them (qat)
 
     @property
     def needs_data(self) -> bool:
         return bool(self.needs)
 
+    def _inherit_field(self) -> Any:
+        from dataclasses import fields
+
+        return next((f for f in fields(self.options) if f.metadata.get("inherits")), None)
+
+    def inherited(self, config: MethodConfig) -> tuple[MethodSpec, MethodConfig] | None:
+        """The method this one starts from (an option declared ``inherits``, e.g. qat's ``init``) with the
+        options meant for it, or None. That method's statistics, transform and options are this one's too."""
+        from dataclasses import fields
+
+        f = self._inherit_field()
+        if f is None:
+            return None
+        name = config.options.get(f.name, f.default)
+        if not isinstance(name, str) or name not in _METHODS or name == self.name:
+            known = ", ".join(n for n in _METHODS.names() if n != self.name)
+            raise SchemeError(f"{self.name}: option {f.name}={name!r} is not a method (known: {known})")
+        mine = {g.name for g in fields(self.options)}
+        return _METHODS[name], MethodConfig(config.observer, config.importance,
+                                            {k: v for k, v in config.options.items() if k not in mine})
+
     def parse(self, config: MethodConfig) -> tuple[PipelineOptions, Any]:
-        """``config.options`` split and validated: (pipeline options, this method's own options)."""
+        """``config.options`` split and validated: (pipeline options, this method's own options). A method that
+        inherits another's options (see :meth:`inherited`) passes the ones it does not know on to it."""
         from dataclasses import fields
 
         pipe = {f.name for f in fields(PipelineOptions)}
         own = {k: v for k, v in config.options.items() if k not in pipe}
         po = parse_options(self.name, PipelineOptions, {k: v for k, v in config.options.items() if k in pipe})
+        base = self.inherited(config)
+        if base is not None:
+            mine = {f.name for f in fields(self.options)}
+            base[0].parse(base[1])  # the rest must be the starting method's (it raises naming the option)
+            own = {k: v for k, v in own.items() if k in mine}
         return po, parse_options(self.name, self.options, own)
 
     def needs_for(self, config: MethodConfig) -> frozenset[str]:
@@ -149,7 +177,17 @@ class MethodSpec:
 
         _, opts = self.parse(config)
         extra = {f.metadata["wants"] for f in fields(opts) if f.metadata.get("wants") and getattr(opts, f.name)}
-        return self.needs | extra | ({"sq_mean"} if config.importance else set())
+        base = self.inherited(config)
+        inherited = base[0].needs_for(base[1]) if base is not None else frozenset()
+        return self.needs | extra | inherited | ({"sq_mean"} if config.importance else set())
+
+    def transform_for(self, config: MethodConfig) -> tuple[str, MethodSpec, MethodConfig] | None:
+        """The pair transform this layer wants applied first — ``(kind, the method declaring it, its config)`` —
+        its own or the one of the method it starts from; None when there is none."""
+        if self.transform is not None:
+            return self.transform, self, config
+        base = self.inherited(config)
+        return None if base is None else base[0].transform_for(base[1])
 
     def check_layout(self, scheme: Scheme) -> None:
         if scheme.layout not in self.layouts:
@@ -164,7 +202,7 @@ _METHODS: Registry[MethodSpec] = Registry("method", SchemeError)
 def register_method(name: str, needs: tuple[str, ...] | frozenset[str] = (), *, needs_data: bool = False,
                     transform: str | None = None, options: type = NoOptions,
                     layouts: tuple[str, ...] = ("affine", "ggml"), fallback: str = "rtn",
-                    act: str | None = None) -> Callable[[Method], Method]:
+                    act: str | None = None, trains: bool = False) -> Callable[[Method], Method]:
     """Register ``fn(weight, stats, scheme, config) -> QuantResult`` with its declarations.
 
     ``needs_data=True`` (older form) declares E[x²].
@@ -176,7 +214,7 @@ def register_method(name: str, needs: tuple[str, ...] | frozenset[str] = (), *, 
 
     def deco(fn: Method) -> Method:
         doc = " ".join((fn.__doc__ or "").split()).split(". ")[0].rstrip(".")  # the first sentence
-        _METHODS.add(name, MethodSpec(name, fn, need, transform, options, layouts, fallback, doc, act))
+        _METHODS.add(name, MethodSpec(name, fn, need, transform, options, layouts, fallback, doc, act, trains))
         return fn
 
     return deco

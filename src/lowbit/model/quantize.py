@@ -14,6 +14,7 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -53,12 +54,17 @@ def stats_needed(lp: LayerPlan) -> frozenset[str]:
 
 
 def wants_float_target(lp: LayerPlan) -> bool:
-    """The layer aims at the float model's outputs: its method needs the cross statistics."""
-    return "cross" in stats_needed(lp)
+    """The layer aims at the float model's outputs: its method needs the cross statistics, or trains its block
+    against the float block's outputs."""
+    return "cross" in stats_needed(lp) or (lp.scheme is not None and spec_of(lp).trains)
+
+
+def trains(lp: LayerPlan) -> bool:
+    return lp.scheme is not None and spec_of(lp).trains
 
 
 def needs_data(lp: LayerPlan) -> bool:
-    return lp.scheme is not None and (bool(stats_needed(lp)) or spec_of(lp).transform is not None
+    return lp.scheme is not None and (bool(stats_needed(lp)) or spec_of(lp).transform_for(lp.config) is not None
                                       or act_scheme(lp) == "int8-static")
 
 
@@ -157,7 +163,8 @@ def quantize_model(model: nn.Module, plan: Plan, calib: torch.Tensor | None = No
                    sample_rows: int = 4096, progress: bool | None = None,
                    on_block: Callable[[int, int], None] | None = None,
                    stats: dict[str, LayerStats] | None = None,
-                   device: str | torch.device | None = None) -> QuantReport:
+                   device: str | torch.device | None = None,
+                   resume_dir: str | Path | None = None) -> QuantReport:
     """Quantize ``model`` in place following ``plan``; ``calib`` is a LongTensor of token windows (N, T).
 
     ``stats`` (layer name -> statistics, e.g. merged from other processes) stands in for calibration:
@@ -170,6 +177,10 @@ def quantize_model(model: nn.Module, plan: Plan, calib: torch.Tensor | None = No
     ``device`` (default: where the model is) is where the work runs: each block and its calibration
     activations (each layer, for data-free methods) go there to be quantized, then back to the model's device.
 
+    ``resume_dir``: checkpoint each finished block there (:mod:`lowbit.model.resume`); a rerun of the same job
+    (same model, plan, calibration, settings) restores the finished blocks instead of redoing them, with the
+    same result. The folder stays after the run: remove it (``BlockCheckpoints.finish``) once the output is saved.
+
     >>> plan = Plan.default("int4-g128", "gptq", family="llama", embeddings=("model.embed_tokens",), head="lm_head")
     >>> report = quantize_model(model, plan, windows)   # windows: token ids (4, 32)
     >>> [(r.name, r.scheme, r.method) for r in report.layers][:2], report.calib_tokens
@@ -178,10 +189,12 @@ def quantize_model(model: nn.Module, plan: Plan, calib: torch.Tensor | None = No
     'QLinear'
     """
     with use_kernels("reference"):  # calibration runs the quantized layers exactly as their weights say
-        return _quantize_model(model, plan, calib, batch_size, sample_rows, progress, on_block, stats, device)
+        return _quantize_model(model, plan, calib, batch_size, sample_rows, progress, on_block, stats, device,
+                               resume_dir)
 
 
-def _quantize_model(model, plan, calib, batch_size, sample_rows, progress, on_block, stats, device) -> QuantReport:
+def _quantize_model(model, plan, calib, batch_size, sample_rows, progress, on_block, stats, device,
+                    resume_dir=None) -> QuantReport:
     t_start = time.perf_counter()
     device = optional_device(device)
     resolved = plan.resolve(model)
@@ -212,7 +225,15 @@ def _quantize_model(model, plan, calib, batch_size, sample_rows, progress, on_bl
             raise LowbitError(f"method {resolved[data_layers[0]].method} (layer {data_layers[0]}) needs calibration "
                               f"data: pass calibration text (--calib FILE)")
         info = arch_for(model)
-        _quantize_blocks(model, info, resolved, q, calib, batch_size, sample_rows, progress, on_block, device)
+        resume = None
+        if resume_dir is not None:
+            from lowbit.model.resume import BlockCheckpoints, fingerprint
+
+            settings = {"batch_size": batch_size, "sample_rows": sample_rows, "device": str(device),
+                        "stream": None if stream is None else stream.digest()}
+            resume = BlockCheckpoints(resume_dir, fingerprint(model, plan.to_json(), calib, settings))
+        _quantize_blocks(model, info, resolved, q, calib, batch_size, sample_rows, progress, on_block, device,
+                         resume)
         report.calib_windows, report.calib_tokens = int(calib.shape[0]), int(calib.numel())
     # Everything not handled block by block: data-free layers, and layers outside the blocks.
     done = {r.name for r in report.layers}
@@ -274,14 +295,14 @@ def _quantize_streamed(model: nn.Module, stream: StreamedWeights, names: list[st
 
 
 def _quantize_blocks(model, info: ArchInfo, resolved, q: _Quantizer, calib, batch_size, sample_rows,
-                     progress, on_block, device: torch.device | None = None) -> None:
+                     progress, on_block, device: torch.device | None = None, resume=None) -> None:
     blocks_name, blocks = blocks_of(model, info)
     stream = streamed_weights(model)
     inputs = to_device(capture_block_inputs(model, blocks[0], calib, batch_size), device)
     # Layers that aim at the float model's outputs need the float path's activations beside the quantized
     # path's: the float copy of each block runs on them, one block at a time.
     float_inputs = inputs if any(wants_float_target(lp) for lp in resolved.values()) else None
-    use_shortcut = info.residual_last
+    use_shortcut = info.residual_last and resume is None  # a resumed run recomputes outputs: no shortcut, same bits
     bar = tqdm(range(len(blocks)), desc="blocks", disable=_no_bar(progress))
     for i in bar:
         block = blocks[i]
@@ -291,6 +312,20 @@ def _quantize_blocks(model, info: ArchInfo, resolved, q: _Quantizer, calib, batc
             stream.load_block(model, prefix)
             check_finite_weights(model, list(mine.values()))
         home = send(block, device)  # the block is quantized on the device, then goes back
+        if resume is not None and resume.has(i):  # finished by an earlier run of this job
+            float_block = copy.deepcopy(block) if float_inputs is not None else None
+            _restore_block(block, i, mine, resolved, resume, q.report)
+            inputs = run_block(block, inputs)
+            for m in block.modules():
+                if isinstance(m, QLinear):
+                    m.drop_cache()
+            send(block, home)
+            if float_block is not None:
+                float_inputs = run_block(float_block, float_inputs)
+                del float_block
+            if on_block:
+                on_block(i + 1, len(blocks))
+            continue
         _rescale_pairs(block, info, mine, resolved, inputs, q.report)
         float_block = copy.deepcopy(block) if float_inputs is not None else None
         groups = [tuple(g for g in grp if g in mine) for grp in info.sequential]
@@ -344,16 +379,85 @@ def _quantize_blocks(model, info: ArchInfo, resolved, q: _Quantizer, calib, batc
             for r in grp:
                 q.quantize_layer(mine[r], stats.get(mine[r], LayerStats()))
                 _cache(block.get_submodule(r))  # the block's later passes reuse the dequantized weight
+        float_outputs = None
+        if float_block is not None:
+            assert float_inputs is not None
+            float_outputs = run_block(float_block, float_inputs)
+        to_train = [r for r in mine if trains(resolved[mine[r]])]
+        if to_train:
+            assert float_outputs is not None and float_block is not None
+            _train_block(block, float_block, i, to_train, mine, resolved, inputs, float_outputs, q, progress)
+        del float_block
+        if resume is not None:
+            names = set(mine.values())
+            resume.save(i, block, [r for r in q.report.layers if r.name in names],
+                        {r: {"act_scheme": getattr(block.get_submodule(r), "act_scheme", None),
+                             "act_scale": getattr(block.get_submodule(r), "act_scale", None) is not None}
+                         for r in mine})
         inputs = next_inputs if next_inputs is not None else run_block(block, inputs)
         for m in block.modules():
             if isinstance(m, QLinear):
                 m.drop_cache()
         send(block, home)
-        if float_block is not None:
-            float_inputs = run_block(float_block, float_inputs)
-            del float_block
+        if float_outputs is not None:
+            float_inputs = float_outputs
         if on_block:
             on_block(i + 1, len(blocks))
+
+
+def _restore_block(block: nn.Module, index: int, mine: dict[str, str], resolved: dict[str, LayerPlan], resume,
+                   report: QuantReport) -> None:
+    """Block ``index`` as an earlier run of this job finished it: its planned layers become quantized layers of
+    their schemes (placeholders from RTN), then the checkpointed state replaces every tensor of the block."""
+    state, rows, attrs = resume.load(index)
+    for rel, name in mine.items():
+        lp = resolved[name]
+        assert lp.scheme is not None
+        mod = block.get_submodule(rel)
+        new = quantized_module(name, mod, layout_of(lp.scheme).quantize(_weight_matrix(mod).detach(), lp.scheme))
+        a = attrs.get(rel, {})
+        if isinstance(new, QLinear):
+            new.act_scheme = a.get("act_scheme")
+            if a.get("act_scale"):
+                new.act_scale = torch.zeros(())
+        _set_module(block, rel, new)
+    try:
+        block.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise LowbitError(f"resume: block {index}'s checkpoint does not fit the block ({str(e).splitlines()[0]}); "
+                          f"delete {resume.folder} to start over") from None
+    report.layers.extend(rows)
+
+
+def _train_block(block: nn.Module, float_block: nn.Module, index: int, names: list[str], mine: dict[str, str],
+                 resolved: dict[str, LayerPlan], inputs: list[BlockInput], targets: list[BlockInput],
+                 q: _Quantizer, progress: bool | None) -> None:
+    """Quantization-aware training of the block's ``names`` (their method declares ``trains``) against the float
+    block's outputs; the layers' report rows get the block's losses."""
+    from lowbit.qat.block import BlockTrainOptions, train_block
+
+    lp = resolved[mine[names[0]]]
+    _, o = spec_of(lp).parse(lp.config)
+    opts = BlockTrainOptions(o.block_epochs, o.lr, o.scale_lr, o.batch_windows, o.val_windows, o.seed + index, o.loss)
+    for r in names:
+        mod = block.get_submodule(r)
+        if isinstance(mod, QLinear):
+            mod.drop_cache()
+    if not all(isinstance(block.get_submodule(r), QLinear) for r in names):
+        bad = next(r for r in names if not isinstance(block.get_submodule(r), QLinear))
+        raise LowbitError(f"layer {mine[bad]}: qat trains linear layers only")
+    res = train_block(block, names, inputs, [t.hidden for t in targets], opts, label=f"qat block {index}",
+                      progress=progress)
+    rows = {r.name: r for r in q.report.layers}
+    for r in names:
+        row = rows.get(mine[r])
+        if row is not None:
+            row.note = "; ".join(x for x in (row.note, res.note()) if x)
+            if res.kept:
+                w = _weight_matrix(float_block.get_submodule(r)).float()
+                wq = block.get_submodule(r).qweight.dequantize(torch.float32)
+                row.rel_error = float((wq - w).norm() / w.norm().clamp(min=1e-30))
+    log.info("block %d: %s", index, res.note())
 
 
 def _cache(mod: nn.Module) -> None:
@@ -384,21 +488,23 @@ def _rescale_pairs(block: nn.Module, info: ArchInfo, mine: dict[str, str], resol
 
     pairs = []
     for prev, layers in info.scale_pairs:
-        kinds = {spec_of(resolved[mine[r]]).transform if r in mine else None for r in layers}
+        tf = [spec_of(resolved[mine[r]]).transform_for(resolved[mine[r]].config) if r in mine else None
+              for r in layers]
+        kinds = {None if t is None else t[0] for t in tf}
         if len(kinds) == 1 and None not in kinds:
-            pairs.append((prev, layers, kinds.pop()))
+            pairs.append((prev, layers, kinds.pop(), tf[0]))
     if not pairs:
         return
-    firsts = {mine[layers[0]]: block.get_submodule(layers[0]) for _, layers, _ in pairs}
+    firsts = {mine[layers[0]]: block.get_submodule(layers[0]) for _, layers, _, _ in pairs}
     stats = collect_stats(block, inputs, firsts, set(), sample_rows)
-    for prev, layers, kind in pairs:
+    for prev, layers, kind, (_, tspec, tconfig) in pairs:
         st = stats[mine[layers[0]]]
         mods = [block.get_submodule(r) for r in layers]
         weights = [_weight_matrix(m).float() for m in mods]
         lp = resolved[mine[layers[0]]]
         if st.tokens == 0 or st.sample is None:
             continue
-        _, opts = spec_of(lp).parse(lp.config)
+        _, opts = tspec.parse(tconfig)
         if kind == "awq":
             s, info_ = search_scales(st.sample, weights, lp.scheme, opts.awq_grid)
             note = f"awq alpha {info_['alpha']:.2f}"

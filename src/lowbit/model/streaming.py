@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -46,6 +47,11 @@ class StreamedWeights:
     blocks: tuple[str, ...]
     locations: dict[str, tuple[str, str]]
     read: TensorReader
+
+    def digest(self) -> list[tuple[str, int, int]]:
+        """The weights files as (path, size, modification time): what a resumed run checks it reads again."""
+        files = sorted({f for f, _ in self.locations.values()})
+        return [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
 
     def pending(self, model: nn.Module, prefix: str = "") -> list[str]:
         """Names under ``prefix`` still on the meta device."""

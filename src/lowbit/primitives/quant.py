@@ -28,7 +28,7 @@ import torch
 
 from lowbit.primitives.numformats import FloatFormat, IntFormat, LookupFormat, NumberFormat, get_format
 
-__all__ = ["Grid", "group_view", "ungroup", "as_matrix", "fake_quantize", "round_ste", "get_format"]
+__all__ = ["Grid", "group_view", "ungroup", "as_matrix", "fake_quantize", "round_ste", "cast_ste", "get_format"]
 
 
 def as_matrix(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -157,6 +157,19 @@ class Grid:
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     """round() whose gradient is the identity (straight-through estimator)."""
     return x + (torch.round(x) - x).detach()
+
+
+def cast_ste(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` rounded to ``dtype``'s values (kept in ``x``'s dtype, saturating at its largest finite value),
+    the gradient straight through: how a learned scale trains at the precision it is stored in.
+
+    >>> cast_ste(torch.tensor([1 / 3]), torch.float16).item()
+    0.333251953125
+    """
+    if dtype == x.dtype:
+        return x
+    big = float(torch.finfo(dtype).max)
+    return x + (x.detach().clamp(-big, big).to(dtype).to(x.dtype) - x).detach()
 
 
 def fake_quantize(x: torch.Tensor, grid: Grid, s: torch.Tensor | None, z: torch.Tensor | None) -> torch.Tensor:

@@ -1,0 +1,39 @@
+"""``qat``: quantization-aware training, started from any post-training method.
+
+Each layer is first quantized by ``init`` (its statistics, transform and options are that method's); then
+the runner trains every block whose layers use ``qat`` on their exact grids against the float model's block
+outputs (:mod:`lowbit.qat.block`). The method itself is the starting quantization: what makes it train is the
+declaration ``trains=True``, which the runner reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from lowbit.core.scheme import Scheme
+from lowbit.methods.registry import LayerStats, MethodConfig, QuantResult, method_spec, register_method
+
+
+@dataclass(frozen=True)
+class QatOptions:
+    init: str = field(default="gptq", metadata={"help": "the post-training method training starts from",
+                                                "inherits": True})
+    block_epochs: float = field(default=2.0, metadata={"help": "passes over the calibration windows per block"})
+    lr: float = field(default=1e-4, metadata={"help": "learning rate of the latent weights (Adam)"})
+    scale_lr: float = field(default=1e-4, metadata={"help": "learning rate of scales, zero-points and mins"})
+    batch_windows: int = field(default=2, metadata={"help": "calibration windows per training step"})
+    val_windows: int = field(default=4, metadata={"help": "windows held out to judge each trained block"})
+    seed: int = field(default=0, metadata={"help": "seed of the window order"})
+    loss: str = field(default="token", metadata={"help": "block loss: token (squared error relative to each token's "
+                                                         "target) | mse"})
+
+
+@register_method("qat", needs=("sq_mean",), options=QatOptions, trains=True)
+def qat(weight: torch.Tensor, stats: LayerStats, scheme: Scheme, config: MethodConfig) -> QuantResult:
+    """Quantization-aware training: block-wise reconstruction on the exact stored grid, from ``init``'s result."""
+    base = method_spec("qat").inherited(config)
+    assert base is not None
+    spec, cfg = base
+    return spec.fn(weight, stats, scheme, cfg)

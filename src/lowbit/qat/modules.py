@@ -1,0 +1,76 @@
+"""``QATLinear``: a linear layer that trains on the exact grid it will be stored on.
+
+It holds a latent float weight (a parameter) and its layout's grid parameters (scales, zero-points, GGML
+super-scales and mins: the floating-point ones are parameters, integer sub-scales stay buffers). Its forward
+uses the layout's differentiable form (:meth:`lowbit.layouts.base.Layout.learned_fake`), whose value is
+bit for bit the weight :meth:`to_qtensor` stores, so what training sees is what every runtime computes; the
+gradient passes straight through the rounding to the weight and, LSQ-style, to the grid. Grid parameters
+train as ``θ``: scales as ``s0·exp(θ)`` (relative steps, never crossing zero), code-unit offsets as ``z0 + θ``.
+
+>>> q = lowbit.quantize_tensor(torch.randn(16, 64), "int4-g32")
+>>> layer = QATLinear(q, q.dequantize(torch.float32))
+>>> torch.equal(layer.fake_weight(), layer.to_qtensor().dequantize(torch.float32))
+True
+>>> sorted(n for n, _ in layer.named_parameters())
+['grid_s', 'grid_z', 'weight']
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.core.qtensor import QTensor
+from lowbit.layouts import layout_of
+
+
+class QATLinear(nn.Module):
+    """``y = x fake(W)ᵀ + b`` with ``W`` the latent weight ``(out, in)`` and ``fake`` the layout's trainable form of
+    ``q``'s grid (``q`` gives the scheme, the shape and the grid's starting parameters)."""
+
+    def __init__(self, q: QTensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.template = q
+        self.layout = layout_of(q.scheme)
+        self.out_features, self.in_features = q.shape
+        self.weight = nn.Parameter(weight.detach().to(torch.float32).clone().reshape(q.shape))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(torch.float32).clone(), requires_grad=False)
+        self._grid: list[str] = []
+        for k, v in self.layout.learnable(q).items():
+            self.register_buffer(f"start_{k}", v.detach().clone() if not v.is_floating_point()
+                                 else v.detach().to(torch.float32).clone())
+            if v.is_floating_point():  # θ: p = p0 + θ (offsets) or p0·exp(θ) (scales), 0 at the start
+                self.register_parameter(f"grid_{k}", nn.Parameter(torch.zeros_like(v, dtype=torch.float32)))
+            self._grid.append(k)
+
+    def grid_params(self) -> list[nn.Parameter]:
+        return [p for n, p in self.named_parameters() if n.startswith("grid_")]
+
+    def _params(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for k in self._grid:
+            p0 = getattr(self, f"start_{k}")
+            theta = getattr(self, f"grid_{k}", None)
+            if theta is None:
+                out[k] = p0
+            elif k in self.layout.learned_offsets:
+                out[k] = p0 + theta
+            else:
+                out[k] = p0 * torch.exp(theta)
+        return out
+
+    def fake_weight(self) -> torch.Tensor:
+        return self.layout.learned_fake(self.weight, self.template, self._params())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.fake_weight()
+        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    @torch.no_grad()
+    def to_qtensor(self) -> QTensor:
+        """The trained weight as its layout stores it."""
+        return self.layout.learned_qtensor(self.weight, self.template, self._params())
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.template.scheme.name}"
