@@ -157,3 +157,32 @@ def test_prepare_train_convert_api():
     a = [m.qweight.codes for m in ptq.modules() if isinstance(m, QLinear)]
     b = [m.qweight.codes for m in again.modules() if isinstance(m, QLinear)]
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_end_to_end_distillation_lowers_the_kl_to_the_teacher():
+    from lowbit.qat.e2e import DistillOptions, distill, teacher_topk, topk_kl
+
+    model, windows = _block_and_data()
+    teacher = teacher_topk(model, windows, k=300)  # the whole vocabulary: the top-k KL is the exact KL
+    with torch.no_grad():
+        exact = _kl(model, model, windows)
+        assert float(topk_kl(model(windows).logits, *teacher).mean()) == pytest.approx(exact, abs=1e-6)
+    qm = copy.deepcopy(model)
+    quantize_model(qm, Plan.default("int3-g32", "rtn"), progress=False)
+    names = [n for n, m in qm.named_modules() if isinstance(m, QLinear)]
+    floats = {n: model.get_submodule(n).weight for n in names}  # RTN rounded these: the latent weights
+    with use_kernels("reference"):
+        before = _kl(model, qm, windows)
+        res = distill(qm, names, windows, teacher, DistillOptions(steps=40, lr=1e-2, val_windows=0), latents=floats)
+        after = _kl(model, qm, windows)
+    assert res.kept and after < 0.8 * before and res.kl_after < res.kl_before
+    assert all(isinstance(qm.get_submodule(n), QLinear) for n in names)
+
+
+def test_qat_runs_its_end_to_end_step_through_the_runner():
+    model, windows = _block_and_data()
+    opts = {"block_epochs": 1.0, "steps": 8, "e2e_lr": 1e-2, "val_windows": 0, "topk": 16}
+    qm = copy.deepcopy(model)
+    rep = quantize_model(qm, Plan.default("int3-g32", "qat", config=MethodConfig(options=opts)), windows,
+                         batch_size=4, progress=False)
+    assert len(rep.notes) == 1 and rep.notes[0].startswith("qat end-to-end: held-out KL(top-k)")

@@ -49,5 +49,9 @@ def test_export_gguf_with_qat_writes_the_trained_blocks(tmp_path, capsys, tiny_l
     # the one-step form trains the same way
     one = tmp_path / "one.gguf"
     code, _, err = run(capsys, "export", "gguf", tiny_llama_dir, "-o", one, "--type", "Q4_0", "--method", "qat",
-                       "--calib", calib, "--calib-windows", "4", "--window-len", "32")
+                       "--method-options", "block_epochs=1,init=rtn", "--calib", calib, "--calib-windows", "4",
+                       "--window-len", "32")
     assert code == 0, err
+    code, _, err = run(capsys, "export", "gguf", tiny_llama_dir, "-o", tmp_path / "bad.gguf", "--type", "Q4_0",
+                       "--method", "qat", "--method-options", "bogus=1", "--calib", calib)
+    assert code == 2 and "bogus" in err and "Traceback" not in err and not (tmp_path / "bad.gguf").exists()

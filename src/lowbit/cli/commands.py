@@ -31,27 +31,18 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
-def _option_value(text: str) -> Any:
-    low = text.strip().lower()
-    if low in ("true", "yes", "on"):
-        return True
-    if low in ("false", "no", "off"):
-        return False
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
+def _whole_model_method(args: argparse.Namespace) -> bool:
+    """The method needs the whole float model in memory at once (qat's end-to-end step, ``--option steps=N``)."""
+    from lowbit.methods.registry import method_spec
+
+    steps = _config(args).options.get("steps", 0)
+    return bool(args.method) and method_spec(args.method).trains and isinstance(steps, int) and steps > 0
 
 
 def _config(args: argparse.Namespace) -> MethodConfig:
-    options: dict[str, Any] = {}
-    for item in getattr(args, "option", []):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise LowbitError(f"--option {item!r}: expected KEY=VALUE, e.g. act_order=true")
-        options[key.strip()] = _option_value(value)
+    from lowbit.methods.registry import option_items
+
+    options: dict[str, Any] = option_items(list(getattr(args, "option", [])))
     if getattr(args, "act", None):
         options["act"] = args.act
     if getattr(args, "act_observer", None):
@@ -173,7 +164,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any] | None:
     # blocks are read one at a time as quantization reaches them; a budget's sensitivity needs the whole model
     if args.threads is not None and args.threads < 1:
         raise LowbitError(f"--threads {args.threads}: must be at least 1")
-    model, tok = lowbit.load(args.source, lazy=not args.budget)
+    model, tok = lowbit.load(args.source, lazy=not (args.budget or _whole_model_method(args)))
     with torch_threads(args.threads):
         alloc = budget_allocation(args, model, tok, err=None if args.json else err)
         resume = resume_folder(args.out) if args.calib else None
@@ -193,6 +184,8 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any] | None:
     out.print(layer_table(report))
     for w in report.warnings:
         out.print(f"[yellow]warning[/]: {w}")
+    for n in report.notes:
+        out.print(n)
     if report.kept:
         out.print(f"kept in float: {', '.join(report.kept[:8])}{' …' if len(report.kept) > 8 else ''}")
     out.print(f"saved {saved} ({_mb(size)}; {report.linear_bpw:.2f} bpw in linear layers, {report.bpw:.2f} "

@@ -171,6 +171,7 @@ def gptq_quantize(
     # Work on Wᵀ (n, rows) so a column of W is a contiguous row.
     wt = w.t().contiguous()  # (n, rows)
     qt = torch.empty_like(wt)  # (n, rows) quantized columns
+    lat = torch.empty_like(wt)  # (n, rows) each column as it was rounded (the earlier columns' errors added)
     bs = block_size
     if not static and g <= bs:
         bs = (bs // g) * g  # whole groups per block: a group's current values all live in the block
@@ -190,6 +191,7 @@ def gptq_quantize(
                 src = w1[i : i + end - j] if end <= i2 else wt[j:end]  # (gk, rows); wt is current at i == 0
                 grids[k] = fit(k, src.t())
             col = w1[i]  # (rows,)
+            lat[i1 + i] = col
             q = grids[k].round(j - k * g, col)  # type: ignore[union-attr]
             qt[i1 + i] = q
             err = (col - q).div_(u1[i, i])  # (rows,)
@@ -203,6 +205,7 @@ def gptq_quantize(
     if perm is not None:
         w_hat = w_hat[:, torch.argsort(perm)]
     w_hat = w_hat.contiguous()
+    latent = lat.t() if perm is None else lat.t()[:, torch.argsort(perm)]
     refitted = layout.refit(scheme, grids, w0.masked_fill(dead, 0.0), xtx.detach().to(w0)) if refit else None  # type: ignore[arg-type]
     if refitted is not None:
         w_hat = refitted
@@ -215,6 +218,9 @@ def gptq_quantize(
         "static_groups": bool(static),
         "refit": refitted is not None,
         "seconds": time.perf_counter() - t0,
+        # the weights GPTQ rounded (rows, n): on the grid found they round to its codes, so training from them
+        # (lowbit.qat) starts exactly at GPTQ's result with weights that sit between grid points, as in training
+        "latent": latent.contiguous(),
     }
     if raised:
         log.warning("gptq: Hessian dampening raised to %g of the mean diagonal", damp_used)

@@ -26,6 +26,11 @@ class QatOptions:
     batch_windows: int = field(default=2, metadata={"help": "calibration windows per training step"})
     val_windows: int = field(default=4, metadata={"help": "windows held out to judge each trained block"})
     seed: int = field(default=0, metadata={"help": "seed of the window order"})
+    steps: int = field(default=0, metadata={"help": "end-to-end distillation steps after the blocks (one window "
+                                                    "each; 0: none): the grids train against the float model's "
+                                                    "next-token distribution"})
+    e2e_lr: float = field(default=1e-3, metadata={"help": "learning rate of the end-to-end step (relative steps)"})
+    topk: int = field(default=64, metadata={"help": "teacher tokens kept per position for the end-to-end KL"})
     loss: str = field(default="token", metadata={"help": "block loss: token (squared error relative to each token's "
                                                          "target) | mse"})
 

@@ -96,6 +96,36 @@ def _coerce(method: str, f: Any, value: Any) -> Any:
                       f"got {value!r}")
 
 
+def option_value(text: str) -> Any:
+    """A method option's value as typed on a command line: true/false, an int, a float, else the text."""
+    low = text.strip().lower()
+    if low in ("true", "yes", "on"):
+        return True
+    if low in ("false", "no", "off"):
+        return False
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def option_items(items: list[str], where: str = "--option") -> dict[str, Any]:
+    """``["KEY=VALUE", …]`` as a dict of typed values; a malformed item is one error naming it.
+
+    >>> option_items(["damp=0.05", "act_order=true", "init=awq+gptq"])
+    {'damp': 0.05, 'act_order': True, 'init': 'awq+gptq'}
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SchemeError(f"{where} {item!r}: expected KEY=VALUE, e.g. act_order=true")
+        out[key.strip()] = option_value(value)
+    return out
+
+
 def parse_options(method: str, cls: type, raw: dict[str, Any]) -> Any:
     """``raw`` (name -> value) as an instance of the options dataclass ``cls``; unknown names and wrong
     types are one error naming the option.

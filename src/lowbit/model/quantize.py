@@ -99,6 +99,8 @@ class _Quantizer:
         # id(weight) -> (weak ref to it, name, qtensor, plan), to quantize tied weights once. Weak: in a
         # streamed model a replaced layer's weight is freed, and a later one may reuse its id
         self.by_param: dict[int, tuple[weakref.ref, str, QTensor, LayerPlan]] = {}
+        self.latents: dict[str, torch.Tensor] = {}  # qat layers: the weights training starts from, until trained
+        self.e2e_latents: dict[str, torch.Tensor] = {}  # ... and where qat's end-to-end step starts from
         for n, lp in resolved.items():
             if lp.scheme is not None:
                 continue
@@ -129,6 +131,9 @@ class _Quantizer:
             except LowbitError as e:
                 raise LowbitError(f"layer {name}: {e}") from None
             q = res.qtensor
+            if spec_of(lp).trains:  # where training starts from: the weights the method rounded, or the float ones
+                latent = res.info.get("latent")
+                self.latents[name] = (w if latent is None else latent).detach().to(torch.float32).reshape(q.shape)
             if res.info.get("damp_raised"):
                 msg = f"ill-conditioned Hessian, dampening raised to {res.info.get('damp')}"
                 note = f"{note}; {msg}" if note else msg
@@ -216,6 +221,7 @@ def _quantize_model(model, plan, calib, batch_size, sample_rows, progress, on_bl
         stream = None
     q = _Quantizer(model, resolved, report)
     data_layers = [n for n in planned if needs_data(resolved[n])]
+    e2e = _e2e_teacher(model, resolved, planned, calib, stream, report, batch_size)
     if stats is not None and calib is None:
         for n in data_layers:
             q.quantize_layer(n, stats.get(n, LayerStats()))
@@ -250,6 +256,8 @@ def _quantize_model(model, plan, calib, batch_size, sample_rows, progress, on_bl
     if stream is not None:
         stream.load_all(model)  # whatever no block loop reached (nothing, normally): the model is whole now
         delattr(model, STREAM_ATTR)
+    if e2e is not None:
+        _e2e_distill(model, e2e, calib, q, progress)
     order = {n: i for i, n in enumerate(resolved)}
     report.layers.sort(key=lambda r: order[r.name])
     for pair, names in report.unfolded.items():  # one line per pair, not one per block
@@ -257,6 +265,38 @@ def _quantize_model(model, plan, calib, batch_size, sample_rows, progress, on_bl
                                f"attention) in {len(names)} block(s), e.g. {names[0]}; not rescaled")
     report.seconds = time.perf_counter() - t_start
     return report
+
+
+def _e2e_teacher(model: nn.Module, resolved: dict[str, LayerPlan], planned: list[str], calib: torch.Tensor | None,
+                 stream: StreamedWeights | None, report: QuantReport, batch_size: int):
+    """For qat's end-to-end step (option ``steps`` > 0): the float model's top-k next-token log-probabilities on
+    the calibration windows, taken now, before anything is quantized; with the layers and options to train."""
+    names = [n for n in planned if trains(resolved[n]) and resolved[n].kind == "linear"]
+    if not names or calib is None:
+        return None
+    _, o = spec_of(resolved[names[0]]).parse(resolved[names[0]].config)
+    if o.steps <= 0:
+        return None
+    if stream is not None:
+        report.warnings.append("qat end-to-end distillation needs the whole float model in memory (it is loaded "
+                               "block by block here): skipped; load it with lazy=False")
+        return None
+    from lowbit.qat.e2e import DistillOptions, teacher_topk
+
+    t_logp, t_idx = teacher_topk(model, calib, o.topk, batch_size=max(1, batch_size // 2))
+    return names, (t_logp, t_idx), DistillOptions(o.steps, o.e2e_lr, o.topk, o.val_windows, o.seed)
+
+
+def _e2e_distill(model: nn.Module, e2e, calib: torch.Tensor, q: _Quantizer, progress: bool | None) -> None:
+    from lowbit.qat.e2e import distill
+
+    names, teacher, opts = e2e
+    report = q.report
+    names = [n for n in names if isinstance(model.get_submodule(n), QLinear)]
+    res = distill(model, names, calib, teacher, opts, latents=q.e2e_latents, progress=progress)
+    q.e2e_latents.clear()
+    report.notes.append(res.note())
+    log.info("%s", res.note())
 
 
 def _check_plan(name: str, lp: LayerPlan, mod: nn.Module) -> None:
@@ -446,8 +486,12 @@ def _train_block(block: nn.Module, float_block: nn.Module, index: int, names: li
     if not all(isinstance(block.get_submodule(r), QLinear) for r in names):
         bad = next(r for r in names if not isinstance(block.get_submodule(r), QLinear))
         raise LowbitError(f"layer {mine[bad]}: qat trains linear layers only")
+    latents = {r: q.latents.pop(mine[r], None) for r in names}
+    trained: dict[str, torch.Tensor] | None = {} if o.steps > 0 else None  # kept for the end-to-end step
     res = train_block(block, names, inputs, [t.hidden for t in targets], opts, label=f"qat block {index}",
-                      progress=progress)
+                      progress=progress, latents=latents, trained_latents=trained)
+    if trained is not None:
+        q.e2e_latents.update({mine[r]: t.cpu() for r, t in trained.items()})
     rows = {r.name: r for r in q.report.layers}
     for r in names:
         row = rows.get(mine[r])

@@ -37,6 +37,7 @@ class QuantReport:
     calib_windows: int = 0
     calib_tokens: int = 0
     unfolded: dict[str, list[str]] = field(default_factory=dict)  # AWQ/SmoothQuant pair -> layers it skipped
+    notes: list[str] = field(default_factory=list)  # what whole-model steps did (qat's end-to-end distillation)
 
     @property
     def quantized_numel(self) -> int:

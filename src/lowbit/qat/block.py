@@ -26,6 +26,10 @@ from lowbit.errors import LowbitError
 from lowbit.model.calibrate import BlockInput, _block_out
 from lowbit.qat.modules import QATLinear
 
+# Adam's epsilon: its default (1e-8) is larger than these gradients' typical size (block losses of ~1e-2
+# spread over millions of weights), which would quietly shrink every step to a fraction of the learning rate
+ADAM_EPS = 1e-20
+
 
 @dataclass(frozen=True)
 class BlockTrainOptions:
@@ -100,10 +104,17 @@ def _loss(block: nn.Module, batches: list[tuple[BlockInput, torch.Tensor]], kind
 
 def train_block(block: nn.Module, names: Sequence[str], inputs: Sequence[BlockInput],
                 targets: Sequence[torch.Tensor], opts: BlockTrainOptions, *, label: str = "qat",
-                progress: bool | None = None) -> BlockTraining:
+                progress: bool | None = None, latents: dict[str, torch.Tensor | None] | None = None,
+                trained_latents: dict[str, torch.Tensor] | None = None) -> BlockTraining:
     """Train the quantized layers ``names`` (block-relative, each a ``QLinear``) of ``block`` so that
     ``block(inputs)`` approaches ``targets``; the layers end as ``QLinear`` again, holding the trained weights
-    (or, when training did not lower the held-out loss, their starting ones)."""
+    (or, when training did not lower the held-out loss, their starting ones).
+
+    ``latents``: per layer, the weight training starts from (the one its method rounded: GPTQ's error-updated
+    weights, the float weight for RTN), default the quantized weight itself. The difference matters: a weight
+    sitting exactly on a grid point gives its scale no gradient (LSQ's ``round(w/s) − w/s`` is 0 there).
+    ``trained_latents``, when given, receives each layer's latent weight as the block ends (trained, or the
+    starting one when the PTQ layers are kept): where a later end-to-end step starts from."""
     if opts.loss not in LOSSES:
         raise LowbitError(f"qat: loss {opts.loss!r} is not one of {', '.join(LOSSES)}")
     t0 = time.perf_counter()
@@ -114,7 +125,9 @@ def train_block(block: nn.Module, names: Sequence[str], inputs: Sequence[BlockIn
     before = _loss(block, val, opts.loss)
 
     originals = {n: block.get_submodule(n) for n in names}
-    qat = {n: QATLinear(m.qweight, m.qweight.dequantize(torch.float32), m.bias) for n, m in originals.items()}
+    latents = latents or {}
+    qat = {n: QATLinear(m.qweight, m.qweight.dequantize(torch.float32) if latents.get(n) is None else latents[n],
+                        m.bias) for n, m in originals.items()}
     frozen = [p for p in block.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
@@ -123,7 +136,8 @@ def train_block(block: nn.Module, names: Sequence[str], inputs: Sequence[BlockIn
     try:
         weights = [m.weight for m in qat.values()]
         grids = [p for m in qat.values() for p in m.grid_params()]
-        opt = torch.optim.Adam([{"params": weights, "lr": opts.lr}, {"params": grids, "lr": opts.scale_lr}])
+        opt = torch.optim.Adam([{"params": weights, "lr": opts.lr}, {"params": grids, "lr": opts.scale_lr}],
+                               eps=ADAM_EPS)
         steps = max(1, math.ceil(opts.epochs * len(train)))
         base = [g["lr"] for g in opt.param_groups]
         gen = torch.Generator().manual_seed(opts.seed)
@@ -150,6 +164,8 @@ def train_block(block: nn.Module, names: Sequence[str], inputs: Sequence[BlockIn
             orig = originals[n]
             if kept:
                 orig.qweight = m.to_qtensor()
+            if trained_latents is not None:
+                trained_latents[n] = (m.weight if kept else m.start_weight).detach().clone()
             _set(block, n, orig)
     except BaseException:
         for n, orig in originals.items():

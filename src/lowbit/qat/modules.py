@@ -35,6 +35,7 @@ class QATLinear(nn.Module):
         self.layout = layout_of(q.scheme)
         self.out_features, self.in_features = q.shape
         self.weight = nn.Parameter(weight.detach().to(torch.float32).clone().reshape(q.shape))
+        self.start_weight = self.weight.detach().clone()  # not a buffer: what training started from
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(torch.float32).clone(), requires_grad=False)
         self._grid: list[str] = []
         for k, v in self.layout.learnable(q).items():

@@ -24,7 +24,7 @@ from lowbit.io.gguf import llamacpp
 from lowbit.io.gguf.export import DEFAULT_CALIBRATED, export_gguf
 from lowbit.io.gguf.export import ExportReport as GGUFReport
 from lowbit.io.gguf.mixes import ALIASES, MIXES, resolve_mix
-from lowbit.methods.registry import method_spec
+from lowbit.methods.registry import MethodConfig, method_spec, option_items
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,8 @@ class GGUFOptions(ExportOptions):
     method: str | None = option(None, "any quantization method: rtn (the block search, E[x²]-weighted with "
                                       "--calib), gptq, awq, awq+gptq … (see `lowbit quantize --help`); default: "
                                       f"{DEFAULT_CALIBRATED} with --calib, else rtn")
+    method_options: str | None = option(None, "the method's options, comma-separated KEY=VALUE as `lowbit quantize "
+                                              "--option` takes them, e.g. 'init=awq+gptq,steps=64' for qat")
     calib: str | None = option(None, "calibration text file (importance statistics; required by --method gptq), or "
                                      "'random' for statistics from random tokens")
     calib_windows: int = option(128, "calibration windows", minimum=1)
@@ -59,8 +61,19 @@ class GGUFOptions(ExportOptions):
             if (spec.needs or spec.transform) and self.calib is None:
                 raise self.invalid("calib", f"method {self.method!r} needs calibration text: a text file, or "
                                             f"'random' for statistics from random tokens")
+            try:
+                spec.parse(MethodConfig(options=self.method_config()))
+            except LowbitError as e:
+                raise self.invalid("method_options", str(e)) from None
+        elif self.method_options:
+            raise self.invalid("method_options", "options for which method? pass --method too")
         self._check_type()
         self._check_budget()
+
+    def method_config(self) -> dict[str, Any]:
+        """``method_options`` as a dict of typed values."""
+        items = [x.strip() for x in (self.method_options or "").split(",") if x.strip()]
+        return option_items(items, "--method-options")
 
     def _check_budget(self) -> None:
         if self.budget is None:
@@ -149,7 +162,8 @@ class GGUFExporter(Exporter):
                 raise LowbitError("--budget plans a float model's types; this model is already quantized")
             alloc = self._allocate(qmodel, tokenizer, calib, options, progress)
         report = export_gguf(qmodel, tokenizer, out, gtype, calib=calib, method=options.method,
-                             progress=progress, threads=options.threads, plan=None if alloc is None else alloc.plan)
+                             progress=progress, threads=options.threads, plan=None if alloc is None else alloc.plan,
+                             options=options.method_config() or None)
         check = None
         if options.check:  # llama.cpp in a child process: a crash there is a one-line error, the file stays written
             check = llamacpp.check(out, threads=options.threads or 1)

@@ -1,0 +1,145 @@
+"""End-to-end distillation of the quantization parameters (EfficientQAT's E2E-QP, with the float model as teacher).
+
+After the blocks are trained one by one, the whole quantized model trains its grids (scales, zero-points,
+GGML super-scales and mins; the codes' latent weights stay) so that its next-token distribution approaches
+the float model's: the loss is the KL divergence from the teacher's distribution, taken on the teacher's
+``topk`` most likely tokens per position (their log-probabilities are all that is kept of the teacher:
+``windows × tokens × topk`` numbers instead of whole vocabularies). Windows held out from training decide
+whether the trained grids replace the block-trained ones, so this step never makes the model worse on them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowbit.qat.block import ADAM_EPS
+from lowbit.qat.modules import QATLinear
+
+
+@dataclass(frozen=True)
+class DistillOptions:
+    steps: int  # optimizer steps, one window each
+    lr: float = 1e-3  # of the grids' θ (relative steps of the scales)
+    topk: int = 64  # teacher tokens kept per position
+    val_windows: int = 4
+    seed: int = 0
+
+
+@dataclass
+class Distillation:
+    kl_before: float  # held-out KL (top-k) to the teacher before this step
+    kl_after: float
+    kept: bool
+    steps: int
+    seconds: float
+
+    def note(self) -> str:
+        verdict = "kept" if self.kept else "block-trained grids kept (distillation did not lower it)"
+        return (f"qat end-to-end: held-out KL(top-k) {self.kl_before:.4g} -> {self.kl_after:.4g}, {self.steps} steps, "
+                f"{verdict}")
+
+
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+
+
+@torch.no_grad()
+def teacher_topk(model: nn.Module, windows: torch.Tensor, k: int, batch_size: int = 4
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float model's ``k`` most likely next tokens at every position of ``windows`` ``(N, T)``: their
+    log-probabilities (float32) and ids, each ``(N, T, k)``."""
+    vals, idx = [], []
+    for i in range(0, windows.shape[0], batch_size):
+        lp = _logits(model, windows[i:i + batch_size]).float().log_softmax(-1)
+        v, j = lp.topk(k, dim=-1)
+        vals.append(v)
+        idx.append(j)
+    return torch.cat(vals), torch.cat(idx)
+
+
+def topk_kl(logits: torch.Tensor, t_logp: torch.Tensor, t_idx: torch.Tensor) -> torch.Tensor:
+    """Per-position KL ``Σ_top-k p_t (log p_t − log q)`` of the student's ``logits`` ``(…, V)`` from the teacher's
+    top-k log-probabilities ``t_logp`` at ``t_idx`` ``(…, k)`` (the teacher's tail, under its top-k, is left out)."""
+    logq = logits.float().log_softmax(-1).gather(-1, t_idx)
+    return (t_logp.exp() * (t_logp - logq)).sum(-1)
+
+
+def _kl(model: nn.Module, windows: torch.Tensor, teacher: tuple[torch.Tensor, torch.Tensor], rows: Sequence[int]
+        ) -> float:
+    with torch.no_grad():
+        kls = [float(topk_kl(_logits(model, windows[r:r + 1]), teacher[0][r:r + 1], teacher[1][r:r + 1]).mean())
+               for r in rows]
+    return sum(kls) / max(1, len(kls))
+
+
+def distill(model: nn.Module, names: Sequence[str], windows: torch.Tensor,
+            teacher: tuple[torch.Tensor, torch.Tensor], opts: DistillOptions, *,
+            latents: dict[str, torch.Tensor] | None = None, progress: bool | None = None) -> Distillation:
+    """Train the grids of the quantized linear layers ``names`` of ``model`` against ``teacher`` (from
+    :func:`teacher_topk` on the same ``windows``); they end as ``QLinear`` again.
+
+    ``latents``: each layer's latent weight (from block training, or the float weight), held fixed while the
+    grid moves, so codes change as scales do (weights exactly on their grid points would give the scales no
+    gradient); default the quantized weight itself."""
+    from lowbit.qat import _set
+
+    t0 = time.perf_counter()
+    n = windows.shape[0]
+    n_val = min(opts.val_windows, n // 4)
+    val = list(range(n - n_val, n)) if n_val else list(range(n))
+    train = list(range(n - n_val)) if n_val else list(range(n))
+    before = _kl(model, windows, teacher, val)
+    originals = {nm: model.get_submodule(nm) for nm in names}
+    latents = latents or {}
+    qat = {nm: QATLinear(m.qweight, latents[nm] if nm in latents else m.qweight.dequantize(torch.float32), m.bias)
+           for nm, m in originals.items()}
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    for nm, m in qat.items():
+        m.weight.requires_grad_(False)  # the codes' latent weights stay: only the grids move
+        _set(model, nm, m)
+    try:
+        grids = [p for m in qat.values() for p in m.grid_params()]
+        opt = torch.optim.Adam(grids, lr=opts.lr, eps=ADAM_EPS)
+        gen = torch.Generator().manual_seed(opts.seed)
+        order: list[int] = []
+        steps = max(1, opts.steps)
+        bar = tqdm(range(steps), desc="qat end-to-end", leave=False,
+                   disable=None if progress is None else not progress)
+        for step in bar:
+            if not order:
+                order = [train[i] for i in torch.randperm(len(train), generator=gen).tolist()]
+            r = order.pop()
+            loss = topk_kl(_logits(model, windows[r:r + 1]), teacher[0][r:r + 1], teacher[1][r:r + 1]).mean()
+            if not torch.isfinite(loss):
+                break
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            for g in opt.param_groups:
+                g["lr"] = opts.lr * 0.5 * (1 + math.cos(math.pi * (step + 1) / steps))
+            if step % 4 == 0:
+                bar.set_postfix(kl=f"{loss.item():.4g}")
+        after = _kl(model, windows, teacher, val)
+        kept = bool(after < before)
+        for nm, m in qat.items():
+            orig = originals[nm]
+            if kept:
+                orig.qweight = m.to_qtensor()
+            _set(model, nm, orig)
+    except BaseException:
+        for nm, orig in originals.items():
+            _set(model, nm, orig)
+        raise
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    return Distillation(before, after, kept, steps, time.perf_counter() - t0)
