@@ -1,7 +1,7 @@
 """lowbit's GGUF files against llama.cpp's own, type for type, on SmolLM2-135M (shared/BENCHMARK.md).
 
     .venv/bin/python bench/gguf_peers.py --llama-bin DIR [--types Q2_K Q3_K_M Q4_0 Q4_K_M Q5_K_M Q6_K]
-        [--windows 40] [--methods gptq awq+gptq] [--threads 2] [--json bench/results/gguf-peers.json]
+        [--windows 40] [--methods gptq awq+gptq qat@steps=64] [--threads 2] [--json bench/results/gguf-peers.json]
         [--work DIR] [--reuse]
 
 DIR holds ``llama-quantize``, ``llama-imatrix`` and ``llama-perplexity`` built from llama.cpp's source
@@ -88,7 +88,8 @@ def main() -> None:
     ap.add_argument("--types", nargs="+", default=["Q2_K", "Q3_K_M", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K"])
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--calib-windows", type=int, default=128)
-    ap.add_argument("--methods", nargs="+", default=["gptq", "awq+gptq"], help="lowbit methods (any registered)")
+    ap.add_argument("--methods", nargs="+", default=["gptq", "awq+gptq"],
+                    help="lowbit methods (any registered), each METHOD or METHOD@KEY=VALUE,... with its options")
     ap.add_argument("--threads", type=int, default=2, help="threads of every tool (llama.cpp's and lowbit's)")
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / ".work-gguf")
     ap.add_argument("--reuse", action="store_true", help="keep files already in --work")
@@ -124,11 +125,13 @@ def main() -> None:
         files[f"llama.cpp {t} + imatrix"] = {
             "type": t, "tool": "llama-quantize --imatrix", "path": p,
             **make(p, [str(b / "llama-quantize"), "--imatrix", str(imat), str(f32), str(p), t, "2"])}
-        for m in a.methods:
-            p = w / f"lowbit-{t}-{m.replace('+', '-')}.gguf"
+        for m in a.methods:  # METHOD or METHOD@KEY=VALUE,... (the method's options)
+            method, _, opts = m.partition("@")
+            tag = m.replace("+", "-").replace("@", "-").replace(",", "-").replace("=", "")
+            p = w / f"lowbit-{t}-{tag}.gguf"
             cmd = [sys.executable, "-m", "lowbit.cli.main", "export", "gguf", str(smollm2_gguf()), "-o", str(p),
-                   "--type", t, "--method", m, "--calib", valid, "--calib-windows", str(a.calib_windows), "--force",
-                   "--threads", str(a.threads)]
+                   "--type", t, "--method", method, "--calib", valid, "--calib-windows", str(a.calib_windows),
+                   "--force", "--threads", str(a.threads)] + (["--method-options", opts] if opts else [])
             files[f"lowbit {t} ({m})"] = {"type": t, "tool": f"lowbit export gguf --method {m}", "path": p,
                                           **make(p, cmd), "command": "lowbit " + " ".join(cmd[3:])}
         print(f"{t}: files ready", file=sys.stderr, flush=True)

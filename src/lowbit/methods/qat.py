@@ -37,7 +37,7 @@ class QatOptions:
 
 @register_method("qat", needs=("sq_mean",), options=QatOptions, trains=True)
 def qat(weight: torch.Tensor, stats: LayerStats, scheme: Scheme, config: MethodConfig) -> QuantResult:
-    """Quantization-aware training: block-wise reconstruction on the exact stored grid, from ``init``'s result."""
+    """Quantization-aware training: block-wise reconstruction on the stored grid, from the init method's result."""
     base = method_spec("qat").inherited(config)
     assert base is not None
     spec, cfg = base

@@ -292,7 +292,9 @@ def _e2e_distill(model: nn.Module, e2e, calib: torch.Tensor, q: _Quantizer, prog
 
     names, teacher, opts = e2e
     report = q.report
-    names = [n for n in names if isinstance(model.get_submodule(n), QLinear)]
+    names = [n for n in names if n in q.e2e_latents and isinstance(model.get_submodule(n), QLinear)]  # block-trained
+    if not names:
+        return
     res = distill(model, names, calib, teacher, opts, latents=q.e2e_latents, progress=progress)
     q.e2e_latents.clear()
     report.notes.append(res.note())
