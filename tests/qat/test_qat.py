@@ -186,3 +186,21 @@ def test_qat_runs_its_end_to_end_step_through_the_runner():
     rep = quantize_model(qm, Plan.default("int3-g32", "qat", config=MethodConfig(options=opts)), windows,
                          batch_size=4, progress=False)
     assert len(rep.notes) == 1 and rep.notes[0].startswith("qat end-to-end: held-out KL(top-k)")
+
+
+@pytest.mark.parametrize("name", ["int3-g64", "q4_0", "q4_k", "q3_k"])
+def test_training_starts_exactly_at_gptq(name):
+    """GPTQ's rounded columns are the latent weights; where a GGML type refit its scales after choosing codes,
+    the few latents that would now round elsewhere start at their stored value: step 0 is GPTQ's model."""
+    from lowbit.core.scheme import parse_scheme
+    from lowbit.methods.gptq import gptq_quantize
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 256, generator=g) * 0.05
+    x = torch.randn(2000, 256, generator=g) * torch.linspace(0.1, 3, 256)
+    q, _, info = gptq_quantize(w, x.T @ x, 2000, parse_scheme(name))
+    layer = QATLinear(q, info["latent"])
+    assert torch.equal(layer.fake_weight(), q.dequantize(torch.float32))
+    assert torch.equal(layer.to_qtensor().codes, q.codes)
+    moved = (layer.weight != q.dequantize(torch.float32)).float().mean()
+    assert moved > 0.9  # the latents sit between grid points (else scales get no gradient)

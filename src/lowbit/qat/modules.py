@@ -35,7 +35,6 @@ class QATLinear(nn.Module):
         self.layout = layout_of(q.scheme)
         self.out_features, self.in_features = q.shape
         self.weight = nn.Parameter(weight.detach().to(torch.float32).clone().reshape(q.shape))
-        self.start_weight = self.weight.detach().clone()  # not a buffer: what training started from
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(torch.float32).clone(), requires_grad=False)
         self._grid: list[str] = []
         for k, v in self.layout.learnable(q).items():
@@ -44,6 +43,12 @@ class QATLinear(nn.Module):
             if v.is_floating_point():  # θ: p = p0 + θ (offsets) or p0·exp(θ) (scales), 0 at the start
                 self.register_parameter(f"grid_{k}", nn.Parameter(torch.zeros_like(v, dtype=torch.float32)))
             self._grid.append(k)
+        with torch.no_grad():  # start exactly at q: a latent weight that would round elsewhere starts at its value
+            stored = q.dequantize(torch.float32).reshape(q.shape)
+            off = self.fake_weight() != stored  # (a GGML type's scales refit after its codes were chosen, e.g.)
+            if bool(off.any()):
+                self.weight[off] = stored[off]
+        self.start_weight = self.weight.detach().clone()  # not a buffer: what training started from
 
     def grid_params(self) -> list[nn.Parameter]:
         return [p for n, p in self.named_parameters() if n.startswith("grid_")]
