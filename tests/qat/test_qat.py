@@ -179,9 +179,10 @@ def test_end_to_end_distillation_lowers_the_kl_to_the_teacher():
     assert all(isinstance(qm.get_submodule(n), QLinear) for n in names)
 
 
-def test_qat_runs_its_end_to_end_step_through_the_runner():
+@pytest.mark.parametrize("block_epochs", [1.0, 0.0])
+def test_qat_runs_its_end_to_end_step_through_the_runner(block_epochs):
     model, windows = _block_and_data()
-    opts = {"block_epochs": 1.0, "steps": 8, "e2e_lr": 1e-2, "val_windows": 0, "topk": 16}
+    opts = {"block_epochs": block_epochs, "steps": 8, "e2e_lr": 1e-2, "val_windows": 0, "topk": 16}
     qm = copy.deepcopy(model)
     rep = quantize_model(qm, Plan.default("int3-g32", "qat", config=MethodConfig(options=opts)), windows,
                          batch_size=4, progress=False)

@@ -124,7 +124,7 @@ def _summary(report: Any) -> dict[str, Any]:
     return {"bpw": report.bpw, "linear_bpw": report.linear_bpw, "quantized_bytes": report.quantized_bytes,
             "quantized_numel": report.quantized_numel,
             "seconds": report.seconds, "calib_windows": report.calib_windows, "kept": report.kept,
-            "warnings": report.warnings}
+            "warnings": report.warnings, "notes": list(getattr(report, "notes", []))}
 
 
 def _model_class(p: Path, config):

@@ -20,7 +20,8 @@ from lowbit.methods.registry import LayerStats, MethodConfig, QuantResult, metho
 class QatOptions:
     init: str = field(default="gptq", metadata={"help": "the post-training method training starts from",
                                                 "inherits": True})
-    block_epochs: float = field(default=2.0, metadata={"help": "passes over the calibration windows per block"})
+    block_epochs: float = field(default=2.0, metadata={"help": "passes over the calibration windows per block (0: no "
+                                                                 "block training, only the end-to-end step)"})
     lr: float = field(default=1e-4, metadata={"help": "learning rate of the latent weights (Adam)"})
     scale_lr: float = field(default=1e-4, metadata={"help": "learning rate of scales, zero-points and mins"})
     batch_windows: int = field(default=2, metadata={"help": "calibration windows per training step"})

@@ -489,6 +489,10 @@ def _train_block(block: nn.Module, float_block: nn.Module, index: int, names: li
         bad = next(r for r in names if not isinstance(block.get_submodule(r), QLinear))
         raise LowbitError(f"layer {mine[bad]}: qat trains linear layers only")
     latents = {r: q.latents.pop(mine[r], None) for r in names}
+    if o.block_epochs <= 0:  # no block training: straight to the end-to-end step (if any) from the PTQ start
+        if o.steps > 0:
+            q.e2e_latents.update({mine[r]: t.cpu() for r, t in latents.items() if t is not None})
+        return
     trained: dict[str, torch.Tensor] | None = {} if o.steps > 0 else None  # kept for the end-to-end step
     res = train_block(block, names, inputs, [t.hidden for t in targets], opts, label=f"qat block {index}",
                       progress=progress, latents=latents, trained_latents=trained)

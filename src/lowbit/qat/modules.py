@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lowbit.core.qtensor import QTensor
 from lowbit.layouts import layout_of
@@ -70,7 +71,12 @@ class QATLinear(nn.Module):
         return self.layout.learned_fake(self.weight, self.template, self._params())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.fake_weight()
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            # the fake weight's intermediates (several weight-sized tensors per layer) are recomputed in the
+            # backward pass instead of kept: end-to-end training holds every layer's at once otherwise
+            w = checkpoint(self.fake_weight, use_reentrant=False)
+        else:
+            w = self.fake_weight()
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     @torch.no_grad()
