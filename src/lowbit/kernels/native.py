@@ -8,7 +8,9 @@ same library. One build runs on any x86-64 CPU with AVX2 and FMA: the kernels ar
 for AVX512-VNNI, and each call names its path (:func:`isas` lists the ones this CPU runs, best last;
 ``LOWBIT_CPP_ISA=avx2`` makes :func:`best_isa` take AVX2 where AVX-512 is there too).
 
-No compiler, a failed build or ``LOWBIT_CPP_KERNELS=off``: :func:`library` is None (after one warning
+Before a process first loads a build on a CPU, a child process loads it and checks each path's products
+against float32 (:func:`lowbit.isolate.run_isolated`: a crash there is one warning, not a dead interpreter).
+No compiler, a failed build or check, or ``LOWBIT_CPP_KERNELS=off``: :func:`library` is None (after one warning
 naming why, for a failure), the C++ kernels serve nothing and torch's kernels run.
 
 >>> lib = library()   # doctest: +SKIP
@@ -96,14 +98,43 @@ def _build(target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _self_check(path: str) -> list[str]:
+    """Load the library at ``path`` and run each of its paths on a small product, against float32 (in a child
+    process: a crash there is an error here, not a dead interpreter). Returns the paths it ran."""
+    lib = _import(Path(path))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 128, generator=g)
+    codes = torch.randint(0, 16, (40, 128), generator=g)
+    scale, minv = torch.rand(40, 2, generator=g) + 0.5, torch.randn(40, 2, generator=g)
+    w4 = codes.float() * scale.repeat_interleave(64, 1) + minv.repeat_interleave(64, 1)
+    w8 = torch.randint(-127, 128, (40, 128), generator=g, dtype=torch.int8)
+    s8 = torch.rand(40, generator=g) + 0.5
+    for isa in lib.isas():
+        i = ISAS.index(isa)
+        y4 = lib.q4_gemv(x, pack_int4(codes), scale, minv, 64, None, HUGE_ACTIVATION, i)
+        y8 = lib.q8_gemv(x, w8, s8, 64, None, HUGE_ACTIVATION, i)
+        for y, w in ((y4, w4), (y8, w8.float() * s8[:, None])):
+            ref = x @ w.T
+            if not torch.allclose(y, ref, rtol=0.02, atol=0.02 * float(ref.abs().max())):
+                raise ArithmeticError(f"the {isa} path computes wrong products (max error "
+                                      f"{float((y - ref).abs().max()):.3g})")
+    return list(lib.isas())
+
+
 def _load() -> ModuleType:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         raise OSError(f"the C++ kernels are x86-64 only (this is {platform.machine()})")
     from lowbit.io.loaders import cache_dir
+    from lowbit.isolate import run_isolated
+    from lowbit.kernels.cpu import cpu_name
 
     target = cache_dir() / "kernels" / build_key() / f"{NAME}.so"
+    checked = target.with_name(f"checked-{hashlib.sha256(cpu_name().encode()).hexdigest()[:12]}")
     if not target.exists():
         _build(target)
+    if not checked.exists():  # first use on this CPU: run it once in a child process
+        run_isolated(_self_check, str(target), what="lowbit's C++ kernels' self-check", timeout=300)
+        checked.touch()
     return _import(target)
 
 
@@ -169,7 +200,9 @@ def run_split(x: torch.Tensor, out: int, call, columns, bias: torch.Tensor | Non
         else:
             cols, values = dominant
             y = y.addmm_(values, columns(cols).T)
-    return y.to(x.dtype).reshape(*lead, out)
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    return y.view(*lead, out)
 
 
 __all__ = ["HUGE_ACTIVATION", "MAX_TOKENS", "best_isa", "isas", "library", "pack_int4", "run_split"]
