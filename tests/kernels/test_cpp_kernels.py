@@ -22,9 +22,11 @@ INT4 = ["int4-g32", "int4-g64", "int4-g128", "int4-g32-sym", "int4-g64-sym", "in
 
 def _first_use() -> dict:
     """Build (or find) the library, load it and run one layer of each kernel: the suite's first native call."""
-    lib = native.library()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lib = native.library()
     if lib is None:
-        return {"isas": []}
+        return {"isas": [], "why": [str(w.message) for w in caught]}
     out = {"isas": native.isas()}
     for scheme in ("int4-g64", "int8"):
         layer = QLinear(lowbit.quantize_tensor(torch.randn(48, 256), scheme))
@@ -40,7 +42,13 @@ def test_first_call_runs_in_a_child_process():
     """A crash in the native code is this one failed test, not a dead pytest; later tests run in-process."""
     got = run_isolated(_first_use, what="lowbit's C++ kernels, first use", timeout=900)
     if not got["isas"]:
-        pytest.skip("no C++ kernels on this machine (no compiler, or a CPU without AVX2 + FMA)")
+        import shutil
+
+        from lowbit.kernels.cpu import has
+
+        can = shutil.which("c++") and shutil.which("ninja") and has("avx2", "fma")
+        assert not can, f"a compiler, ninja and AVX2 are here, yet no C++ kernels: {got['why']}"
+        pytest.skip(f"no C++ kernels on this machine: {got['why'] or 'a CPU without AVX2 + FMA'}")
     assert got["isas"][0] == "avx2"
     assert got["int4-g64"][0] == "int4-cpp" and got["int4-g64"][1] < 1e-2
     assert got["int8"][0] == "int8-cpp" and got["int8"][1] < 1e-2

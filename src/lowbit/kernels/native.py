@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import multiprocessing
 import os
 import platform
 import shutil
@@ -133,7 +134,10 @@ def _load() -> ModuleType:
     if not target.exists():
         _build(target)
     if not checked.exists():  # first use on this CPU: run it once in a child process
-        run_isolated(_self_check, str(target), what="lowbit's C++ kernels' self-check", timeout=300)
+        if multiprocessing.current_process().daemon:  # already one (run_isolated's): it cannot fork another
+            _self_check(str(target))
+        else:
+            run_isolated(_self_check, str(target), what="lowbit's C++ kernels' self-check", timeout=300)
         checked.touch()
     return _import(target)
 

@@ -17,7 +17,11 @@
 #pragma GCC target("avx2,fma")
 #define ISA_NS avx2
 #define DOT(acc, u, s) _mm256_add_epi32((acc), _mm256_madd_epi16(_mm256_maddubs_epi16((u), (s)), _mm256_set1_epi16(1)))
+#define DOT2(acc, u, s, v, r) \
+  _mm256_add_epi32((acc), _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16((u), (s)), \
+                                                             _mm256_maddubs_epi16((v), (r))), _mm256_set1_epi16(1)))
 #include "gemv_isa.h"
+#undef DOT2
 #undef DOT
 #undef ISA_NS
 #pragma GCC pop_options
@@ -26,7 +30,9 @@
 #pragma GCC target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")
 #define ISA_NS vnni
 #define DOT(acc, u, s) _mm256_dpbusd_epi32((acc), (u), (s))
+#define DOT2(acc, u, s, v, r) _mm256_dpbusd_epi32(_mm256_dpbusd_epi32((acc), (u), (s)), (v), (r))
 #include "gemv_isa.h"
+#undef DOT2
 #undef DOT
 #undef ISA_NS
 #pragma GCC pop_options
@@ -84,8 +90,8 @@ torch::Tensor q4_gemv(const torch::Tensor& x, const torch::Tensor& codes, const 
   const float* b = bias_ptr(bias, N);
   std::vector<int8_t> q(T * K);
   std::vector<float> a(T * G), aq(T * G);
-  const float top = isa == VNNI ? vnni::quantize_rows(x.data_ptr<float>(), T, K, group, q.data(), a.data(), aq.data())
-                                : avx2::quantize_rows(x.data_ptr<float>(), T, K, group, q.data(), a.data(), aq.data());
+  const float top = isa == VNNI ? vnni::quantize_rows(x.data_ptr<float>(), T, K, group, true, q.data(), a.data(), aq.data())
+                                : avx2::quantize_rows(x.data_ptr<float>(), T, K, group, true, q.data(), a.data(), aq.data());
   if (!(top <= limit)) return torch::empty({0}, x.options());
   auto y = torch::empty({T, N}, x.options());
   const uint8_t* c = codes.data_ptr<uint8_t>();
@@ -112,8 +118,8 @@ torch::Tensor q8_gemv(const torch::Tensor& x, const torch::Tensor& w, const torc
   const float* b = bias_ptr(bias, N);
   std::vector<int8_t> q(T * K);
   std::vector<float> a(T * G), aq(T * G);
-  const float top = isa == VNNI ? vnni::quantize_rows(x.data_ptr<float>(), T, K, group, q.data(), a.data(), aq.data())
-                                : avx2::quantize_rows(x.data_ptr<float>(), T, K, group, q.data(), a.data(), aq.data());
+  const float top = isa == VNNI ? vnni::quantize_rows(x.data_ptr<float>(), T, K, group, false, q.data(), a.data(), aq.data())
+                                : avx2::quantize_rows(x.data_ptr<float>(), T, K, group, false, q.data(), a.data(), aq.data());
   if (!(top <= limit)) return torch::empty({0}, x.options());
   auto y = torch::empty({T, N}, x.options());
   const int8_t* wp = w.data_ptr<int8_t>();
