@@ -172,24 +172,43 @@ static void q8_rows(const int8_t* w, const float* wscale, int64_t K, int64_t gro
   }
 }
 
+// At most 4 tokens per pass (their accumulators stay in registers); more run as passes of 4 over
+// blocks of rows holding kBlockBytes of weights, so the second pass reads them from cache, not memory.
+static constexpr int64_t kBlockBytes = 128 * 1024;
 static void q4(int T, const uint8_t* codes, const float* scale, const float* minv, int64_t K, int64_t group,
                const int8_t* q, const float* a, const float* aq, const float* bias, float* y, int64_t N,
                int64_t n0, int64_t n1) {
-  switch (T) {
-#define LOWBIT_CASE(t) case t: q4_rows<t>(codes, scale, minv, K, group, q, a, aq, bias, y, N, n0, n1); break;
-    LOWBIT_CASE(1) LOWBIT_CASE(2) LOWBIT_CASE(3) LOWBIT_CASE(4)
-    LOWBIT_CASE(5) LOWBIT_CASE(6) LOWBIT_CASE(7) LOWBIT_CASE(8)
+  const int64_t G = K / group, rows = T > 4 ? std::max<int64_t>(4, kBlockBytes / (K / 2)) : n1 - n0;
+  for (int64_t b0 = n0; b0 < n1; b0 += rows) {
+    const int64_t b1 = std::min(n1, b0 + rows);
+    for (int t0 = 0; t0 < T; t0 += 4) {
+      const int8_t* qt = q + t0 * K;
+      const float *at = a + t0 * G, *aqt = aq + t0 * G;
+      float* yt = y + t0 * N;
+      switch (std::min(4, T - t0)) {
+#define LOWBIT_CASE(t) case t: q4_rows<t>(codes, scale, minv, K, group, qt, at, aqt, bias, yt, N, b0, b1); break;
+        LOWBIT_CASE(1) LOWBIT_CASE(2) LOWBIT_CASE(3) LOWBIT_CASE(4)
 #undef LOWBIT_CASE
+      }
+    }
   }
 }
 
 static void q8(int T, const int8_t* w, const float* wscale, int64_t K, int64_t group, const int8_t* q,
                const float* a, const float* bias, float* y, int64_t N, int64_t n0, int64_t n1) {
-  switch (T) {
-#define LOWBIT_CASE(t) case t: q8_rows<t>(w, wscale, K, group, q, a, bias, y, N, n0, n1); break;
-    LOWBIT_CASE(1) LOWBIT_CASE(2) LOWBIT_CASE(3) LOWBIT_CASE(4)
-    LOWBIT_CASE(5) LOWBIT_CASE(6) LOWBIT_CASE(7) LOWBIT_CASE(8)
+  const int64_t G = K / group, rows = T > 4 ? std::max<int64_t>(4, kBlockBytes / K) : n1 - n0;
+  for (int64_t b0 = n0; b0 < n1; b0 += rows) {
+    const int64_t b1 = std::min(n1, b0 + rows);
+    for (int t0 = 0; t0 < T; t0 += 4) {
+      const int8_t* qt = q + t0 * K;
+      const float* at = a + t0 * G;
+      float* yt = y + t0 * N;
+      switch (std::min(4, T - t0)) {
+#define LOWBIT_CASE(t) case t: q8_rows<t>(w, wscale, K, group, qt, at, bias, yt, N, b0, b1); break;
+        LOWBIT_CASE(1) LOWBIT_CASE(2) LOWBIT_CASE(3) LOWBIT_CASE(4)
 #undef LOWBIT_CASE
+      }
+    }
   }
 }
 
