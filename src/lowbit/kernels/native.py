@@ -185,17 +185,15 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
 
 
 def run_split(x: torch.Tensor, out: int, call, columns, bias: torch.Tensor | None) -> torch.Tensor:
-    """``call(x2)`` (the C++ kernel, bias included) on ``x`` ``(..., in)`` as float32 rows ``(tokens, in)``; the
-    result ``(..., out)`` in x's dtype. ``call`` returns an empty tensor when a row holds a huge activation
-    (``|x| > HUGE_ACTIVATION``, or inf / NaN): those columns are then taken apart (:func:`split_dominant`) and
-    multiplied in float32 with the stored weight's ``columns(cols)`` ``(out, n)``, the rest goes through
-    ``call`` again; a NaN left over makes the whole product float32 (the reference's arithmetic)."""
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    if x2.dtype != torch.float32 or not x2.is_contiguous():
-        x2 = x2.to(torch.float32).contiguous()
-    y = call(x2)
+    """``call(x)`` (the C++ kernel, bias included: float32 ``(..., in)`` → ``(..., out)``) in x's dtype and shape.
+    ``call`` returns an empty tensor when a row holds a huge activation (``|x| > HUGE_ACTIVATION``, or inf or
+    NaN): those columns are then taken apart (:func:`split_dominant`) and multiplied in float32 with the stored
+    weight's ``columns(cols)`` ``(out, n)``, the rest goes through ``call`` again; a NaN left over makes the
+    whole product float32 (the reference's arithmetic)."""
+    xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
+    y = call(xf)  # the common case: one call
     if y.numel() == 0 and out > 0:
+        x2 = xf.reshape(-1, x.shape[-1])
         rest, dominant = split_dominant(x2)
         y = call(rest.contiguous()) if dominant is not None else y
         if y.numel() == 0:  # NaN in the input
@@ -204,9 +202,8 @@ def run_split(x: torch.Tensor, out: int, call, columns, bias: torch.Tensor | Non
         else:
             cols, values = dominant
             y = y.addmm_(values, columns(cols).T)
-    if y.dtype != x.dtype:
-        y = y.to(x.dtype)
-    return y.view(*lead, out)
+        y = y.view(*x.shape[:-1], out)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 __all__ = ["HUGE_ACTIVATION", "MAX_TOKENS", "best_isa", "isas", "library", "pack_int4", "run_split"]

@@ -58,11 +58,21 @@ std::vector<std::string> isas() {
   return out;
 }
 
-void check_x(const torch::Tensor& x, int64_t group, const char* what) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.device().is_cpu(),
-              what, ": x must be a contiguous float32 CPU matrix (tokens, in)");
-  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 8, what, ": 1..8 tokens, got ", x.size(0));
-  TORCH_CHECK(group > 0 && group % 32 == 0 && x.size(1) % group == 0, what, ": groups of a multiple of 32 columns");
+// x (..., K) contiguous float32 on the CPU: the number of tokens (rows of K), checked to be 1..8.
+int64_t check_x(const torch::Tensor& x, int64_t group, const char* what) {
+  TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.device().is_cpu(),
+              what, ": x must be a contiguous float32 CPU tensor (..., in)");
+  const int64_t K = x.size(-1), T = K > 0 ? x.numel() / K : 0;
+  TORCH_CHECK(T >= 1 && T <= 8, what, ": 1..8 tokens, got ", T);
+  TORCH_CHECK(group > 0 && group % 32 == 0 && K % group == 0, what, ": groups of a multiple of 32 columns");
+  return T;
+}
+
+// The output (..., N) for x (..., K).
+torch::Tensor output(const torch::Tensor& x, int64_t N) {
+  std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
+  sizes.back() = N;
+  return torch::empty(sizes, x.options());
 }
 
 const float* bias_ptr(const c10::optional<torch::Tensor>& bias, int64_t N) {
@@ -74,14 +84,14 @@ const float* bias_ptr(const c10::optional<torch::Tensor>& bias, int64_t N) {
 
 int64_t grain(int64_t K) { return std::max<int64_t>(4, 16384 / std::max<int64_t>(K, 1)); }
 
-// x (T, K) float32 → y (T, N) float32; an empty tensor instead when max|x| > limit (the caller takes
+// x (..., K) float32 → y (..., N) float32; an empty tensor instead when max|x| > limit (the caller takes
 // the huge columns apart and calls again).
 torch::Tensor q4_gemv(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scale,
                       const torch::Tensor& minv, int64_t group, const c10::optional<torch::Tensor>& bias,
                       double limit, int64_t isa) {
-  check_x(x, group, "q4_gemv");
+  const int64_t T = check_x(x, group, "q4_gemv");
   TORCH_CHECK(supported(isa), "q4_gemv: this CPU lacks instruction set ", isa);
-  const int64_t T = x.size(0), K = x.size(1), N = codes.size(0), G = K / group;
+  const int64_t K = x.size(-1), N = codes.size(0), G = K / group;
   TORCH_CHECK(codes.scalar_type() == torch::kUInt8 && codes.is_contiguous() && codes.dim() == 2 &&
                   codes.size(1) == K / 2, "q4_gemv: codes must be contiguous uint8 (out, in / 2)");
   for (const auto* p : {&scale, &minv})
@@ -93,7 +103,7 @@ torch::Tensor q4_gemv(const torch::Tensor& x, const torch::Tensor& codes, const 
   const float top = isa == VNNI ? vnni::quantize_rows(x.data_ptr<float>(), T, K, group, true, q.data(), a.data(), aq.data())
                                 : avx2::quantize_rows(x.data_ptr<float>(), T, K, group, true, q.data(), a.data(), aq.data());
   if (!(top <= limit)) return torch::empty({0}, x.options());
-  auto y = torch::empty({T, N}, x.options());
+  auto y = output(x, N);
   const uint8_t* c = codes.data_ptr<uint8_t>();
   const float *s = scale.data_ptr<float>(), *m = minv.data_ptr<float>();
   float* out = y.data_ptr<float>();
@@ -108,9 +118,9 @@ torch::Tensor q4_gemv(const torch::Tensor& x, const torch::Tensor& codes, const 
 
 torch::Tensor q8_gemv(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& wscale, int64_t group,
                       const c10::optional<torch::Tensor>& bias, double limit, int64_t isa) {
-  check_x(x, group, "q8_gemv");
+  const int64_t T = check_x(x, group, "q8_gemv");
   TORCH_CHECK(supported(isa), "q8_gemv: this CPU lacks instruction set ", isa);
-  const int64_t T = x.size(0), K = x.size(1), N = w.size(0), G = K / group;
+  const int64_t K = x.size(-1), N = w.size(0), G = K / group;
   TORCH_CHECK(w.scalar_type() == torch::kInt8 && w.is_contiguous() && w.dim() == 2 && w.size(1) == K,
               "q8_gemv: w must be contiguous int8 (out, in)");
   TORCH_CHECK(wscale.scalar_type() == torch::kFloat32 && wscale.is_contiguous() && wscale.numel() == N,
@@ -121,7 +131,7 @@ torch::Tensor q8_gemv(const torch::Tensor& x, const torch::Tensor& w, const torc
   const float top = isa == VNNI ? vnni::quantize_rows(x.data_ptr<float>(), T, K, group, false, q.data(), a.data(), aq.data())
                                 : avx2::quantize_rows(x.data_ptr<float>(), T, K, group, false, q.data(), a.data(), aq.data());
   if (!(top <= limit)) return torch::empty({0}, x.options());
-  auto y = torch::empty({T, N}, x.options());
+  auto y = output(x, N);
   const int8_t* wp = w.data_ptr<int8_t>();
   const float* ws = wscale.data_ptr<float>();
   float* out = y.data_ptr<float>();
