@@ -1,8 +1,8 @@
-// lowbit's CPU GEMVs for 1..8 tokens: int8 activations (per token and group of columns, quantized
-// here) times 4-bit group codes (W4A8) or int8 per-channel weights (W8A8), int32 dot products per
-// group, float32 across groups. One build runs on any x86-64 CPU with AVX2 + FMA: the bodies
-// (gemv_isa.h) are compiled for AVX2 (maddubs + madd) and for AVX512-VNNI (vpdpbusd on 256-bit
-// vectors, AVX512-VL), and each call names the path it takes (`isas()` lists this CPU's).
+// lowbit's CPU GEMVs for 1..8 tokens: int16 activations (per token and group of columns, quantized
+// here) times 4-bit group codes or int8 per-channel weights, int32 dot products per group, float32
+// across groups. One build runs on any x86-64 CPU with AVX2 + FMA: the bodies (gemv_isa.h) are
+// compiled for AVX2 (vpmaddwd) and for AVX512-VNNI (vpdpwssd on 256-bit vectors, AVX512-VL), and each
+// call names the path it takes (`isas()` lists this CPU's).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -16,12 +16,8 @@
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 #define ISA_NS avx2
-#define DOT(acc, u, s) _mm256_add_epi32((acc), _mm256_madd_epi16(_mm256_maddubs_epi16((u), (s)), _mm256_set1_epi16(1)))
-#define DOT2(acc, u, s, v, r) \
-  _mm256_add_epi32((acc), _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16((u), (s)), \
-                                                             _mm256_maddubs_epi16((v), (r))), _mm256_set1_epi16(1)))
+#define DOT(acc, w, x) _mm256_add_epi32((acc), _mm256_madd_epi16((w), (x)))
 #include "gemv_isa.h"
-#undef DOT2
 #undef DOT
 #undef ISA_NS
 #pragma GCC pop_options
@@ -29,10 +25,8 @@
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")
 #define ISA_NS vnni
-#define DOT(acc, u, s) _mm256_dpbusd_epi32((acc), (u), (s))
-#define DOT2(acc, u, s, v, r) _mm256_dpbusd_epi32(_mm256_dpbusd_epi32((acc), (u), (s)), (v), (r))
+#define DOT(acc, w, x) _mm256_dpwssd_epi32((acc), (w), (x))
 #include "gemv_isa.h"
-#undef DOT2
 #undef DOT
 #undef ISA_NS
 #pragma GCC pop_options
@@ -98,10 +92,10 @@ torch::Tensor q4_gemv(const torch::Tensor& x, const torch::Tensor& codes, const 
     TORCH_CHECK(p->scalar_type() == torch::kFloat32 && p->is_contiguous() && p->dim() == 2 && p->size(0) == N &&
                     p->size(1) == G, "q4_gemv: scale and minv must be contiguous float32 (out, in / group)");
   const float* b = bias_ptr(bias, N);
-  std::vector<int8_t> q(T * K);
+  std::vector<int16_t> q(T * K);
   std::vector<float> a(T * G), aq(T * G);
-  const float top = isa == VNNI ? vnni::quantize_rows(x.data_ptr<float>(), T, K, group, true, q.data(), a.data(), aq.data())
-                                : avx2::quantize_rows(x.data_ptr<float>(), T, K, group, true, q.data(), a.data(), aq.data());
+  const float top = isa == VNNI ? vnni::quantize_rows(x.data_ptr<float>(), T, K, group, q.data(), a.data(), aq.data())
+                                : avx2::quantize_rows(x.data_ptr<float>(), T, K, group, q.data(), a.data(), aq.data());
   if (!(top <= limit)) return torch::empty({0}, x.options());
   auto y = output(x, N);
   const uint8_t* c = codes.data_ptr<uint8_t>();
@@ -126,10 +120,10 @@ torch::Tensor q8_gemv(const torch::Tensor& x, const torch::Tensor& w, const torc
   TORCH_CHECK(wscale.scalar_type() == torch::kFloat32 && wscale.is_contiguous() && wscale.numel() == N,
               "q8_gemv: wscale must be contiguous float32 (out,)");
   const float* b = bias_ptr(bias, N);
-  std::vector<int8_t> q(T * K);
+  std::vector<int16_t> q(T * K);
   std::vector<float> a(T * G), aq(T * G);
-  const float top = isa == VNNI ? vnni::quantize_rows(x.data_ptr<float>(), T, K, group, false, q.data(), a.data(), aq.data())
-                                : avx2::quantize_rows(x.data_ptr<float>(), T, K, group, false, q.data(), a.data(), aq.data());
+  const float top = isa == VNNI ? vnni::quantize_rows(x.data_ptr<float>(), T, K, group, q.data(), a.data(), aq.data())
+                                : avx2::quantize_rows(x.data_ptr<float>(), T, K, group, q.data(), a.data(), aq.data());
   if (!(top <= limit)) return torch::empty({0}, x.options());
   auto y = output(x, N);
   const int8_t* wp = w.data_ptr<int8_t>();
@@ -148,8 +142,8 @@ torch::Tensor q8_gemv(const torch::Tensor& x, const torch::Tensor& w, const torc
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("isas", &isas, "the instruction-set paths this CPU runs, in order of preference (last: best)");
-  m.def("q4_gemv", &q4_gemv, "W4A8 group GEMV, 1..8 tokens", py::arg("x"), py::arg("codes"), py::arg("scale"),
+  m.def("q4_gemv", &q4_gemv, "int4 group GEMV (int16 activations), 1..8 tokens", py::arg("x"), py::arg("codes"), py::arg("scale"),
         py::arg("minv"), py::arg("group"), py::arg("bias"), py::arg("limit"), py::arg("isa"));
-  m.def("q8_gemv", &q8_gemv, "W8A8 per-channel GEMV, 1..8 tokens", py::arg("x"), py::arg("w"), py::arg("wscale"),
+  m.def("q8_gemv", &q8_gemv, "int8 per-channel GEMV (int16 activations), 1..8 tokens", py::arg("x"), py::arg("w"), py::arg("wscale"),
         py::arg("group"), py::arg("bias"), py::arg("limit"), py::arg("isa"));
 }
