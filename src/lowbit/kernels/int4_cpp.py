@@ -1,4 +1,4 @@
-"""Weight-only int4 groups at 1..8 tokens through lowbit's C++ W4A8 GEMV (:mod:`lowbit.kernels.native`).
+"""Weight-only int4 groups at 1..8 tokens through lowbit's C++ GEMV (:mod:`lowbit.kernels.native`).
 
 Serves what ``int4-torch`` serves (affine ``int4-g32/64/128``, sym or asym, integer or float zero-points,
 and GGML ``q4_0``, ``q4_1``, ``q4_k``: :func:`~lowbit.kernels.int4_torch.int4_parts`), for rows of any
@@ -6,16 +6,17 @@ count and ``in`` a multiple of the group (group 32, 64 or 128). ``prepare`` pack
 byte (:func:`~lowbit.kernels.native.pack_int4`) beside float32 ``scale`` and ``minv = zero − 8·scale``
 per (row, group), so that ``value = code·scale + minv``.
 
-The C++ side quantizes each token's activations per group of the weight's columns to int8
-(``a = max|x_g| / 127``, ``q = round(x / a)``) and sums, per group, ``a·(scale·Σ c·q + minv·Σ q)`` in
+The C++ side rounds each token's activations per group of the weight's columns to int16
+(``a = max|x_g| / 32767``, ``q = round(x / a)``) and sums, per group, ``a·(scale·Σ c·q + minv·Σ q)`` in
 float32 (the integer dot products are exact). So against the reference (the dequantized weight times x
 in float32) the error of output ``n`` is the activation rounding, ``|x − a·q| ≤ a/2`` per element::
 
     |y − y_ref| ≤ Σ_g (a_g / 2) · Σ_{k∈g} |w_nk|    (+ float32 summation, relative ~1e-6 of Σ|w||x|)
 
-a relative error of at most 1/254 of each group's largest activation — the same order as the bf16
-rounding (2⁻⁹ = 1/512 of each activation) of torch's kernel. Huge activations (|x| > 256) are taken
-apart in float32 (:func:`~lowbit.kernels.native.run_split`), as in ``int4-torch``.
+at most 1/65534 of each group's largest activation per unit of weight — far below torch's kernel's bf16
+rounding (2⁻⁹ of each activation). (int8 activations, 1/254 of the group's largest, put SmolLM2's decode
+KL to the reference at 0.0066, over the 1e-3 target: bench/RESULTS.md.) Huge activations (|x| > 256) are
+taken apart in float32 (:func:`~lowbit.kernels.native.run_split`), as in ``int4-torch``.
 """
 
 from __future__ import annotations
@@ -66,4 +67,4 @@ def _run(m, state, x: torch.Tensor) -> torch.Tensor:
 
 register_kernel(Kernel("int4-cpp", 30, _serves, _run, prepare=_prepare, max_tokens=native.MAX_TOKENS,
                        dtypes=(torch.float32, torch.bfloat16, torch.float16),
-                       doc="weight-only int4 groups, lowbit's C++ W4A8 GEMV (int8 activations per group), 1-8 tokens"))
+                       doc="weight-only int4 groups, lowbit's C++ GEMV (int16 activations per group), 1-8 tokens"))

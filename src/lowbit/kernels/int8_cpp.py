@@ -1,17 +1,17 @@
-"""Weight-only int8 per output channel at 1..8 tokens through lowbit's C++ W8A8 GEMV
-(:mod:`lowbit.kernels.native`): SmolLM2's int8 head (49152×576) and embeddings-tied heads.
+"""Weight-only int8 per output channel at 1..8 tokens through lowbit's C++ GEMV (:mod:`lowbit.kernels.native`):
+SmolLM2's int8 head (49152×576), and every layer of an ``int8`` model at decode.
 
-The layer is weight-only (no activation scheme), so quantizing its activations is this kernel's own
-arithmetic, not the model's: each token's activations are rounded to int8 per block of ``GROUP`` columns
-(``a = max|x_b| / 127``, ``q = round(x / a)``), the int32 dot products with the int8 codes are exact, and
-the blocks are summed in float32 then scaled by the row's scale ``s_n``. Against the reference
-(``x · (s_n·c_n)ᵀ`` in float32)::
+The layer is weight-only (no activation scheme), so rounding its activations is this kernel's own
+arithmetic, not the model's: each token's activations are rounded to int16 per block of 64 columns (32
+where ``in`` is no multiple of 64; ``a = max|x_b| / 32767``, ``q = round(x / a)``), the int32 dot products
+with the int8 codes are exact, and the blocks are summed in float32 then scaled by the row's scale
+``s_n``. Against the reference (``x · (s_n·c_n)ᵀ`` in float32)::
 
     |y_n − y_ref,n| ≤ s_n · Σ_b (a_b / 2) · Σ_{k∈b} |c_nk|    (+ float32 summation)
 
-i.e. at most 1/254 of each block's largest activation per weight magnitude; measured on SmolLM2's
-logits in bench/RESULTS.md (issue 13: KL to the reference). Activations above 256 are taken apart in
-float32 as in ``int8-torch``.
+i.e. at most 1/65534 of each block's largest activation per unit of weight; measured on SmolLM2's logits
+in bench/RESULTS.md (issue 13: KL to the reference). Activations above 256 are taken apart in float32 as
+in ``int8-torch``.
 """
 
 from __future__ import annotations
@@ -51,4 +51,4 @@ def _run(m, state, x: torch.Tensor) -> torch.Tensor:
 
 register_kernel(Kernel("int8-cpp", 30, _serves, _run, prepare=_prepare, max_tokens=native.MAX_TOKENS,
                        dtypes=(torch.float32, torch.bfloat16, torch.float16),
-                       doc="weight-only int8 per channel, lowbit's C++ W8A8 GEMV (int8 activations per block), 1-8 tokens"))
+                       doc="weight-only int8 per channel, lowbit's C++ GEMV (int16 activations per block), 1-8 tokens"))
