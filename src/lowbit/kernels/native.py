@@ -10,8 +10,10 @@ for AVX512-VNNI, and each call names its path (:func:`isas` lists the ones this 
 
 Before a process first loads a build on a CPU, a child process loads it and checks each path's products
 against float32 (:func:`lowbit.isolate.run_isolated`: a crash there is one warning, not a dead interpreter).
-No compiler, a failed build or check, or ``LOWBIT_CPP_KERNELS=off``: :func:`library` is None (after one warning
-naming why, for a failure), the C++ kernels serve nothing and torch's kernels run.
+On a CPU other than x86-64 with AVX2 and FMA (as /proc/cpuinfo lists them), or with
+``LOWBIT_CPP_KERNELS=off``, nothing is built and nothing warns. No compiler, or a failed build or check:
+one warning naming why. Either way :func:`library` is None, the C++ kernels serve nothing and torch's
+kernels run.
 
 >>> lib = library()   # doctest: +SKIP
 >>> lib is None or best_isa() in isas()   # doctest: +SKIP
@@ -123,8 +125,6 @@ def _self_check(path: str) -> list[str]:
 
 
 def _load() -> ModuleType:
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        raise OSError(f"the C++ kernels are x86-64 only (this is {platform.machine()})")
     from lowbit.io.loaders import cache_dir
     from lowbit.isolate import run_isolated
     from lowbit.kernels.cpu import cpu_name
@@ -146,8 +146,10 @@ def _load() -> ModuleType:
 def library() -> ModuleType | None:
     """The compiled kernels, built at the first call on this machine; None when disabled or unavailable
     (then once a warning names why)."""
-    if not enabled():
-        return None
+    from lowbit.kernels.cpu import has
+
+    if not enabled() or platform.machine().lower() not in ("x86_64", "amd64") or not has("avx2", "fma"):
+        return None  # off, or a CPU they do not run on (Linux x86-64 with AVX2 + FMA): nothing to warn about
     try:
         lib = _load()
     except Exception as e:  # no compiler, no ninja, a failed build or load: torch's kernels run instead
