@@ -164,7 +164,7 @@ def choose(module: Any, x: torch.Tensor) -> Kernel:
         raise LowbitError(f"no kernel serves {type(module).__name__}({module.qweight.scheme.name}) for "
                           f"{tokens} tokens of {x.dtype} under kernel mode {mode!r}")
     if not tune or len(takers) == 1:
-        if all(c.accepts is None for c in cache[1]):  # no per-call condition could change the answer
+        if not tune and all(c.accepts is None for c in cache[1]):  # no per-call condition changes the answer
             cache[2][memo_key] = takers[0]
         return takers[0]
     fixed = [t for t in takers if not t.measured]
