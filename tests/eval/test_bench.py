@@ -31,7 +31,8 @@ def test_bench_times_both_models_at_each_thread_count(tiny_llama):
         assert row.decode_tokens_per_s > 0
     qrow = r.rows[0]
     n_linear = sum(isinstance(m, QLinear) for m in q.modules())
-    assert sum(qrow.kernels_decode.values()) == n_linear and "int4-torch" in qrow.kernels_decode
+    assert sum(qrow.kernels_decode.values()) == n_linear
+    assert set(qrow.kernels_decode) & {"int4-torch", "int4-cpp"}  # lowbit's C++ GEMV where it could be built
     assert r.rows[1].kernels_decode == {}  # the float model has no quantized layers
     assert qrow.memory_bytes < r.rows[1].memory_bytes  # packed kernels counted, still smaller than float
     assert r.decode_ratio(1) == pytest.approx(qrow.decode_tokens_per_s / r.rows[1].decode_tokens_per_s)
@@ -57,15 +58,15 @@ def test_float_twin_is_the_dequantized_float_model(tiny_llama):
 def test_quantized_model_generates_with_kv_cache_as_the_reference_does(tiny_llama):
     _, q = _quantized(tiny_llama, "int8")
     # fixed prompt ids: drawn from the global RNG they changed with the tests run before, and a random tiny model has
-    # near-ties that a bf16 rounding flips early (one draw diverged at the fifth new token)
+    # near-ties that a bf16 (or int8 activation) rounding flips early (one draw diverged at the fifth new token)
     ids = torch.randint(1, 100, (1, 6), generator=torch.Generator().manual_seed(0))
     out = q.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 14)
-    assert {m._kernel.name for m in q.modules() if isinstance(m, QLinear)} == {"int8-torch"}
+    assert {m._kernel.name for m in q.modules() if isinstance(m, QLinear)} <= {"int8-torch", "int8-cpp"}
     with use_kernels("reference"):
         ref = q.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
                          pad_token_id=0)
-    assert (out == ref).float().mean() > 0.8  # bf16 roundings may flip a near-tie, not the whole text
+    assert (out == ref).float().mean() > 0.8  # roundings may flip a near-tie, not the whole text
 
 
 def test_bench_refuses_what_it_cannot_time(tiny_llama):

@@ -111,3 +111,14 @@ def test_calibration_weight_cache_is_never_timed_against_others(measured):
 def test_buckets():
     assert [tuning.bucket(t) for t in (1, 2, 3, 5, 16, 17, 512, 513, 10**6)] == [1, 2, 4, 8, 16, 32, 512, 1024,
                                                                                tuning.MAX_BUCKET]
+
+
+def test_a_kernel_that_was_not_there_when_a_choice_was_made_is_measured(measured, tmp_path):
+    """A choice stored among fewer kernels (the C++ kernels switched off, or not yet built) is not reused."""
+    layer = _layer()
+    x = torch.randn(1, 128)
+    key = f"{tuning.call_key(layer, x, 1)}|among=dequantize,test-slow"
+    (tmp_path / "kernel-choices.json").write_text(json.dumps(
+        {"version": 1, "machines": {tuning.machine_key(): {key: "test-slow"}}}))
+    layer(x)
+    assert layer._kernel.name == "test-fast" and measured["slow"] > 0

@@ -4,7 +4,18 @@
 ['cached-weight', 'dequantize', 'fake-act']
 """
 
-from lowbit.kernels import bf16_gemm, cached, dequantize, fake_act, int4_torch, int8_int8, int8_torch, tuning  # noqa: F401
+from lowbit.kernels import (  # noqa: F401
+    bf16_gemm,
+    cached,
+    dequantize,
+    fake_act,
+    int4_cpp,
+    int4_torch,
+    int8_cpp,
+    int8_int8,
+    int8_torch,
+    tuning,
+)
 from lowbit.kernels.activations import ACT_SCHEMES, quantize_activation
 from lowbit.kernels.base import (
     KERNELS,

@@ -154,8 +154,9 @@ def choose(module: Any, x: torch.Tensor) -> Kernel:
         cache = module._kernel_candidates = (mode, candidates(module, mode), {})
     tokens = x.numel() // max(1, x.shape[-1])
     tune = mode == "auto" and tuning.enabled()
-    memo_key = (x.dtype, x.device.type, tuning.bucket(tokens), torch.get_num_threads()) if tune else None
-    k = cache[2].get(memo_key) if tune else None
+    # measured choices hold per bucket of token counts; priority choices per exact count (a pure function)
+    memo_key = (tune, x.dtype, x.device.type, tuning.bucket(tokens) if tune else tokens, torch.get_num_threads())
+    k = cache[2].get(memo_key)
     if k is not None and k.takes(module, x, tokens):
         return k
     takers = [k for k in cache[1] if k.takes(module, x, tokens)]
@@ -163,6 +164,8 @@ def choose(module: Any, x: torch.Tensor) -> Kernel:
         raise LowbitError(f"no kernel serves {type(module).__name__}({module.qweight.scheme.name}) for "
                           f"{tokens} tokens of {x.dtype} under kernel mode {mode!r}")
     if not tune or len(takers) == 1:
+        if not tune and all(c.accepts is None for c in cache[1]):  # no per-call condition changes the answer
+            cache[2][memo_key] = takers[0]
         return takers[0]
     fixed = [t for t in takers if not t.measured]
     if fixed:
@@ -187,5 +190,5 @@ def dispatch(module: Any, x: torch.Tensor) -> torch.Tensor:
     """``module(x)`` through its chosen kernel, preparing the kernel's packed weight at first use."""
     k = choose(module, x)
     state = prepared(module, k)
-    module._kernel = k  # the last kernel that ran (inspection, tests)
+    module.__dict__["_kernel"] = k  # the last kernel that ran (inspection, tests); not nn.Module's slow setattr
     return k.run(module, state, x)

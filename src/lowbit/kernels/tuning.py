@@ -5,7 +5,7 @@ cannot be right everywhere.
 
 Under kernel mode ``auto``, when more than one kernel can serve a call, each of them runs the call a few
 times, the fastest is kept for that *kind* of call — (layer type, scheme, shape, bias, activation dtype,
-tokens rounded up to a power of two, torch threads) — and the choice is written to
+tokens rounded up to a power of two, torch threads, the kernels that competed) — and the choice is written to
 ``<cache>/kernel-choices.json`` under this machine's CPU name and torch version, so later processes on the
 same machine reuse it instead of measuring again. Every candidate computes the same layer (each within its
 stated arithmetic bound against the dequantize reference), so only speed differs.
@@ -145,7 +145,9 @@ def fastest(module: Any, x: torch.Tensor, tokens: int, takers: list) -> Any:
     from lowbit.kernels.base import KERNELS, prepared
 
     global _choices
-    key = call_key(module, x, tokens)
+    # the kernels that competed are part of the key: a kernel added later (or built, or switched back on with
+    # LOWBIT_CPP_KERNELS) is measured, not hidden behind a choice made without it
+    key = f"{call_key(module, x, tokens)}|among={','.join(sorted(k.name for k in takers))}"
     with _lock:
         if _choices is None:
             _choices = _load(set(KERNELS.names()))

@@ -1,0 +1,149 @@
+// lowbit's CPU GEMVs for 1..8 tokens: int16 activations (per token and group of columns, quantized
+// here) times 4-bit group codes or int8 per-channel weights, int32 dot products per group, float32
+// across groups. One build runs on any x86-64 CPU with AVX2 + FMA: the bodies (gemv_isa.h) are
+// compiled for AVX2 (vpmaddwd) and for AVX512-VNNI (vpdpwssd on 256-bit vectors, AVX512-VL), and each
+// call names the path it takes (`isas()` lists this CPU's).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#define ISA_NS avx2
+#define DOT(acc, w, x) _mm256_add_epi32((acc), _mm256_madd_epi16((w), (x)))
+#include "gemv_isa.h"
+#undef DOT
+#undef ISA_NS
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")
+#define ISA_NS vnni
+#define DOT(acc, w, x) _mm256_dpwssd_epi32((acc), (w), (x))
+#include "gemv_isa.h"
+#undef DOT
+#undef ISA_NS
+#pragma GCC pop_options
+
+namespace {
+
+enum Isa : int64_t { AVX2 = 0, VNNI = 1 };
+
+bool supported(int64_t isa) {
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (isa == AVX2) return avx2;
+  if (isa == VNNI)
+    return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+  return false;
+}
+
+std::vector<std::string> isas() {
+  std::vector<std::string> out;
+  if (supported(AVX2)) out.emplace_back("avx2");
+  if (supported(VNNI)) out.emplace_back("avx512vnni");
+  return out;
+}
+
+// x (..., K) contiguous float32 on the CPU: the number of tokens (rows of K), checked to be 1..8.
+int64_t check_x(const torch::Tensor& x, int64_t group, const char* what) {
+  TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.device().is_cpu(),
+              what, ": x must be a contiguous float32 CPU tensor (..., in)");
+  const int64_t K = x.size(-1), T = K > 0 ? x.numel() / K : 0;
+  TORCH_CHECK(T >= 1 && T <= 8, what, ": 1..8 tokens, got ", T);
+  TORCH_CHECK(group > 0 && group % 32 == 0 && K % group == 0, what, ": groups of a multiple of 32 columns");
+  return T;
+}
+
+// The output (..., N) for x (..., K).
+torch::Tensor output(const torch::Tensor& x, int64_t N) {
+  std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
+  sizes.back() = N;
+  return torch::empty(sizes, x.options());
+}
+
+const float* bias_ptr(const c10::optional<torch::Tensor>& bias, int64_t N) {
+  if (!bias.has_value()) return nullptr;
+  TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->is_contiguous() && bias->numel() == N,
+              "bias must be contiguous float32 (out,)");
+  return bias->data_ptr<float>();
+}
+
+int64_t grain(int64_t K) { return std::max<int64_t>(4, 16384 / std::max<int64_t>(K, 1)); }
+
+// x (..., K) float32 → y (..., N) float32; an empty tensor instead when max|x| > limit (the caller takes
+// the huge columns apart and calls again).
+torch::Tensor q4_gemv(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scale,
+                      const torch::Tensor& minv, int64_t group, const c10::optional<torch::Tensor>& bias,
+                      double limit, int64_t isa) {
+  const int64_t T = check_x(x, group, "q4_gemv");
+  TORCH_CHECK(supported(isa), "q4_gemv: this CPU lacks instruction set ", isa);
+  const int64_t K = x.size(-1), N = codes.size(0), G = K / group;
+  TORCH_CHECK(codes.scalar_type() == torch::kUInt8 && codes.is_contiguous() && codes.dim() == 2 &&
+                  codes.size(1) == K / 2, "q4_gemv: codes must be contiguous uint8 (out, in / 2)");
+  for (const auto* p : {&scale, &minv})
+    TORCH_CHECK(p->scalar_type() == torch::kFloat32 && p->is_contiguous() && p->dim() == 2 && p->size(0) == N &&
+                    p->size(1) == G, "q4_gemv: scale and minv must be contiguous float32 (out, in / group)");
+  const float* b = bias_ptr(bias, N);
+  std::vector<int16_t> q(T * K);
+  std::vector<float> a(T * G), aq(T * G);
+  const float top = isa == VNNI ? vnni::quantize_rows(x.data_ptr<float>(), T, K, group, q.data(), a.data(), aq.data())
+                                : avx2::quantize_rows(x.data_ptr<float>(), T, K, group, q.data(), a.data(), aq.data());
+  if (!(top <= limit)) return torch::empty({0}, x.options());
+  auto y = output(x, N);
+  const uint8_t* c = codes.data_ptr<uint8_t>();
+  const float *s = scale.data_ptr<float>(), *m = minv.data_ptr<float>();
+  float* out = y.data_ptr<float>();
+  at::parallel_for(0, N, grain(K), [&](int64_t n0, int64_t n1) {
+    if (isa == VNNI)
+      vnni::q4(int(T), c, s, m, K, group, q.data(), a.data(), aq.data(), b, out, N, n0, n1);
+    else
+      avx2::q4(int(T), c, s, m, K, group, q.data(), a.data(), aq.data(), b, out, N, n0, n1);
+  });
+  return y;
+}
+
+torch::Tensor q8_gemv(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& wscale, int64_t group,
+                      const c10::optional<torch::Tensor>& bias, double limit, int64_t isa) {
+  const int64_t T = check_x(x, group, "q8_gemv");
+  TORCH_CHECK(supported(isa), "q8_gemv: this CPU lacks instruction set ", isa);
+  const int64_t K = x.size(-1), N = w.size(0), G = K / group;
+  TORCH_CHECK(w.scalar_type() == torch::kInt8 && w.is_contiguous() && w.dim() == 2 && w.size(1) == K,
+              "q8_gemv: w must be contiguous int8 (out, in)");
+  TORCH_CHECK(wscale.scalar_type() == torch::kFloat32 && wscale.is_contiguous() && wscale.numel() == N,
+              "q8_gemv: wscale must be contiguous float32 (out,)");
+  const float* b = bias_ptr(bias, N);
+  std::vector<int16_t> q(T * K);
+  std::vector<float> a(T * G), aq(T * G);
+  const float top = isa == VNNI ? vnni::quantize_rows(x.data_ptr<float>(), T, K, group, q.data(), a.data(), aq.data())
+                                : avx2::quantize_rows(x.data_ptr<float>(), T, K, group, q.data(), a.data(), aq.data());
+  if (!(top <= limit)) return torch::empty({0}, x.options());
+  auto y = output(x, N);
+  const int8_t* wp = w.data_ptr<int8_t>();
+  const float* ws = wscale.data_ptr<float>();
+  float* out = y.data_ptr<float>();
+  at::parallel_for(0, N, grain(K), [&](int64_t n0, int64_t n1) {
+    if (isa == VNNI)
+      vnni::q8(int(T), wp, ws, K, group, q.data(), a.data(), b, out, N, n0, n1);
+    else
+      avx2::q8(int(T), wp, ws, K, group, q.data(), a.data(), b, out, N, n0, n1);
+  });
+  return y;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("isas", &isas, "the instruction-set paths this CPU runs, in order of preference (last: best)");
+  m.def("q4_gemv", &q4_gemv, "int4 group GEMV (int16 activations), 1..8 tokens", py::arg("x"), py::arg("codes"), py::arg("scale"),
+        py::arg("minv"), py::arg("group"), py::arg("bias"), py::arg("limit"), py::arg("isa"));
+  m.def("q8_gemv", &q8_gemv, "int8 per-channel GEMV (int16 activations), 1..8 tokens", py::arg("x"), py::arg("w"), py::arg("wscale"),
+        py::arg("group"), py::arg("bias"), py::arg("limit"), py::arg("isa"));
+}

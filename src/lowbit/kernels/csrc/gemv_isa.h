@@ -1,0 +1,166 @@
+// The GEMV bodies, compiled once per instruction set: gemv.cpp includes this file inside a
+// `#pragma GCC target(...)` region with ISA_NS (the namespace) and DOT(acc, w, x) defined:
+// acc (8 x int32) += w[2i]·x[2i] + w[2i+1]·x[2i+1] for 16 int16 lanes (vpmaddwd + vpaddd on AVX2,
+// vpdpwssd on AVX512-VNNI). Every sum fits in int32, so all paths compute the same integers, then
+// the same float operations in the same order: they agree bit for bit (tests/kernels/test_cpp_kernels.py).
+
+namespace ISA_NS {
+
+// Per token t and group g of `group` columns: a[t,g] = max|x| / 32767, q = round(x / a) in int16,
+// aq[t,g] = a[t,g]·Σq. Returns max|x| over everything, inf or NaN where x holds one (the caller
+// refuses huge activations).
+static float quantize_rows(const float* x, int64_t T, int64_t K, int64_t group, int16_t* q, float* a, float* aq) {
+  const int64_t G = K / group;
+  uint32_t top_bits = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t g = 0; g < G; ++g) {
+      const float* xg = x + t * K + g * group;
+      int16_t* qg = q + t * K + g * group;
+      // max|x| on the bits: for |x| the integer order is the float order, and inf or NaN compare above
+      // every finite value, so they reach `top` (the caller then refuses the call)
+      uint32_t mb = 0;
+      for (int64_t k = 0; k < group; ++k) {
+        uint32_t b;
+        std::memcpy(&b, xg + k, 4);
+        mb = std::max(mb, b & 0x7fffffffu);
+      }
+      top_bits = std::max(top_bits, mb);
+      float m;
+      std::memcpy(&m, &mb, 4);
+      const float inv = (m > 0.f && mb < 0x7f800000u) ? 32767.f / m : 0.f;
+      int32_t sum = 0;
+      for (int64_t k = 0; k < group; ++k) {
+        const float r = std::nearbyint(xg[k] * inv);
+        const int32_t v = static_cast<int32_t>(std::min(32767.f, std::max(-32767.f, r)));
+        qg[k] = static_cast<int16_t>(v);
+        sum += v;
+      }
+      a[t * G + g] = m / 32767.f;
+      aq[t * G + g] = (m / 32767.f) * static_cast<float>(sum);
+    }
+  }
+  float top;
+  std::memcpy(&top, &top_bits, 4);
+  return top;
+}
+
+static inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+static inline __m256i load16(const int16_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+
+// y[t, n] = Σ_g a[t,g]·(scale[n,g]·Σ_k c[n,k]·q[t,k] + minv[n,g]·Σ_k q[t,k]) + bias[n]
+// for rows n in [n0, n1): value = c·scale + minv, c the unsigned 4-bit code. The codes of 32 columns
+// are 16 bytes: byte j holds code j (low nibble) and code j + 16 (high nibble).
+template <int T>
+static void q4_rows(const uint8_t* codes, const float* scale, const float* minv, int64_t K, int64_t group,
+                    const int16_t* q, const float* a, const float* aq, const float* bias, float* y, int64_t N,
+                    int64_t n0, int64_t n1) {
+  const int64_t G = K / group;
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = codes + n * (K / 2);
+    const float* s = scale + n * G;
+    const float* mn = minv + n * G;
+    __m256 acc[T];
+    float off[T];
+    for (int t = 0; t < T; ++t) {
+      acc[t] = _mm256_setzero_ps();
+      off[t] = 0.f;
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      __m256i dot[T];
+      for (int t = 0; t < T; ++t) dot[t] = _mm256_setzero_si256();
+      for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2));
+        const __m256i w0 = _mm256_cvtepu8_epi16(_mm_and_si128(v, mask));                     // codes k..k+15
+        const __m256i w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), mask));  // k+16..k+31
+        for (int t = 0; t < T; ++t) {
+          const int16_t* qt = q + t * K + k;
+          dot[t] = DOT(DOT(dot[t], w0, load16(qt)), w1, load16(qt + 16));
+        }
+      }
+      for (int t = 0; t < T; ++t) {
+        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[t]), _mm256_set1_ps(s[g] * a[t * G + g]), acc[t]);
+        off[t] += mn[g] * aq[t * G + g];
+      }
+    }
+    const float b = bias ? bias[n] : 0.f;
+    for (int t = 0; t < T; ++t) y[t * N + n] = hsum(acc[t]) + off[t] + b;
+  }
+}
+
+// y[t, n] = wscale[n]·Σ_g a[t,g]·Σ_k w[n,k]·q[t,k] + bias[n], w signed int8.
+template <int T>
+static void q8_rows(const int8_t* w, const float* wscale, int64_t K, int64_t group, const int16_t* q,
+                    const float* a, const float* bias, float* y, int64_t N, int64_t n0, int64_t n1) {
+  const int64_t G = K / group;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* row = w + n * K;
+    __m256 acc[T];
+    for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+      __m256i dot[T];
+      for (int t = 0; t < T; ++t) dot[t] = _mm256_setzero_si256();
+      for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
+        const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k)));
+        const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k + 16)));
+        for (int t = 0; t < T; ++t) {
+          const int16_t* qt = q + t * K + k;
+          dot[t] = DOT(DOT(dot[t], w0, load16(qt)), w1, load16(qt + 16));
+        }
+      }
+      for (int t = 0; t < T; ++t)
+        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[t]), _mm256_set1_ps(a[t * G + g]), acc[t]);
+    }
+    const float b = bias ? bias[n] : 0.f;
+    for (int t = 0; t < T; ++t) y[t * N + n] = hsum(acc[t]) * wscale[n] + b;
+  }
+}
+
+// At most 4 tokens per pass (their accumulators stay in registers); more run as passes of 4 over
+// blocks of rows holding kBlockBytes of weights, so the second pass reads them from cache, not memory.
+static constexpr int64_t kBlockBytes = 128 * 1024;
+
+static void q4(int T, const uint8_t* codes, const float* scale, const float* minv, int64_t K, int64_t group,
+               const int16_t* q, const float* a, const float* aq, const float* bias, float* y, int64_t N,
+               int64_t n0, int64_t n1) {
+  const int64_t G = K / group, rows = T > 4 ? std::max<int64_t>(4, kBlockBytes / (K / 2)) : n1 - n0;
+  for (int64_t b0 = n0; b0 < n1; b0 += rows) {
+    const int64_t b1 = std::min(n1, b0 + rows);
+    for (int t0 = 0; t0 < T; t0 += 4) {
+      const int16_t* qt = q + t0 * K;
+      const float *at = a + t0 * G, *aqt = aq + t0 * G;
+      float* yt = y + t0 * N;
+      switch (std::min(4, T - t0)) {
+#define LOWBIT_CASE(t) case t: q4_rows<t>(codes, scale, minv, K, group, qt, at, aqt, bias, yt, N, b0, b1); break;
+        LOWBIT_CASE(1) LOWBIT_CASE(2) LOWBIT_CASE(3) LOWBIT_CASE(4)
+#undef LOWBIT_CASE
+      }
+    }
+  }
+}
+
+static void q8(int T, const int8_t* w, const float* wscale, int64_t K, int64_t group, const int16_t* q,
+               const float* a, const float* bias, float* y, int64_t N, int64_t n0, int64_t n1) {
+  const int64_t G = K / group, rows = T > 4 ? std::max<int64_t>(4, kBlockBytes / K) : n1 - n0;
+  for (int64_t b0 = n0; b0 < n1; b0 += rows) {
+    const int64_t b1 = std::min(n1, b0 + rows);
+    for (int t0 = 0; t0 < T; t0 += 4) {
+      const int16_t* qt = q + t0 * K;
+      const float* at = a + t0 * G;
+      float* yt = y + t0 * N;
+      switch (std::min(4, T - t0)) {
+#define LOWBIT_CASE(t) case t: q8_rows<t>(w, wscale, K, group, qt, at, bias, yt, N, b0, b1); break;
+        LOWBIT_CASE(1) LOWBIT_CASE(2) LOWBIT_CASE(3) LOWBIT_CASE(4)
+#undef LOWBIT_CASE
+      }
+    }
+  }
+}
+
+}  // namespace ISA_NS

@@ -1,0 +1,211 @@
+"""lowbit's own C++ CPU kernels (``csrc/gemv.cpp``): built at first use, once per machine, or not at all.
+
+The source ships in the package and is compiled with ``torch.utils.cpp_extension`` (gcc or clang, ninja)
+into ``<cache>/kernels/<hash>/`` (:func:`lowbit.io.loaders.cache_dir`; the hash covers the sources, the
+flags, torch's and Python's versions), so later processes only load it. Two processes building at once
+each build into a temporary folder and rename the result into place: the last rename wins, both are the
+same library. One build runs on any x86-64 CPU with AVX2 and FMA: the kernels are compiled for AVX2 and
+for AVX512-VNNI, and each call names its path (:func:`isas` lists the ones this CPU runs, best last;
+``LOWBIT_CPP_ISA=avx2`` makes :func:`best_isa` take AVX2 where AVX-512 is there too).
+
+Before a process first loads a build on a CPU, a child process loads it and checks each path's products
+against float32 (:func:`lowbit.isolate.run_isolated`: a crash there is one warning, not a dead interpreter).
+On a CPU other than x86-64 with AVX2 and FMA (as /proc/cpuinfo lists them), or with
+``LOWBIT_CPP_KERNELS=off``, nothing is built and nothing warns. No compiler, or a failed build or check:
+one warning naming why. Either way :func:`library` is None, the C++ kernels serve nothing and torch's
+kernels run.
+
+>>> lib = library()   # doctest: +SKIP
+>>> lib is None or best_isa() in isas()   # doctest: +SKIP
+True
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import multiprocessing
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from lowbit.kernels.base import HUGE_ACTIVATION, split_dominant
+
+NAME = "lowbit_gemv"
+SOURCES = ("gemv.cpp", "gemv_isa.h")
+CFLAGS = ("-O3", "-fopenmp", "-ffp-contract=off")  # fp-contract off: every path rounds the same floats
+LDFLAGS = ("-fopenmp",)
+ISAS = ("avx2", "avx512vnni")  # the C++ side's Isa numbers, in order
+ENV = "LOWBIT_CPP_KERNELS"
+MAX_TOKENS = 8
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV, "on").strip().lower() not in ("off", "0", "false", "no")
+
+
+def source_dir() -> Path:
+    return Path(__file__).with_name("csrc")
+
+
+def build_key() -> str:
+    """The hash naming this build: sources, flags, torch, Python and the machine's architecture."""
+    h = hashlib.sha256()
+    for name in SOURCES:
+        h.update(name.encode() + b"\0" + (source_dir() / name).read_bytes() + b"\0")
+    h.update(repr((CFLAGS, LDFLAGS, torch.__version__, sys.version_info[:2], platform.machine())).encode())
+    return h.hexdigest()[:16]
+
+
+def _import(path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(NAME, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _build(target: Path) -> None:
+    """Compile the sources into ``target`` (a temporary build folder, renamed into place)."""
+    from torch.utils import cpp_extension
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
+    path = os.environ.get("PATH", "")
+    try:
+        if shutil.which("ninja") is None:  # the `ninja` wheel's binary, in a virtual env not activated
+            try:
+                import ninja
+
+                os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{path}"
+            except ImportError:
+                pass  # cpp_extension then says "Ninja is required …"
+        cpp_extension.load(NAME, [str(source_dir() / "gemv.cpp")], extra_cflags=list(CFLAGS),
+                           extra_ldflags=list(LDFLAGS), extra_include_paths=[str(source_dir())],
+                           build_directory=str(tmp), verbose=False, is_python_module=True)
+        built = tmp / f"{NAME}.so"
+        part = tmp / f"{NAME}.so.part"
+        shutil.copyfile(built, part)
+        os.replace(part, target)  # atomic: a reader sees no library or a whole one
+    finally:
+        os.environ["PATH"] = path
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _self_check(path: str) -> list[str]:
+    """Load the library at ``path`` and run each of its paths on a small product, against float32 (in a child
+    process: a crash there is an error here, not a dead interpreter). Returns the paths it ran."""
+    lib = _import(Path(path))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 128, generator=g)
+    codes = torch.randint(0, 16, (40, 128), generator=g)
+    scale, minv = torch.rand(40, 2, generator=g) + 0.5, torch.randn(40, 2, generator=g)
+    w4 = codes.float() * scale.repeat_interleave(64, 1) + minv.repeat_interleave(64, 1)
+    w8 = torch.randint(-127, 128, (40, 128), generator=g, dtype=torch.int8)
+    s8 = torch.rand(40, generator=g) + 0.5
+    for isa in lib.isas():
+        i = ISAS.index(isa)
+        y4 = lib.q4_gemv(x, pack_int4(codes), scale, minv, 64, None, HUGE_ACTIVATION, i)
+        y8 = lib.q8_gemv(x, w8, s8, 64, None, HUGE_ACTIVATION, i)
+        for y, w in ((y4, w4), (y8, w8.float() * s8[:, None])):
+            ref = x @ w.T
+            if not torch.allclose(y, ref, rtol=0.02, atol=0.02 * float(ref.abs().max())):
+                raise ArithmeticError(f"the {isa} path computes wrong products (max error "
+                                      f"{float((y - ref).abs().max()):.3g})")
+    return list(lib.isas())
+
+
+def _load() -> ModuleType:
+    from lowbit.io.loaders import cache_dir
+    from lowbit.isolate import run_isolated
+    from lowbit.kernels.cpu import cpu_name
+
+    target = cache_dir() / "kernels" / build_key() / f"{NAME}.so"
+    checked = target.with_name(f"checked-{hashlib.sha256(cpu_name().encode()).hexdigest()[:12]}")
+    if not target.exists():
+        _build(target)
+    if not checked.exists():  # first use on this CPU: run it once in a child process
+        if multiprocessing.current_process().daemon:  # already one (run_isolated's): it cannot fork another
+            _self_check(str(target))
+        else:
+            run_isolated(_self_check, str(target), what="lowbit's C++ kernels' self-check", timeout=300)
+        checked.touch()
+    return _import(target)
+
+
+@functools.lru_cache(maxsize=1)
+def library() -> ModuleType | None:
+    """The compiled kernels, built at the first call on this machine; None when disabled or unavailable
+    (then once a warning names why)."""
+    from lowbit.kernels.cpu import has
+
+    if not enabled() or platform.machine().lower() not in ("x86_64", "amd64") or not has("avx2", "fma"):
+        return None  # off, or a CPU they do not run on (Linux x86-64 with AVX2 + FMA): nothing to warn about
+    try:
+        lib = _load()
+    except Exception as e:  # no compiler, no ninja, a failed build or load: torch's kernels run instead
+        warnings.warn(f"lowbit's C++ kernels are off: {type(e).__name__}: {str(e).strip()[:500]} "
+                      f"(set {ENV}=off to silence this)", RuntimeWarning, stacklevel=2)
+        return None
+    if not lib.isas():
+        return None  # an x86-64 CPU without AVX2 + FMA: nothing to run
+    return lib
+
+
+def isas() -> list[str]:
+    """The instruction-set paths this CPU runs, worst first (empty without the library)."""
+    lib = library()
+    return [] if lib is None else list(lib.isas())
+
+
+def best_isa() -> str:
+    """The path the kernels take: the best this CPU runs, or ``$LOWBIT_CPP_ISA`` where it runs that one."""
+    have = isas()
+    want = os.environ.get("LOWBIT_CPP_ISA", "").strip().lower()
+    return want if want in have else have[-1]
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Codes ``(out, in)`` in [0, 15] as the C++ kernels read them ``(out, in / 2)`` uint8: per 32 columns,
+    byte j holds code j in its low nibble and code j + 16 in its high one.
+
+    >>> pack_int4(torch.arange(32).remainder(16).reshape(1, 32))[0, :3].tolist()  # (0 | 0<<4), (1 | 1<<4), …
+    [0, 17, 34]
+    """
+    rows, cols = codes.shape
+    c = codes.to(torch.uint8).reshape(rows, cols // 32, 2, 16)
+    return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(rows, cols // 2).contiguous()
+
+
+def run_split(x: torch.Tensor, out: int, call, columns, bias: torch.Tensor | None) -> torch.Tensor:
+    """``call(x)`` (the C++ kernel, bias included: float32 ``(..., in)`` → ``(..., out)``) in x's dtype and shape.
+    ``call`` returns an empty tensor when a row holds a huge activation (``|x| > HUGE_ACTIVATION``, or inf or
+    NaN): those columns are then taken apart (:func:`split_dominant`) and multiplied in float32 with the stored
+    weight's ``columns(cols)`` ``(out, n)``, the rest goes through ``call`` again; a NaN left over makes the
+    whole product float32 (the reference's arithmetic)."""
+    xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
+    y = call(xf)  # the common case: one call
+    if y.numel() == 0 and out > 0:
+        x2 = xf.reshape(-1, x.shape[-1])
+        rest, dominant = split_dominant(x2)
+        y = call(rest.contiguous()) if dominant is not None else y
+        if y.numel() == 0:  # NaN in the input
+            y = x2 @ columns(torch.arange(x2.shape[1])).T
+            y = y if bias is None else y + bias
+        else:
+            cols, values = dominant
+            y = y.addmm_(values, columns(cols).T)
+        y = y.view(*x.shape[:-1], out)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+__all__ = ["HUGE_ACTIVATION", "MAX_TOKENS", "best_isa", "isas", "library", "pack_int4", "run_split"]
