@@ -52,9 +52,9 @@ def test_the_file_holds_lowbits_codes_and_scales(tiny_int8):
         if not isinstance(mod, QConv2d | QLinear):
             continue
         codes = inits[f"{name}.weight_quantized"]
-        assert codes.dtype == np.int8
-        want = (mod.qweight.codes.to(torch.int16) - 128).reshape(codes.shape).numpy()
-        assert np.array_equal(codes, want), name  # bit-exact: nothing re-rounded
+        assert codes.dtype == np.uint8  # lowbit's stored codes (int8 + 128) with zero point 128: u8 x u8 kernels
+        assert np.array_equal(codes, mod.qweight.codes.reshape(codes.shape).numpy()), name  # nothing re-rounded
+        assert (inits[f"{name}.weight_zero_point"] == 128).all()
         assert np.array_equal(inits[f"{name}.weight_scale"], mod.qweight.qparams()[0].reshape(-1).numpy())
         assert inits[f"{name}.bias_quantized"].dtype == np.int32
         assert f"{name}.weight" not in inits  # no float copy of the weight

@@ -1,9 +1,12 @@
 """A full-integer model (see :mod:`lowbit.model.static`) as an ONNX QDQ graph that onnxruntime runs on int8 kernels.
 
 Every activation point becomes QuantizeLinear → DequantizeLinear with lowbit's own scale and zero-point; every
-quantized conv / linear reads its weight as int8 codes (lowbit's, not re-rounded) through a per-channel
-DequantizeLinear, and its bias as int32 codes on the input-scale × weight-scale grid. onnxruntime fuses
-DQ → Conv → (ReLU/Clip) → Q into QLinearConv (uint8 activations on x86), adds into QLinearAdd, and so on.
+quantized conv / linear reads its weight as lowbit's stored codes (int8 + 128 as uint8, zero point 128; not
+re-rounded) through a per-channel DequantizeLinear, and its bias as int32 codes on the input-scale × weight-scale
+grid. onnxruntime fuses DQ → Conv → (ReLU/Clip) → Q into QLinearConv (uint8 activations on x86), adds into
+QLinearAdd, and so on. The weights are uint8, not int8, because onnxruntime's u8 × s8 kernels on AVX2 without
+VNNI add pairs of products in saturating int16 (``vpmaddubsw``): on an AVX2-only EPYC a tiny CNN's logits came
+out 12 quantization steps off; u8 × u8 sums in int32 on every x86 CPU.
 
 The graph is traced by torch's TorchScript exporter from a float stand-in (the same ops, dequantized weights,
 ``fake_quantize_per_tensor_affine`` at the points), whose initializers keep the parameter names; the weights
@@ -135,7 +138,8 @@ def write_qdq_onnx(qmodel: nn.Module, path: str | os.PathLike, example_inputs: t
             raise LowbitError(f"layer {name}: Gemm without transB (an exporter change?)")
         w_scale = info["scale"].numpy().astype(np.float32)
         zp = op.op_type == "Gemm"
-        new_nodes += _dq(g, f"{name}.weight", info["codes"].numpy(), w_scale, zp)
+        u8 = (info["codes"].to(torch.int16) + 128).to(torch.uint8).numpy()  # see _dq: u8 weights, zero point 128
+        new_nodes += _dq(g, f"{name}.weight", u8, w_scale, True, zero=128)
         drop.add(wname)
         if info["bias"] is not None and bname in inits:
             if info["act"] is None:
@@ -160,7 +164,7 @@ def write_qdq_onnx(qmodel: nn.Module, path: str | os.PathLike, example_inputs: t
     return report
 
 
-def _dq(g, name: str, codes: np.ndarray, scale: np.ndarray, zero_point: bool) -> list:
+def _dq(g, name: str, codes: np.ndarray, scale: np.ndarray, zero_point: bool, zero: int = 0) -> list:
     """Initializers ``name_quantized`` / ``_scale`` (/ ``_zero_point``, all 0) and the DequantizeLinear (axis 0) that
     rebuilds tensor ``name`` from them. Without ``zero_point`` the operator's default, 0 of the codes' type, holds:
     onnxruntime fuses convolutions either way, but fuses a Gemm into QGemm only with the zero-points written."""
@@ -169,7 +173,7 @@ def _dq(g, name: str, codes: np.ndarray, scale: np.ndarray, zero_point: bool) ->
     inits = [numpy_helper.from_array(np.ascontiguousarray(codes), f"{name}_quantized"),
              numpy_helper.from_array(scale, f"{name}_scale")]
     if zero_point:
-        inits.append(numpy_helper.from_array(np.zeros(len(scale), codes.dtype), f"{name}_zero_point"))
+        inits.append(numpy_helper.from_array(np.full(len(scale), zero, codes.dtype), f"{name}_zero_point"))
     g.initializer.extend(inits)
     return [helper.make_node("DequantizeLinear", [i.name for i in inits], [name], name=f"{name}_dequantize", axis=0)]
 
