@@ -136,7 +136,7 @@ def test_registration_refuses_what_the_cli_cannot_hold():
     ({"calib_windows": True}, "GGUFOptions.calib_windows=True: expected an integer, got a bool"),
     ({"threads": 0}, "GGUFOptions.threads=0: must be at least 1"),
     ({"method": "magic"}, "GGUFOptions.method='magic': unknown method 'magic' (known: awq, awq+gptq, gptq, hqq, "
-                          "rtn, smoothquant)"),
+                          "qat, rtn, smoothquant)"),
     ({"method": "gptq"}, "GGUFOptions.calib: method 'gptq' needs calibration text"),
     ({"type": "Q9_Z"}, "GGUFOptions.type='Q9_Z': not a llama.cpp type or mix (known: F32, F16"),
     ({"check": "yes"}, "GGUFOptions.check='yes': expected true or false, got str"),
@@ -186,8 +186,8 @@ def test_cli_defaults_are_the_options_defaults():
 def test_a_bad_option_is_one_line_naming_the_flag(capsys, tmp_path, tiny_llama_dir):
     out = tmp_path / "m.gguf"
     code, _, err = run(capsys, "export", "gguf", str(tiny_llama_dir), "-o", str(out), "--method", "magic")
-    assert code == 2 and err == ("error: --method magic: unknown method 'magic' (known: awq, awq+gptq, gptq, hqq, rtn, "
-                                 "smoothquant)\n")
+    assert code == 2 and err == ("error: --method magic: unknown method 'magic' (known: awq, awq+gptq, gptq, hqq, qat, "
+                                 "rtn, smoothquant)\n")
     code, _, err = run(capsys, "export", "gguf", str(tiny_llama_dir), "-o", str(out), "--calib-windows", "0")
     assert code == 2 and err == "error: --calib-windows 0: must be at least 1\n"
     code, _, err = run(capsys, "export", "gguf", str(tiny_llama_dir), "-o", str(out), "--type", "Q9")
