@@ -25,21 +25,14 @@ import torch
 
 from lowbit.kernels import native
 from lowbit.kernels.base import Kernel, register_kernel
-from lowbit.kernels.int4_torch import _ggml_block, columns, int4_parts
+from lowbit.kernels.int4_torch import columns, int4_group, int4_parts
 
 GROUPS = (32, 64, 128)
 
 
 def group_of(m) -> int | None:
     """The group this kernel runs ``m`` with, or None when it cannot."""
-    sch = m.qweight.scheme
-    if sch.block is not None:
-        bt = _ggml_block(m)
-        g = None if bt is None else bt.sub
-    elif sch.format == "int4" and sch.granularity == "group":
-        g = sch.group_size
-    else:
-        return None
+    g = int4_group(m)
     return g if g in GROUPS and m.in_features % g == 0 else None
 
 

@@ -37,16 +37,21 @@ def _ggml_block(m):
     return bt if affine and bt.sub in GROUPS else None
 
 
-def group_of(m) -> int | None:
-    """The int4 group this kernel runs ``m`` with, or None when it cannot."""
+def int4_group(m) -> int | None:
+    """The group of ``m``'s 4-bit affine codes (an int4 group scheme, or a GGML type's sub-block), or None when its
+    weight is not stored that way."""
     sch = m.qweight.scheme
     if sch.block is not None:
         bt = _ggml_block(m)
-        g = None if bt is None else bt.sub
-    elif sch.format == "int4" and sch.granularity == "group":
-        g = sch.group_size
-    else:
-        return None
+        return None if bt is None else bt.sub
+    if sch.format == "int4" and sch.granularity == "group":
+        return sch.group_size
+    return None
+
+
+def group_of(m) -> int | None:
+    """The int4 group this kernel runs ``m`` with, or None when it cannot."""
+    g = int4_group(m)
     if g not in GROUPS or m.in_features % g or m.out_features % 16:
         return None
     return g

@@ -23,15 +23,11 @@ from lowbit.core.scheme import Scheme
 from lowbit.errors import LowbitError
 from lowbit.methods.registry import LayerStats, method_spec
 from lowbit.model.plan import Plan
+from lowbit.model.quantize import _set_module
 from lowbit.qat.block import BlockTraining, BlockTrainOptions, train_block
 from lowbit.qat.modules import QATLinear
 
 __all__ = ["BlockTrainOptions", "BlockTraining", "QATLinear", "convert", "prepare", "train_block"]
-
-
-def _set(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, new)
 
 
 def prepare(model: nn.Module, plan: Plan | str | Scheme | None = None) -> nn.Module:
@@ -47,7 +43,7 @@ def prepare(model: nn.Module, plan: Plan | str | Scheme | None = None) -> nn.Mod
     quantized = [(n, m) for n, m in model.named_modules() if isinstance(m, QLinear) and m.act_scheme is None]
     if quantized:
         for n, m in quantized:
-            _set(model, n, QATLinear(m.qweight, m.qweight.dequantize(torch.float32), m.bias))
+            _set_module(model, n, QATLinear(m.qweight, m.qweight.dequantize(torch.float32), m.bias))
         return model
     if plan is None:
         raise LowbitError("qat.prepare: a float model needs a plan or a scheme (e.g. 'int4-g64')")
@@ -65,7 +61,7 @@ def prepare(model: nn.Module, plan: Plan | str | Scheme | None = None) -> nn.Mod
             q = spec.fn(mod.weight.detach(), LayerStats(), lp.scheme, lp.config).qtensor
         except LowbitError as e:
             raise LowbitError(f"layer {name}: {e}") from None
-        _set(model, name, QATLinear(q, mod.weight.detach(), mod.bias))
+        _set_module(model, name, QATLinear(q, mod.weight.detach(), mod.bias))
     return model
 
 
@@ -74,5 +70,5 @@ def convert(model: nn.Module) -> nn.Module:
     from lowbit.model.qmodules import QLinear
 
     for n, m in [(n, m) for n, m in model.named_modules() if isinstance(m, QATLinear)]:
-        _set(model, n, QLinear(m.to_qtensor(), m.bias))
+        _set_module(model, n, QLinear(m.to_qtensor(), m.bias))
     return model

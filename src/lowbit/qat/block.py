@@ -20,15 +20,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from lowbit.errors import LowbitError
 from lowbit.model.calibrate import BlockInput, _block_out
-from lowbit.qat.modules import QATLinear
-
-# Adam's epsilon: its default (1e-8) is larger than these gradients' typical size (block losses of ~1e-2
-# spread over millions of weights), which would quietly shrink every step to a fraction of the learning rate
-ADAM_EPS = 1e-20
+from lowbit.qat.modules import QATLinear, swapped_in, train_steps
 
 
 @dataclass(frozen=True)
@@ -128,55 +123,23 @@ def train_block(block: nn.Module, names: Sequence[str], inputs: Sequence[BlockIn
     latents = latents or {}
     qat = {n: QATLinear(m.qweight, m.qweight.dequantize(torch.float32) if latents.get(n) is None else latents[n],
                         m.bias) for n, m in originals.items()}
-    frozen = [p for p in block.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
-    for n, m in qat.items():
-        _set(block, n, m)
-    try:
+    with swapped_in(block, originals, qat):
         weights = [m.weight for m in qat.values()]
         grids = [p for m in qat.values() for p in m.grid_params()]
-        opt = torch.optim.Adam([{"params": weights, "lr": opts.lr}, {"params": grids, "lr": opts.scale_lr}],
-                               eps=ADAM_EPS)
         steps = max(1, math.ceil(opts.epochs * len(train)))
-        base = [g["lr"] for g in opt.param_groups]
-        gen = torch.Generator().manual_seed(opts.seed)
-        order: list[int] = []
-        bar = tqdm(range(steps), desc=label, leave=False, disable=None if progress is None else not progress)
-        for step in bar:
-            if not order:
-                order = torch.randperm(len(train), generator=gen).tolist()
-            bi, t = train[order.pop()]
-            y = _block_out(block(bi.hidden, **bi.kwargs))
-            loss = error(y, t, opts.loss).mean()
-            if not torch.isfinite(loss):  # diverged (a learning rate far too high): the PTQ start stays
-                break
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            for g, lr in zip(opt.param_groups, base, strict=True):  # cosine decay to 0
-                g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * (step + 1) / steps))
-            if step % 8 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3g}")
+
+        def loss_of(i: int) -> torch.Tensor:
+            bi, t = train[i]
+            return error(_block_out(block(bi.hidden, **bi.kwargs)), t, opts.loss).mean()
+
+        train_steps([{"params": weights, "lr": opts.lr}, {"params": grids, "lr": opts.scale_lr}], steps, len(train),
+                    loss_of, seed=opts.seed, label=label, progress=progress)
         after = _loss(block, val, opts.loss)
         kept = bool(after < before)  # False for NaN too
         for n, m in qat.items():
-            orig = originals[n]
             if kept:
-                orig.qweight = m.to_qtensor()
+                originals[n].qweight = m.to_qtensor()
             if trained_latents is not None:
                 trained_latents[n] = (m.weight if kept else m.start_weight).detach().clone()
-            _set(block, n, orig)
-    except BaseException:
-        for n, orig in originals.items():
-            _set(block, n, orig)
-        raise
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
     return BlockTraining(before, after, kept, steps, time.perf_counter() - t0)
 
-
-def _set(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, new)

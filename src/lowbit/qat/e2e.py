@@ -10,17 +10,14 @@ whether the trained grids replace the block-trained ones, so this step never mak
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from lowbit.qat.block import ADAM_EPS
-from lowbit.qat.modules import QATLinear
+from lowbit.qat.modules import QATLinear, swapped_in, train_steps
 
 
 @dataclass(frozen=True)
@@ -88,8 +85,6 @@ def distill(model: nn.Module, names: Sequence[str], windows: torch.Tensor,
     ``latents``: each layer's latent weight (from block training, or the float weight), held fixed while the
     grid moves, so codes change as scales do (weights exactly on their grid points would give the scales no
     gradient); default the quantized weight itself."""
-    from lowbit.qat import _set
-
     t0 = time.perf_counter()
     n = windows.shape[0]
     n_val = min(opts.val_windows, n // 4)
@@ -100,46 +95,21 @@ def distill(model: nn.Module, names: Sequence[str], windows: torch.Tensor,
     latents = latents or {}
     qat = {nm: QATLinear(m.qweight, latents[nm] if nm in latents else m.qweight.dequantize(torch.float32), m.bias)
            for nm, m in originals.items()}
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
-    for nm, m in qat.items():
+    for m in qat.values():
         m.weight.requires_grad_(False)  # the codes' latent weights stay: only the grids move
-        _set(model, nm, m)
-    try:
+    steps = max(1, opts.steps)
+    with swapped_in(model, originals, qat):
         grids = [p for m in qat.values() for p in m.grid_params()]
-        opt = torch.optim.Adam(grids, lr=opts.lr, eps=ADAM_EPS)
-        gen = torch.Generator().manual_seed(opts.seed)
-        order: list[int] = []
-        steps = max(1, opts.steps)
-        bar = tqdm(range(steps), desc="qat end-to-end", leave=False,
-                   disable=None if progress is None else not progress)
-        for step in bar:
-            if not order:
-                order = [train[i] for i in torch.randperm(len(train), generator=gen).tolist()]
-            r = order.pop()
-            loss = topk_kl(_logits(model, windows[r:r + 1]), teacher[0][r:r + 1], teacher[1][r:r + 1]).mean()
-            if not torch.isfinite(loss):
-                break
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            for g in opt.param_groups:
-                g["lr"] = opts.lr * 0.5 * (1 + math.cos(math.pi * (step + 1) / steps))
-            if step % 4 == 0:
-                bar.set_postfix(kl=f"{loss.item():.4g}")
+
+        def loss_of(i: int) -> torch.Tensor:
+            r = train[i]
+            return topk_kl(_logits(model, windows[r:r + 1]), teacher[0][r:r + 1], teacher[1][r:r + 1]).mean()
+
+        train_steps([{"params": grids, "lr": opts.lr}], steps, len(train), loss_of, seed=opts.seed,
+                    label="qat end-to-end", every=4, postfix="kl", progress=progress)
         after = _kl(model, windows, teacher, val)
         kept = bool(after < before)
-        for nm, m in qat.items():
-            orig = originals[nm]
-            if kept:
-                orig.qweight = m.to_qtensor()
-            _set(model, nm, orig)
-    except BaseException:
-        for nm, orig in originals.items():
-            _set(model, nm, orig)
-        raise
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
+        if kept:
+            for nm, m in qat.items():
+                originals[nm].qweight = m.to_qtensor()
     return Distillation(before, after, kept, steps, time.perf_counter() - t0)

@@ -17,10 +17,15 @@ True
 
 from __future__ import annotations
 
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from tqdm.auto import tqdm
 
 from lowbit.core.qtensor import QTensor
 from lowbit.layouts import layout_of
@@ -86,3 +91,54 @@ class QATLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.template.scheme.name}"
+
+
+@contextlib.contextmanager
+def swapped_in(root: nn.Module, originals: dict[str, nn.Module], qat: dict[str, QATLinear]) -> Iterator[None]:
+    """``qat``'s layers in place of ``originals`` (same names, relative to ``root``) for the block, with every other
+    parameter of ``root`` frozen; the originals are back on exit, whether the block finished or raised (a caller
+    that keeps the training sets their ``qweight`` inside the block)."""
+    from lowbit.model.quantize import _set_module
+
+    frozen = [p for p in root.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    for n, m in qat.items():
+        _set_module(root, n, m)
+    try:
+        yield
+    finally:
+        for n, orig in originals.items():
+            _set_module(root, n, orig)
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+# Adam's epsilon: its default (1e-8) is larger than these gradients' typical size (block losses of ~1e-2
+# spread over millions of weights), which would quietly shrink every step to a fraction of the learning rate
+ADAM_EPS = 1e-20
+
+
+def train_steps(groups: list[dict], steps: int, items: int, loss_of: Callable[[int], torch.Tensor], *, seed: int,
+                label: str, every: int = 8, postfix: str = "loss", progress: bool | None = None) -> None:
+    """``steps`` Adam steps on the parameter ``groups`` (each with its ``lr``, decayed to 0 on a cosine), each on
+    ``loss_of(i)`` for one of ``items`` training items, visited in a seeded random order, epoch after epoch; a
+    non-finite loss (a learning rate far too high) stops training where it is."""
+    opt = torch.optim.Adam(groups, eps=ADAM_EPS)
+    base = [g["lr"] for g in opt.param_groups]
+    gen = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    bar = tqdm(range(steps), desc=label, leave=False, disable=None if progress is None else not progress)
+    for step in bar:
+        if not order:
+            order = torch.randperm(items, generator=gen).tolist()
+        loss = loss_of(order.pop())
+        if not torch.isfinite(loss):
+            break
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        for g, lr in zip(opt.param_groups, base, strict=True):
+            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * (step + 1) / steps))
+        if step % every == 0:
+            bar.set_postfix({postfix: f"{loss.item():.4g}"})
