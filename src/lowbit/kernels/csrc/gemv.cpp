@@ -76,6 +76,19 @@ const float* bias_ptr(const c10::optional<torch::Tensor>& bias, int64_t N) {
   return bias->data_ptr<float>();
 }
 
+// x's int16 codes per token and group, each group's scale and scaled code sum, on the chosen instruction set;
+// top: max |x| (the caller compares it with the limit above which huge columns are taken apart).
+struct Rows {
+  std::vector<int16_t> q;
+  std::vector<float> a, aq;
+  float top;
+  Rows(const torch::Tensor& x, int64_t T, int64_t K, int64_t G, int64_t group, int64_t isa)
+      : q(T * K), a(T * G), aq(T * G) {
+    top = isa == VNNI ? vnni::quantize_rows(x.data_ptr<float>(), T, K, group, q.data(), a.data(), aq.data())
+                      : avx2::quantize_rows(x.data_ptr<float>(), T, K, group, q.data(), a.data(), aq.data());
+  }
+};
+
 int64_t grain(int64_t K) { return std::max<int64_t>(4, 16384 / std::max<int64_t>(K, 1)); }
 
 // x (..., K) float32 → y (..., N) float32; an empty tensor instead when max|x| > limit (the caller takes
@@ -92,20 +105,17 @@ torch::Tensor q4_gemv(const torch::Tensor& x, const torch::Tensor& codes, const 
     TORCH_CHECK(p->scalar_type() == torch::kFloat32 && p->is_contiguous() && p->dim() == 2 && p->size(0) == N &&
                     p->size(1) == G, "q4_gemv: scale and minv must be contiguous float32 (out, in / group)");
   const float* b = bias_ptr(bias, N);
-  std::vector<int16_t> q(T * K);
-  std::vector<float> a(T * G), aq(T * G);
-  const float top = isa == VNNI ? vnni::quantize_rows(x.data_ptr<float>(), T, K, group, q.data(), a.data(), aq.data())
-                                : avx2::quantize_rows(x.data_ptr<float>(), T, K, group, q.data(), a.data(), aq.data());
-  if (!(top <= limit)) return torch::empty({0}, x.options());
+  Rows r(x, T, K, G, group, isa);
+  if (!(r.top <= limit)) return torch::empty({0}, x.options());
   auto y = output(x, N);
   const uint8_t* c = codes.data_ptr<uint8_t>();
   const float *s = scale.data_ptr<float>(), *m = minv.data_ptr<float>();
   float* out = y.data_ptr<float>();
   at::parallel_for(0, N, grain(K), [&](int64_t n0, int64_t n1) {
     if (isa == VNNI)
-      vnni::q4(int(T), c, s, m, K, group, q.data(), a.data(), aq.data(), b, out, N, n0, n1);
+      vnni::q4(int(T), c, s, m, K, group, r.q.data(), r.a.data(), r.aq.data(), b, out, N, n0, n1);
     else
-      avx2::q4(int(T), c, s, m, K, group, q.data(), a.data(), aq.data(), b, out, N, n0, n1);
+      avx2::q4(int(T), c, s, m, K, group, r.q.data(), r.a.data(), r.aq.data(), b, out, N, n0, n1);
   });
   return y;
 }
@@ -120,20 +130,17 @@ torch::Tensor q8_gemv(const torch::Tensor& x, const torch::Tensor& w, const torc
   TORCH_CHECK(wscale.scalar_type() == torch::kFloat32 && wscale.is_contiguous() && wscale.numel() == N,
               "q8_gemv: wscale must be contiguous float32 (out,)");
   const float* b = bias_ptr(bias, N);
-  std::vector<int16_t> q(T * K);
-  std::vector<float> a(T * G), aq(T * G);
-  const float top = isa == VNNI ? vnni::quantize_rows(x.data_ptr<float>(), T, K, group, q.data(), a.data(), aq.data())
-                                : avx2::quantize_rows(x.data_ptr<float>(), T, K, group, q.data(), a.data(), aq.data());
-  if (!(top <= limit)) return torch::empty({0}, x.options());
+  Rows r(x, T, K, G, group, isa);
+  if (!(r.top <= limit)) return torch::empty({0}, x.options());
   auto y = output(x, N);
   const int8_t* wp = w.data_ptr<int8_t>();
   const float* ws = wscale.data_ptr<float>();
   float* out = y.data_ptr<float>();
   at::parallel_for(0, N, grain(K), [&](int64_t n0, int64_t n1) {
     if (isa == VNNI)
-      vnni::q8(int(T), wp, ws, K, group, q.data(), a.data(), b, out, N, n0, n1);
+      vnni::q8(int(T), wp, ws, K, group, r.q.data(), r.a.data(), b, out, N, n0, n1);
     else
-      avx2::q8(int(T), wp, ws, K, group, q.data(), a.data(), b, out, N, n0, n1);
+      avx2::q8(int(T), wp, ws, K, group, r.q.data(), r.a.data(), b, out, N, n0, n1);
   });
   return y;
 }
