@@ -139,9 +139,9 @@ def _quantize(args: argparse.Namespace, model, tok, plan: Plan | None = None,
               resume: Path | None = None) -> tuple[Any, QuantReport]:
     if args.calib and not args.json:
         err.print(f"calibration   {args.calib_windows} windows × {args.window_len} tokens from {args.calib}")
-    if resume is not None and any(resume.glob("block-*.json")) and not args.json:
-        err.print(f"resuming      {len(list(resume.glob('block-*.json')))} finished block(s) in {resume} (restored if "
-                  f"this is the same job)")
+    done = [] if resume is None else list(resume.glob("block-*.json"))
+    if done and not args.json:
+        err.print(f"resuming      {len(done)} finished block(s) in {resume} (restored if this is the same job)")
     return lowbit.quantize(model, tok, scheme=args.scheme, method=args.method, calib=args.calib,
                            windows=args.calib_windows, window_len=args.window_len, plan=plan or _plan(args, model),
                            rules=args.rule, keep=args.keep, config=_config(args), inplace=True,

@@ -1,7 +1,8 @@
 """Resumable block-by-block runs: each finished block is checkpointed, a rerun of the same job starts after it.
 
-A checkpoint folder holds ``run.json`` (a fingerprint of the job: the model's configuration and weights'
-digest, the plan, the calibration windows, the runner's settings, lowbit's version) and, per finished block,
+A checkpoint folder holds ``run.json`` (a fingerprint of the job: the model's configuration, every tensor's name,
+shape and dtype with a digest of its first MiB, the weights files' sizes and times for a streamed model, the
+plan, the calibration windows, the runner's settings, lowbit's version) and, per finished block,
 ``block-NNNN.safetensors`` (the block's whole state: quantized parts, rescaled norms) with
 ``block-NNNN.json`` (its layers' report rows and attributes). Files are written atomically, the JSON last,
 so a run killed mid-write leaves the block unfinished, never half-restored. A folder whose fingerprint
