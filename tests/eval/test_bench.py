@@ -24,8 +24,8 @@ def _quantized(tiny_llama, scheme="int4-g32"):
 def test_bench_times_both_models_at_each_thread_count(tiny_llama):
     model, q = _quantized(tiny_llama)
     r = bench(q, model, prefill=(16, 32), context=8, new_tokens=3, threads=(1, 2), repeats=1)
-    assert [(row.label, row.threads) for row in r.rows] == [("quantized", 1), ("float", 1), ("quantized", 2),
-                                                              ("float", 2)]
+    assert [(row.label, row.runtime, row.threads) for row in r.rows] == [
+        (label, rt, t) for t in (1, 2) for rt in ("lowbit", "transformers") for label in ("quantized", "float")]
     for row in r.rows:
         assert set(row.prefill_tokens_per_s) == {16, 32} and all(v > 0 for v in row.prefill_tokens_per_s.values())
         assert row.decode_tokens_per_s > 0
@@ -36,10 +36,22 @@ def test_bench_times_both_models_at_each_thread_count(tiny_llama):
     assert r.rows[1].kernels_decode == {}  # the float model has no quantized layers
     assert qrow.memory_bytes < r.rows[1].memory_bytes  # packed kernels counted, still smaller than float
     assert r.decode_ratio(1) == pytest.approx(qrow.decode_tokens_per_s / r.rows[1].decode_tokens_per_s)
+    tq, tf = r.rows[2], r.rows[3]  # transformers' forward, same models
+    assert sum(tq.kernels_decode.values()) == n_linear and tf.kernels_decode == {}
+    assert r.decode_ratio(1, "transformers") == pytest.approx(tq.decode_tokens_per_s / tf.decode_tokens_per_s)
+    assert r.ratio(1, "decode", "lowbit", "transformers") == pytest.approx(
+        qrow.decode_tokens_per_s / tf.decode_tokens_per_s)
     d = r.to_dict()
     assert set(d["ratios"]) == {"1", "2"} and d["ratios"]["1"]["prefill_16"] > 0
+    assert d["ratios"]["1"]["decode"] == pytest.approx(r.decode_ratio(1))
+    assert set(d["ratios_by_runtime"]["1"]) == {"lowbit", "transformers"}
+    assert d["ratios_lowbit_vs_transformers_float"]["2"]["decode"] > 0
     text = format_bench(r)
-    assert "quantized" in text and "(×" in text and "peak RSS" in text
+    assert "quantized" in text and "(×" in text and "peak RSS" in text and "lowbit's runtime ÷ float in" in text
+    only = bench(q, model, prefill=(8,), context=4, new_tokens=2, threads=(1,), repeats=1, runtimes=["transformers"])
+    assert [row.runtime for row in only.rows] == ["transformers", "transformers"]
+    with pytest.raises(LowbitError, match="unknown runtime 'onnx'"):
+        bench(q, model, prefill=(8,), threads=(1,), runtimes=["onnx"])
 
 
 def test_float_twin_is_the_dequantized_float_model(tiny_llama):
@@ -51,8 +63,8 @@ def test_float_twin_is_the_dequantized_float_model(tiny_llama):
         assert torch.allclose(twin(ids).logits, q(ids).logits, atol=1e-5)
     assert any(isinstance(m, QLinear) for m in q.modules())  # the quantized model is untouched
     r = bench(q, prefill=(8,), context=4, new_tokens=2, threads=(1,), repeats=1)  # default: the twin
-    assert [row.label for row in r.rows] == ["quantized", "float"]
-    assert len(bench(q, False, prefill=(8,), context=4, new_tokens=2, threads=(1,), repeats=1).rows) == 1
+    assert [row.label for row in r.rows] == ["quantized", "float"] * 2
+    assert len(bench(q, False, prefill=(8,), context=4, new_tokens=2, threads=(1,), repeats=1).rows) == 2
 
 
 def test_quantized_model_generates_with_kv_cache_as_the_reference_does(tiny_llama):
@@ -90,7 +102,8 @@ def test_cli_bench(tmp_path, capsys, tiny_llama_dir):
             "--context", "8", "--new-tokens", "2", "--repeats", "1"]
     assert main(argv + ["--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert [r["label"] for r in doc["rows"]] == ["quantized", "float"] and doc["ratios"]["1"]["decode"] > 0
+    assert [r["label"] for r in doc["rows"]] == ["quantized", "float"] * 2 and doc["ratios"]["1"]["decode"] > 0
+    assert [r["runtime"] for r in doc["rows"]] == ["lowbit", "lowbit", "transformers", "transformers"]
     assert main(argv) == 0
     assert "decode tok/s" in capsys.readouterr().out
     q = tmp_path / "q"

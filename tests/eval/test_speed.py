@@ -27,7 +27,11 @@ def test_measure_speed_causal():
     assert m.training  # mode restored
     assert math.isfinite(info.tokens_per_s) and info.tokens_per_s > 0
     assert info.decode_ms_per_token > 0 and info.threads == 2
-    assert set(info.to_dict()) == {"tokens_per_s", "decode_ms_per_token", "peak_rss_bytes", "threads", "load_avg"}
+    assert set(info.to_dict()) == {"tokens_per_s", "decode_ms_per_token", "peak_rss_bytes", "threads", "load_avg",
+                                   "decode_runtime"}
+    assert info.decode_runtime == "lowbit"  # a Llama: lowbit's runtime decodes it
+    assert measure_speed(m, torch.randint(0, 200, (1, 24)), context=8, new_tokens=2, repeats=1,
+                         runtime="transformers").decode_runtime == "transformers"
 
 
 def test_decode_uses_the_kv_cache():

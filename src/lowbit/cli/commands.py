@@ -287,7 +287,7 @@ def cmd_bench(args: argparse.Namespace) -> dict[str, Any] | None:
               f"{' '.join(map(str, args.prefill))} tokens; decode {args.new_tokens} tokens at context {args.context})")
     with use_kernels(mode):
         r = bench(model, reference, prefill=args.prefill, context=args.context, new_tokens=args.new_tokens,
-                  threads=args.threads, repeats=args.repeats)
+                  threads=args.threads, repeats=args.repeats, runtimes=args.runtime)
     if args.json:
         return r.to_dict()
     out.print(format_bench(r))

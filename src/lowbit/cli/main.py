@@ -188,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--new-tokens", type=int, default=32, help="decoded tokens per run (default 32)")
     b.add_argument("--repeats", type=int, default=3, help="timed runs per figure, median kept (default 3)")
     b.add_argument("--kernels", default="auto", help="auto (default), reference, or kernel names (comma-separated)")
+    b.add_argument("--runtime", nargs="+", choices=("lowbit", "transformers"), default=None,
+                   help="runtimes to time both models in (default: lowbit's and transformers' where lowbit's runs "
+                        "the model, else transformers')")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=commands.cmd_bench)
 

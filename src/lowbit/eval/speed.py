@@ -1,7 +1,9 @@
 """Inference speed and memory, measured raw so the harness can divide by the reference's figures.
 
 * forward throughput: tokens/s of full-window forward passes at batch 1 (no KV cache);
-* decode latency: ms per new token, greedy, with a KV cache, after a prompt of ``context`` tokens;
+* decode latency: ms per new token, greedy, with a KV cache, after a prompt of ``context`` tokens, through
+  lowbit's runtime (:class:`lowbit.runtime.Decoder`) where it runs the model, else transformers' forward
+  (``SpeedInfo.decode_runtime`` says which);
 * peak RSS of this process.
 
 Every figure is the median of ``repeats`` runs with ``torch`` limited to ``threads`` threads (restored after).
@@ -35,6 +37,7 @@ class SpeedInfo:
     peak_rss_bytes: int
     threads: int
     load_avg: float | None = None  # 1-minute load average before timing: above the core count, figures are noise
+    decode_runtime: str | None = None  # "lowbit" or "transformers": what decoded (None: not a causal LM)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -79,8 +82,19 @@ def cache_step(model: torch.nn.Module, out, ids: torch.Tensor):
 
 
 @torch.inference_mode()
-def decode_ms_per_token(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int = 32) -> float:
-    """Median ms per greedily decoded token after prefilling ``prompt`` ``(T,)`` into a KV cache."""
+def decode_ms_per_token(model, prompt: torch.Tensor, new_tokens: int = 32) -> float:
+    """Median ms per greedily decoded token after prefilling ``prompt`` ``(T,)`` into a KV cache; ``model`` a
+    torch model (its own forward) or a :class:`lowbit.runtime.Decoder`."""
+    from lowbit.runtime import Decoder
+
+    if isinstance(model, Decoder):
+        nxt = model.prefill(prompt.reshape(1, -1)).argmax(-1)
+        times = []
+        for _ in range(new_tokens):
+            t0 = time.perf_counter()
+            nxt = model.step(nxt).argmax(-1)
+            times.append(time.perf_counter() - t0)
+        return 1000 * statistics.median(times)
     dev = _device(model)
     ids = prompt.reshape(1, -1).to(dev)  # (1, T)
     out = model(input_ids=ids, use_cache=True)
@@ -104,11 +118,13 @@ def measure_speed(
     new_tokens: int = 32,
     repeats: int = 3,
     threads: int | None = 2,
+    runtime: str = "auto",
 ) -> SpeedInfo:
     """Median forward tokens/s over ``windows`` (``(n, L)`` token ids, or encoder input dicts) and, for a
     causal LM, median decode latency at ``context`` tokens with a KV cache.
 
-    One untimed warm-up pass precedes the timed ones.
+    One untimed warm-up pass precedes the timed ones. ``runtime``: what decodes — ``"auto"`` (lowbit's runtime
+    where it runs the model, else transformers'), ``"lowbit"`` or ``"transformers"``.
 
     >>> measure_speed(model, torch.randint(0, 100, (2, 64)), context=16, new_tokens=4, threads=1)  # doctest: +ELLIPSIS
     SpeedInfo(tokens_per_s=..., decode_ms_per_token=..., peak_rss_bytes=..., threads=1, load_avg=...)
@@ -127,12 +143,17 @@ def measure_speed(
         with torch_threads(threads):
             forward_seconds(model, batches[:1], causal)  # warm-up
             secs = statistics.median(forward_seconds(model, batches, causal) for _ in range(repeats))
-            decode = None
+            decode = used_rt = None
             if causal:
+                from lowbit.runtime import Decoder, unsupported
+
+                used_rt = "lowbit" if runtime == "lowbit" or (runtime == "auto" and unsupported(model) is None) \
+                    else "transformers"
+                runner = Decoder(model) if used_rt == "lowbit" else model
                 prompt = batches[0]["input_ids"].reshape(-1)[:context]
-                decode_ms_per_token(model, prompt, new_tokens=2)  # warm-up
-                decode = statistics.median(decode_ms_per_token(model, prompt, new_tokens) for _ in range(repeats))
+                decode_ms_per_token(runner, prompt, new_tokens=2)  # warm-up
+                decode = statistics.median(decode_ms_per_token(runner, prompt, new_tokens) for _ in range(repeats))
     finally:
         model.train(was_training)
     used = torch.get_num_threads() if threads is None else threads
-    return SpeedInfo(n_tokens / secs, decode, peak_rss_bytes(), used, load)
+    return SpeedInfo(n_tokens / secs, decode, peak_rss_bytes(), used, load, used_rt)

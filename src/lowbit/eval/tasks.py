@@ -332,10 +332,17 @@ def prompt_ids(tokenizer: Any, prompt: str, chat: bool | None = None) -> list[in
 @torch.inference_mode()
 def greedy(model: torch.nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int = 32,
            chat: bool | None = None) -> list[int]:
-    """The greedy continuation's token ids (stopping at EOS, which is not included)."""
+    """The greedy continuation's token ids (stopping at EOS, which is not included), through lowbit's runtime
+    where it runs the model (:mod:`lowbit.runtime`), else transformers' ``generate``."""
+    from lowbit.runtime import generate, unsupported
+
     dev = next(model.parameters()).device
     ids = torch.tensor([prompt_ids(tokenizer, prompt, chat)], device=dev)
     eos = tokenizer.eos_token_id
+    if unsupported(model) is None:  # lowbit's runtime: the same greedy tokens, without transformers' overhead
+        outp = generate(model, ids, max_new_tokens, eos_token_id=eos)
+        new = outp[0, ids.shape[1]:].tolist()
+        return new[: new.index(eos)] if eos in new else new
     outp = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
                           pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
                           eos_token_id=eos, top_p=None, top_k=None, temperature=None)

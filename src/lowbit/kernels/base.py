@@ -45,6 +45,9 @@ class Kernel:
     accepts: Callable[[Any, torch.Tensor], bool] | None = None  # a per-call condition beyond size and dtype
     doc: str = ""
     measured: bool = True  # False: wins whenever it serves, never timed against the others (tuning.py)
+    # Layers reading one input as one call: ``fuse(modules)`` -> ``x -> their outputs concatenated`` (along the
+    # last dim), or None when these layers cannot be stacked (:func:`stacked`).
+    fuse: Callable[[Sequence[Any]], Callable[[torch.Tensor], torch.Tensor] | None] | None = None
 
     def takes(self, module: Any, x: torch.Tensor, tokens: int) -> bool:
         return (self.min_tokens <= tokens and (self.max_tokens is None or tokens <= self.max_tokens)
@@ -184,6 +187,30 @@ def prepared(module: Any, k: Kernel) -> Any:
     if state is None:
         state = states[k.name] = k.prepare(module)
     return state
+
+
+def stacked(modules: Sequence[Any], tokens: int, dtype: torch.dtype = torch.float32
+            ) -> tuple[Kernel, Callable[[torch.Tensor], torch.Tensor]] | None:
+    """One call computing every layer of ``modules`` (layers that read the same input, e.g. a block's q, k and
+    v projections) on ``tokens``-row inputs of ``dtype``: ``(kernel, run)`` with ``run(x)`` the layers'
+    outputs concatenated along the last dim, from the highest-priority kernel under the current mode that
+    serves every layer, takes such calls and can stack them (``Kernel.fuse``); None when none can. The
+    arithmetic is the kernel's own on each layer, so ``run(x)`` equals ``cat([m(x) for m in modules], -1)``
+    wherever that kernel runs each ``m(x)``."""
+    if not modules or any(not hasattr(m, "_kernel_candidates") for m in modules):
+        return None
+    def serving(m):
+        return candidates(m, getattr(m, "kernel_mode", None) or _mode)  # as choose() reads a layer's mode
+
+    probe = torch.empty(tokens, modules[0].in_features, dtype=dtype, device="meta")
+    for k in serving(modules[0]):
+        if k.fuse is None or not k.takes(modules[0], probe, tokens):
+            continue
+        if all(k in serving(m) and m.in_features == modules[0].in_features for m in modules[1:]):
+            run = k.fuse(modules)
+            if run is not None:
+                return k, run
+    return None
 
 
 def dispatch(module: Any, x: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.kernels import native
-from lowbit.kernels.base import Kernel, register_kernel
+from lowbit.kernels.base import Kernel, prepared, register_kernel
 from lowbit.kernels.int4_torch import columns, int4_group, int4_parts
 
 GROUPS = (32, 64, 128)
@@ -49,15 +49,32 @@ def _prepare(m):
             native.ISAS.index(native.best_isa()))
 
 
-def _run(m, state, x: torch.Tensor) -> torch.Tensor:
+def _gemv(state, out: int, cols_of):
     packed, scale, minv, g, bias, isa = state
     lib = native.library()
-    return native.run_split(
-        x, m.out_features,
-        lambda x2: lib.q4_gemv(x2, packed, scale, minv, g, bias, native.HUGE_ACTIVATION, isa),
-        lambda cols: columns(m, cols), bias)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return native.run_split(
+            x, out, lambda x2: lib.q4_gemv(x2, packed, scale, minv, g, bias, native.HUGE_ACTIVATION, isa),
+            cols_of, bias)
+
+    return run
 
 
-register_kernel(Kernel("int4-cpp", 30, _serves, _run, prepare=_prepare, max_tokens=native.MAX_TOKENS,
+def _run(m, state, x: torch.Tensor) -> torch.Tensor:
+    return _gemv(state, m.out_features, lambda cols: columns(m, cols))(x)
+
+
+def _fuse(mods):
+    """One GEMV over the layers' rows stacked (same group and path): their packed states are concatenated
+    once, and each layer's own state becomes a view of its rows, so the weight is held once."""
+    states = [prepared(m, KERNEL) for m in mods]
+    if len({(s[3], s[5]) for s in states}) != 1:
+        return None
+    return native.stack_states(mods, states, KERNEL.name, (0, 1, 2), 4, _gemv, columns)
+
+
+KERNEL = register_kernel(Kernel("int4-cpp", 30, _serves, _run, prepare=_prepare, max_tokens=native.MAX_TOKENS,
                        dtypes=(torch.float32, torch.bfloat16, torch.float16),
+                       fuse=_fuse,
                        doc="weight-only int4 groups, lowbit's C++ GEMV (int16 activations per group), 1-8 tokens"))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.kernels import native
-from lowbit.kernels.base import Kernel, register_kernel
+from lowbit.kernels.base import Kernel, prepared, register_kernel
 from lowbit.kernels.int8_int8 import int8_weight, w8_per_channel
 
 
@@ -40,15 +40,37 @@ def _prepare(m):
             native.ISAS.index(native.best_isa()))
 
 
-def _run(m, state, x: torch.Tensor) -> torch.Tensor:
+def _gemv(state, out: int, cols_of):
     codes, scale, g, bias, isa = state
     lib = native.library()
-    return native.run_split(
-        x, m.out_features,
-        lambda x2: lib.q8_gemv(x2, codes, scale, g, bias, native.HUGE_ACTIVATION, isa),
-        lambda cols: codes[:, cols].to(torch.float32) * scale.reshape(-1, 1), bias)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return native.run_split(
+            x, out, lambda x2: lib.q8_gemv(x2, codes, scale, g, bias, native.HUGE_ACTIVATION, isa), cols_of, bias)
+
+    return run
 
 
-register_kernel(Kernel("int8-cpp", 30, _serves, _run, prepare=_prepare, max_tokens=native.MAX_TOKENS,
+def _columns(state, cols: torch.Tensor) -> torch.Tensor:
+    codes, scale = state[0], state[1]
+    return codes[:, cols].to(torch.float32) * scale.reshape(-1, 1)
+
+
+def _run(m, state, x: torch.Tensor) -> torch.Tensor:
+    return _gemv(state, m.out_features, lambda cols: _columns(state, cols))(x)
+
+
+def _fuse(mods):
+    """One GEMV over the layers' rows stacked (same block and path); each layer's state becomes a view of
+    its rows of the stacked one, so the weight is held once."""
+    states = [prepared(m, KERNEL) for m in mods]
+    if len({(s[2], s[4]) for s in states}) != 1:
+        return None
+    return native.stack_states(mods, states, KERNEL.name, (0, 1), 3, _gemv,
+                               lambda m, cols: _columns(m._kernel_state[KERNEL.name], cols))
+
+
+KERNEL = register_kernel(Kernel("int8-cpp", 30, _serves, _run, prepare=_prepare, max_tokens=native.MAX_TOKENS,
                        dtypes=(torch.float32, torch.bfloat16, torch.float16),
+                       fuse=_fuse,
                        doc="weight-only int8 per channel, lowbit's C++ GEMV (int16 activations per block), 1-8 tokens"))

@@ -40,7 +40,7 @@ import torch
 from lowbit.kernels.base import HUGE_ACTIVATION, split_dominant
 
 NAME = "lowbit_gemv"
-SOURCES = ("gemv.cpp", "gemv_isa.h")
+SOURCES = ("gemv.cpp", "gemv_isa.h", "layer.h")
 CFLAGS = ("-O3", "-fopenmp", "-ffp-contract=off")  # fp-contract off: every path rounds the same floats
 LDFLAGS = ("-fopenmp",)
 ISAS = ("avx2", "avx512vnni")  # the C++ side's Isa numbers, in order
@@ -208,4 +208,32 @@ def run_split(x: torch.Tensor, out: int, call, columns, bias: torch.Tensor | Non
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
-__all__ = ["HUGE_ACTIVATION", "MAX_TOKENS", "best_isa", "isas", "library", "pack_int4", "run_split"]
+def stack_states(mods, states, name: str, rows: tuple[int, ...], bias_at: int, gemv, columns):
+    """The C++ GEMV over several layers' rows at once (``Kernel.fuse`` of ``int4-cpp`` and ``int8-cpp``):
+    the tensors at ``rows`` of the layers' packed ``states`` (each ``(out_i, …)``) and their biases
+    (zeros where a layer has none) are concatenated along the rows, and each layer's own state in
+    ``m._kernel_state[name]`` is replaced by views of its rows of those, so the stacked weight is held
+    once. Returns ``gemv(stacked state, Σ out_i, cols_of)``: ``x -> cat([m(x) for m in mods], -1)``, with
+    ``cols_of(cols)`` the stacked float columns (for huge activations) from ``columns(m, cols)`` per layer."""
+    outs = [m.out_features for m in mods]
+    stacked = list(states[0])
+    for i in rows:
+        stacked[i] = torch.cat([s[i] for s in states], 0)
+    biases = [s[bias_at] for s in states]
+    stacked[bias_at] = (None if all(b is None for b in biases) else
+                        torch.cat([torch.zeros(o) if b is None else b for b, o in zip(biases, outs, strict=True)]))
+    off = 0
+    for m, s, o in zip(mods, states, outs, strict=True):
+        own = list(s)
+        for i in rows:
+            own[i] = stacked[i][off:off + o]
+        if s[bias_at] is not None:
+            own[bias_at] = stacked[bias_at][off:off + o]
+        m._kernel_state[name] = tuple(own)
+        off += o
+    run = gemv(tuple(stacked), off, lambda cols: torch.cat([columns(m, cols) for m in mods], 0))
+    run.state = (name, tuple(stacked))  # what lowbit.runtime's one-call decoder layer reads (layer.h)
+    return run
+
+
+__all__ = ["HUGE_ACTIVATION", "MAX_TOKENS", "best_isa", "isas", "library", "pack_int4", "run_split", "stack_states"]

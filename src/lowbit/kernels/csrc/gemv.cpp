@@ -145,6 +145,8 @@ torch::Tensor q8_gemv(const torch::Tensor& x, const torch::Tensor& w, const torc
   return y;
 }
 
+#include "layer.h"
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -153,4 +155,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("minv"), py::arg("group"), py::arg("bias"), py::arg("limit"), py::arg("isa"));
   m.def("q8_gemv", &q8_gemv, "int8 per-channel GEMV (int16 activations), 1..8 tokens", py::arg("x"), py::arg("w"), py::arg("wscale"),
         py::arg("group"), py::arg("bias"), py::arg("limit"), py::arg("isa"));
+  m.def("layer_step", &layer_step, "one Llama-family decoder layer for one token (layer.h)");
 }

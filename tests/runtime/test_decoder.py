@@ -1,0 +1,187 @@
+"""lowbit's runtime (lowbit.runtime.Decoder, generate) against transformers' own forward on tiny Llama, Mistral
+and Qwen2 models, float and quantized; the stacked GEMVs and the one-call C++ layer against the runtime's
+per-op path; what it refuses."""
+
+import pytest
+import torch
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+import lowbit
+from lowbit.eval.bench import model_bytes
+from lowbit.eval.speed import cache_step
+from lowbit.kernels import native, use_kernels
+from lowbit.runtime import Decoder, generate, unsupported
+
+V = 97
+SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             vocab_size=V, max_position_embeddings=1024, tie_word_embeddings=False)
+
+
+def _model(kind: str = "llama", seed: int = 0):
+    torch.manual_seed(seed)
+    if kind == "llama":
+        m = LlamaForCausalLM(LlamaConfig(**SIZES))
+    elif kind == "qwen2":  # q/k/v biases
+        m = Qwen2ForCausalLM(Qwen2Config(**SIZES, use_sliding_window=False))
+    elif kind == "mistral":
+        m = MistralForCausalLM(MistralConfig(**SIZES, sliding_window=None))
+    elif kind == "llama-rope-scaled":
+        m = LlamaForCausalLM(LlamaConfig(**SIZES, rope_scaling={"rope_type": "linear", "factor": 2.0}))
+    else:
+        raise ValueError(kind)
+    for p in m.parameters():  # larger weights than the init's 0.02: logits that differ where the code does
+        p.data.mul_(5.0) if p.dim() == 2 else None
+    return m.eval()
+
+
+def _ref_last(model, ids):
+    with torch.inference_mode():
+        return model(input_ids=ids).logits[:, -1]
+
+
+def _close(a, b, tol=2e-4):
+    scale = float(b.abs().max())
+    assert float((a - b).abs().max()) <= tol * max(scale, 1.0), (float((a - b).abs().max()), scale)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "llama-rope-scaled"])
+def test_float_model_matches_transformers(kind):
+    m = _model(kind)
+    ids = torch.randint(0, V, (1, 12), generator=torch.Generator().manual_seed(1))
+    dec = Decoder(m)
+    with torch.inference_mode():
+        _close(dec.forward(ids, all_logits=True), m(input_ids=ids).logits)
+        dec.prefill(ids[:, :7])
+        for i in range(7, 12):  # one token at a time on the cache
+            got = dec.step(ids[:, i])
+            _close(got, _ref_last(m, ids[:, : i + 1]))
+        dec.prefill(ids[:, :5])
+        _close(dec.forward(ids[:, 5:12]), _ref_last(m, ids))  # several new tokens on a filled cache
+
+
+def test_batch_rows_and_a_cache_that_grows():
+    m = _model()
+    ids = torch.randint(0, V, (2, 300), generator=torch.Generator().manual_seed(2))  # past the first 256 slots
+    dec = Decoder(m)
+    dec.prefill(ids[:, :250])
+    for i in range(250, 300, 10):
+        got = dec.forward(ids[:, i:i + 10])
+    _close(got, _ref_last(m, ids))
+    with pytest.raises(lowbit.LowbitError, match="batch 1 after a sequence of batch 2"):
+        dec.step(ids[:1, -1])
+
+
+def _quantized(scheme="int4-g32", kind="llama"):
+    q, _ = lowbit.quantize(_model(kind), None, scheme=scheme, method="rtn", progress=False)
+    return q.eval()
+
+
+@pytest.mark.parametrize("scheme", ["int4-g32", "int4-g64-sym", "int8"])
+def test_quantized_model_matches_transformers_with_the_reference_kernels(scheme):
+    q = _quantized(scheme)
+    ids = torch.randint(0, V, (1, 10), generator=torch.Generator().manual_seed(3))
+    with use_kernels("reference"):
+        dec = Decoder(q)
+        dec.prefill(ids[:, :9])
+        _close(dec.step(ids[:, 9]), _ref_last(q, ids))
+        assert not dec.layers_native  # the reference mode runs no C++ kernel
+
+
+def _needs_lib():
+    if native.library() is None:
+        pytest.skip("lowbit's C++ kernels are not built on this machine")
+
+
+@pytest.mark.parametrize("scheme,kind", [("int4-g32", "llama"), ("int8", "llama"), ("int4-g64", "qwen2")])
+def test_stacked_and_one_call_layers_equal_each_layer_s_own_kernel(scheme, kind):
+    """Decode through the one-call C++ layers equals decode through transformers' forward with the same
+    kernels (each layer's own int4-cpp / int8-cpp call), within float32 rounding order."""
+    _needs_lib()
+    q = _quantized(scheme, kind)
+    ids = torch.randint(0, V, (1, 9), generator=torch.Generator().manual_seed(4))
+    dec = Decoder(q)
+    dec.prefill(ids[:, :6])
+    for i in range(6, 9):
+        got = dec.step(ids[:, i])
+        assert dec.layers_native
+        with torch.inference_mode():
+            out = q(input_ids=ids[:, :i], use_cache=True)
+            ref = cache_step(q, out, ids[:, i:i + 1]).logits[:, -1]
+        assert q.model.layers[0].self_attn.q_proj._kernel.name in ("int4-cpp", "int8-cpp")
+        _close(got, ref, 1e-4)
+    py = Decoder(q)
+    py._native = lambda: None  # the runtime's per-op path with the stacked GEMVs
+    py.prefill(ids[:, :8])
+    _close(py.step(ids[:, 8]), got, 1e-4)
+    assert not py.layers_native and py.kernels()[q.model.layers[0].self_attn.q_proj._kernel.name] >= 14
+
+
+def test_stacking_holds_each_weight_once():
+    _needs_lib()
+    q = _quantized("int4-g32")
+    ids = torch.randint(0, V, (1, 4))
+    with torch.inference_mode():
+        q(input_ids=ids[:, :1])  # each layer packs its own state
+    before = model_bytes(q)
+    dec = Decoder(q)
+    dec.prefill(ids[:, :3])
+    dec.step(ids[:, 3])
+    a = q.model.layers[0].self_attn
+    storages = {m._kernel_state["int4-cpp"][0].untyped_storage().data_ptr() for m in (a.q_proj, a.k_proj, a.v_proj)}
+    assert len(storages) == 1  # q, k and v rows are views of one stacked tensor
+    assert model_bytes(q) <= before
+
+
+def test_huge_activations_take_the_float_path():
+    """Inputs above 256 make the one-call layer compute that product in float32 (as the per-op path's split
+    does); both agree with the reference kernels' model."""
+    _needs_lib()
+    q = _quantized("int4-g32")
+    for layer in q.model.layers:
+        layer.post_attention_layernorm.weight.data.mul_(2000.0)  # the MLP's inputs reach 10³–10⁴
+    ids = torch.randint(0, V, (1, 6), generator=torch.Generator().manual_seed(5))
+    dec = Decoder(q)
+    dec.prefill(ids[:, :5])
+    got = dec.step(ids[:, 5])
+    assert dec.layers_native
+    with use_kernels("reference"):
+        ref = _ref_last(q, ids)
+    _close(got, ref, 2e-3)
+
+
+def test_generate_is_transformers_greedy_and_stops_at_eos():
+    m = _model()
+    ids = torch.randint(0, V, (1, 5), generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        ref = m.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert generate(m, ids, 12).tolist() == ref.tolist()
+    eos = int(ref[0, 7])  # the third new token: generation ends there
+    out = generate(m, ids, 12, eos_token_id=eos)
+    assert out.tolist() == ref[:, : 8].tolist()
+    g = torch.Generator().manual_seed(0)
+    sampled = generate(m, ids, 6, do_sample=True, top_k=5, temperature=0.8, generator=g)
+    assert sampled.shape == (1, 11) and sampled[:, :5].tolist() == ids.tolist()
+
+
+def test_what_it_refuses():
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=V)).eval()
+    assert "gpt2" in unsupported(gpt2)
+    with pytest.raises(lowbit.LowbitError, match="lowbit runtime: model type 'gpt2'"):
+        Decoder(gpt2)
+    torch.manual_seed(0)
+    sliding = MistralForCausalLM(MistralConfig(**SIZES, sliding_window=8)).eval()
+    assert unsupported(sliding) == "sliding-window attention"
+    dec = Decoder(_model())
+    with pytest.raises(lowbit.LowbitError, match="step\\(\\) before prefill"):
+        dec.step(torch.tensor([1]))
+    with pytest.raises(lowbit.LowbitError, match="ids must be"):
+        dec.forward(torch.tensor([1, 2]))
