@@ -287,3 +287,62 @@ def test_pack_int4_layout():
     assert packed.shape == (1, 32) and packed.dtype == torch.uint8
     assert torch.equal(packed[0] & 15, codes[0].reshape(2, 2, 16)[:, 0].flatten().to(torch.uint8))
     assert torch.equal(packed[0] >> 4, codes[0].reshape(2, 2, 16)[:, 1].flatten().to(torch.uint8))
+
+
+@pytest.mark.parametrize("schemes", [("int4-g64", "int4-g64", "int4-g64"), ("int8", "int8"), ("q4_0", "q4_1")])
+def test_stacked_layers_are_one_call_bit_for_bit(lib, schemes):
+    """Layers reading one input (q, k, v) stacked into one GEMV compute each row exactly as their own call does
+    (the same activation rounding, the same per-row sums), with biases where some layers have them."""
+    from lowbit.kernels.base import stacked
+
+    g = torch.Generator().manual_seed(0)
+    mods = []
+    for i, s in enumerate(schemes):
+        w = torch.randn(48 + 16 * i, 256, generator=g)
+        bias = torch.randn(w.shape[0], generator=g) if i == 1 else None
+        mods.append(QLinear(lowbit.quantize_tensor(w, s), bias=bias))
+    x = torch.randn(3, 256, generator=g)
+    x[1, 7] = 3e4  # a huge activation: both take its column apart in float32
+    own = torch.cat([m(x) for m in mods], -1)
+    k, run = stacked(mods, 3)
+    assert k.name in ("int4-cpp", "int8-cpp")
+    assert torch.equal(run(x), own)
+    assert torch.equal(torch.cat([m(x) for m in mods], -1), own)  # each layer's state is now a view: unchanged
+    assert stacked(mods, 9) is None  # past the GEMVs' 8 tokens
+    with use_kernels("reference"):
+        assert stacked(mods, 1) is None
+
+
+def test_layers_of_different_groups_are_not_stacked(lib):
+    from lowbit.kernels.base import stacked
+
+    a = QLinear(lowbit.quantize_tensor(torch.randn(32, 128), "int4-g32"))
+    b = QLinear(lowbit.quantize_tensor(torch.randn(32, 128), "int4-g64"))
+    assert stacked([a, b], 1) is None
+    c = QLinear(lowbit.quantize_tensor(torch.randn(32, 64), "int4-g32"))
+    assert stacked([a, c], 1) is None  # another input width
+
+
+@pytest.mark.parametrize("act", ["int8-dynamic", "int8-static"])
+@pytest.mark.parametrize("tokens", [1, 3, 8])
+def test_w8a8_gemv_is_int_mm_bit_for_bit(lib, act, tokens):
+    """int8-int8-cpp quantizes activations as quantize_activation does and sums exactly: torch._int_mm's output."""
+    g = torch.Generator().manual_seed(tokens)
+    layer = QLinear(lowbit.quantize_tensor(torch.randn(80, 576, generator=g), "int8"), torch.randn(80, generator=g))
+    layer.act_scheme = act
+    layer.act_scale = torch.tensor(0.04) if act == "int8-static" else None
+    x = torch.randn(tokens, 576, generator=g) * 3
+    with use_kernels(["int8-int8-cpp"]):
+        y = layer(x)
+        assert layer._kernel.name == "int8-int8-cpp"
+    with use_kernels(["int8-int8"]):
+        r = layer(x)
+    assert torch.equal(y, r)
+    with use_kernels("reference"):
+        assert torch.allclose(y, layer(x), rtol=1e-5, atol=1e-4)  # fake-act: the same codes, float summation
+    x[0, 5] = float("nan")  # the torch kernel's arithmetic then (whatever it makes of NaN)
+    with use_kernels(["int8-int8-cpp"]):
+        y = layer(x)
+    with use_kernels(["int8-int8"]):
+        r = layer(x)
+    assert torch.equal(y.isnan(), r.isnan()) and torch.equal(y.nan_to_num(), r.nan_to_num())

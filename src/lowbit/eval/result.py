@@ -115,7 +115,12 @@ class EvalResult:
     def summary_line(self) -> str:
         """``40 windows × 512 tokens`` (causal) or ``256 sentences`` (encoder)."""
         if self.kind == "causal":
-            return f"{self.n_windows} windows × {self.window_len} tokens"
+            line = f"{self.n_windows} windows × {self.window_len} tokens"
+            sp = self.speed
+            if sp is not None and sp.decode_runtime:
+                where = "lowbit's runtime" if sp.decode_runtime == "lowbit" else "transformers"
+                line += f" · speed at {sp.threads} thread(s), decode in {where}"
+            return line
         return f"{self.n_windows} sentences ({self.positions} tokens)"
 
     def worst_line(self, n: int | None = None) -> str:

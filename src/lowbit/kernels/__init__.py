@@ -13,6 +13,7 @@ from lowbit.kernels import (  # noqa: F401
     int4_torch,
     int8_cpp,
     int8_int8,
+    int8_int8_cpp,
     int8_torch,
     tuning,
 )

@@ -44,5 +44,11 @@ def _serves(m) -> bool:  # torch._int_mm elsewhere has size and layout rules of 
             and m.qweight_codes.device.type == "cpu")
 
 
+def KERNEL_STATE(m):  # noqa: N802  (int8-int8's packed weight, made once: int8-int8-cpp falls back to it)
+    from lowbit.kernels.base import KERNELS, prepared
+
+    return prepared(m, KERNELS.get("int8-int8"))
+
+
 register_kernel(Kernel("int8-int8", 10, _serves, _run, prepare=_prepare,
                        doc="int8 activations x int8 weights, int32 accumulation (torch._int_mm)"))

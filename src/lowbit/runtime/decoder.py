@@ -136,6 +136,11 @@ class _Layer:
                 codes, scale, g, bias, isa = st
                 tensors += [codes, scale, empty, empty if bias is None else bias]
                 meta += [1, g, isa]
+            elif name == "int8-int8-cpp":  # W8A8 (the stacking refused SmoothQuant input scales)
+                codes, scale, bias, isa = st
+                static = torch.tensor([run.static], dtype=torch.float32) if run.static > 0 else empty
+                tensors += [codes, scale, static, empty if bias is None else bias]
+                meta += [2, 32, isa]
             else:
                 return None
         return (self.ln1.weight.detach().to(torch.float32).contiguous(), float(self.eps1),

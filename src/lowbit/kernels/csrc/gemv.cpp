@@ -17,7 +17,9 @@
 #pragma GCC target("avx2,fma")
 #define ISA_NS avx2
 #define DOT(acc, w, x) _mm256_add_epi32((acc), _mm256_madd_epi16((w), (x)))
+#define DOT8(acc, u, s) _mm256_add_epi32((acc), _mm256_madd_epi16(_mm256_maddubs_epi16((u), (s)), _mm256_set1_epi16(1)))
 #include "gemv_isa.h"
+#undef DOT8
 #undef DOT
 #undef ISA_NS
 #pragma GCC pop_options
@@ -26,7 +28,9 @@
 #pragma GCC target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")
 #define ISA_NS vnni
 #define DOT(acc, w, x) _mm256_dpwssd_epi32((acc), (w), (x))
+#define DOT8(acc, u, s) _mm256_dpbusd_epi32((acc), (u), (s))
 #include "gemv_isa.h"
+#undef DOT8
 #undef DOT
 #undef ISA_NS
 #pragma GCC pop_options
@@ -145,6 +149,57 @@ torch::Tensor q8_gemv(const torch::Tensor& x, const torch::Tensor& w, const torc
   return y;
 }
 
+// W8A8 for 1..8 tokens: x's int8 codes per token as lowbit.kernels.activations computes them (dynamic:
+// s = max(max|x|, 1e-8) / 127; static: s given; q = clamp(round-half-even(x / s), ±127)), exact int32 dot
+// products with the int8 weight, y = acc·s·wscale + bias in float32: what int8-int8 (torch._int_mm) computes.
+// An empty tensor when x holds inf or NaN (the caller then runs the torch kernel).
+torch::Tensor a8w8_gemv(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& wscale,
+                        const c10::optional<torch::Tensor>& bias, double static_scale, int64_t isa) {
+  const int64_t T = check_x(x, 32, "a8w8_gemv");
+  TORCH_CHECK(supported(isa), "a8w8_gemv: this CPU lacks instruction set ", isa);
+  const int64_t K = x.size(-1), N = w.size(0);
+  TORCH_CHECK(w.scalar_type() == torch::kInt8 && w.is_contiguous() && w.dim() == 2 && w.size(1) == K,
+              "a8w8_gemv: w must be contiguous int8 (out, in)");
+  TORCH_CHECK(wscale.scalar_type() == torch::kFloat32 && wscale.is_contiguous() && wscale.numel() == N,
+              "a8w8_gemv: wscale must be contiguous float32 (out,)");
+  const float* b = bias_ptr(bias, N);
+  const float* xp = x.data_ptr<float>();
+  std::vector<uint8_t> qa(T * K);
+  std::vector<int8_t> qs(T * K);
+  std::vector<float> s(T);
+  for (int64_t t = 0; t < T; ++t) {
+    const float* xt = xp + t * K;
+    float st;
+    if (static_scale > 0) {
+      st = static_cast<float>(static_scale);
+    } else {
+      float m = 0.f;
+      for (int64_t k = 0; k < K; ++k) m = std::max(m, std::fabs(xt[k]));
+      if (!std::isfinite(m)) return torch::empty({0}, x.options());
+      st = std::max(m, 1e-8f) / 127.f;
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      const float r = std::nearbyint(xt[k] / st);
+      if (std::isnan(r)) return torch::empty({0}, x.options());
+      const int v = static_cast<int>(std::min(127.f, std::max(-127.f, r)));
+      qs[t * K + k] = static_cast<int8_t>(v);
+      qa[t * K + k] = static_cast<uint8_t>(v < 0 ? -v : v);
+    }
+    s[t] = st;
+  }
+  auto y = output(x, N);
+  const int8_t* wp = w.data_ptr<int8_t>();
+  const float* ws = wscale.data_ptr<float>();
+  float* out = y.data_ptr<float>();
+  at::parallel_for(0, N, grain(K), [&](int64_t n0, int64_t n1) {
+    if (isa == VNNI)
+      vnni::a8(int(T), wp, ws, K, qa.data(), qs.data(), s.data(), b, out, N, n0, n1);
+    else
+      avx2::a8(int(T), wp, ws, K, qa.data(), qs.data(), s.data(), b, out, N, n0, n1);
+  });
+  return y;
+}
+
 #include "layer.h"
 
 }  // namespace
@@ -155,5 +210,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("minv"), py::arg("group"), py::arg("bias"), py::arg("limit"), py::arg("isa"));
   m.def("q8_gemv", &q8_gemv, "int8 per-channel GEMV (int16 activations), 1..8 tokens", py::arg("x"), py::arg("w"), py::arg("wscale"),
         py::arg("group"), py::arg("bias"), py::arg("limit"), py::arg("isa"));
+  m.def("a8w8_gemv", &a8w8_gemv, "int8 activations (per token or static) x int8 per-channel weights, 1..8 tokens",
+        py::arg("x"), py::arg("w"), py::arg("wscale"), py::arg("bias"), py::arg("static_scale"), py::arg("isa"));
   m.def("layer_step", &layer_step, "one Llama-family decoder layer for one token (layer.h)");
 }

@@ -163,4 +163,48 @@ static void q8(int T, const int8_t* w, const float* wscale, int64_t K, int64_t g
   }
 }
 
+// W8A8: y[t, n] = (Σ_k q[t,k]·w[n,k])·s[t]·wscale[n] + bias[n], q the int8 activation codes, w the int8
+// weight codes (both in [-127, 127]), the dot product exact in int32. The activations come as |q| (uint8)
+// and q (int8): |q|·sign(w, q) = q·w per byte, so vpmaddubsw (pairs ≤ 2·127·127, no saturation) or
+// vpdpbusd take them. K a multiple of 32.
+template <int T>
+static void a8_rows(const int8_t* w, const float* wscale, int64_t K, const uint8_t* qa, const int8_t* qs,
+                    const float* s, const float* bias, float* y, int64_t N, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* row = w + n * K;
+    __m256i acc[T];
+    for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_si256();
+    for (int64_t k = 0; k < K; k += 32) {
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k));
+      for (int t = 0; t < T; ++t) {
+        const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qa + t * K + k));
+        const __m256i sg = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + t * K + k));
+        acc[t] = DOT8(acc[t], a, _mm256_sign_epi8(wv, sg));
+      }
+    }
+    const float b = bias ? bias[n] : 0.f;
+    for (int t = 0; t < T; ++t) {
+      __m128i v = _mm_add_epi32(_mm256_castsi256_si128(acc[t]), _mm256_extracti128_si256(acc[t], 1));
+      v = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0x4E));
+      v = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0xB1));
+      y[t * N + n] = static_cast<float>(_mm_cvtsi128_si32(v)) * s[t] * wscale[n] + b;
+    }
+  }
+}
+
+static void a8(int T, const int8_t* w, const float* wscale, int64_t K, const uint8_t* qa, const int8_t* qs,
+               const float* s, const float* bias, float* y, int64_t N, int64_t n0, int64_t n1) {
+  const int64_t rows = T > 4 ? std::max<int64_t>(4, kBlockBytes / K) : n1 - n0;
+  for (int64_t b0 = n0; b0 < n1; b0 += rows) {
+    const int64_t b1 = std::min(n1, b0 + rows);
+    for (int t0 = 0; t0 < T; t0 += 4) {
+      switch (std::min(4, T - t0)) {
+#define LOWBIT_CASE(t) case t: a8_rows<t>(w, wscale, K, qa + t0 * K, qs + t0 * K, s + t0, bias, y + t0 * N, N, b0, b1); break;
+        LOWBIT_CASE(1) LOWBIT_CASE(2) LOWBIT_CASE(3) LOWBIT_CASE(4)
+#undef LOWBIT_CASE
+      }
+    }
+  }
+}
+
 }  // namespace ISA_NS

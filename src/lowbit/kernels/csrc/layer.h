@@ -8,11 +8,13 @@
 
 // A linear layer's packed state as lowbit.kernels.int4_cpp / int8_cpp hold it.
 struct Lin {
-  int64_t kind;  // 0: int4 groups (codes, scale, minv), 1: int8 per channel (codes, scale)
+  int64_t kind;  // 0: int4 groups (codes, scale, minv), 1: int8 per channel (codes, scale), 2: W8A8 (codes,
+                 // scale, the static activation scale or none: per token)
   int64_t group, isa, N, K;
   const uint8_t* c4 = nullptr;
   const int8_t* c8 = nullptr;
   const float *scale = nullptr, *minv = nullptr, *bias = nullptr;
+  float act_scale = 0.f;  // kind 2: > 0 static, else dynamic per token
 };
 
 Lin make_lin(const std::vector<torch::Tensor>& t, const std::vector<int64_t>& meta, size_t i, int64_t K) {
@@ -22,9 +24,14 @@ Lin make_lin(const std::vector<torch::Tensor>& t, const std::vector<int64_t>& me
   l.isa = meta[3 * i + 2];
   l.K = K;
   const torch::Tensor &codes = t[4 * i], &scale = t[4 * i + 1], &minv = t[4 * i + 2], &bias = t[4 * i + 3];
-  TORCH_CHECK(l.kind == 0 || l.kind == 1, "layer_step: linear ", i, ": unknown kind ", l.kind);
+  TORCH_CHECK(l.kind >= 0 && l.kind <= 2, "layer_step: linear ", i, ": unknown kind ", l.kind);
   TORCH_CHECK(supported(l.isa), "layer_step: this CPU lacks instruction set ", l.isa);
   TORCH_CHECK(l.group > 0 && l.group % 32 == 0 && K % l.group == 0, "layer_step: linear ", i, ": bad group");
+  if (l.kind == 2 && minv.numel()) {
+    TORCH_CHECK(minv.scalar_type() == torch::kFloat32 && minv.numel() == 1, "layer_step: linear ", i,
+                ": the static activation scale must be one float32");
+    l.act_scale = minv.data_ptr<float>()[0];
+  }
   TORCH_CHECK(codes.is_contiguous() && codes.dim() == 2, "layer_step: linear ", i, ": codes (out, …) contiguous");
   l.N = codes.size(0);
   const int64_t G = K / l.group;
@@ -36,7 +43,7 @@ Lin make_lin(const std::vector<torch::Tensor>& t, const std::vector<int64_t>& me
                   "layer_step: linear ", i, ": scale / minv must be float32 (out, in / group)");
     l.c4 = codes.data_ptr<uint8_t>();
     l.minv = minv.data_ptr<float>();
-  } else {
+  } else {  // int8 codes per channel: weight-only (1) or W8A8 (2)
     TORCH_CHECK(codes.scalar_type() == torch::kInt8 && codes.size(1) == K, "layer_step: linear ", i,
                 ": int8 codes must be int8 (out, in)");
     TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.is_contiguous() && scale.numel() == l.N,
@@ -52,12 +59,44 @@ Lin make_lin(const std::vector<torch::Tensor>& t, const std::vector<int64_t>& me
   return l;
 }
 
-// y (N) = W x (K) + b for one token: the GEMV, or float32 from the dequantized weight when max|x| > limit.
+// W8A8 for one token: x's int8 codes as a8w8_gemv computes them, the exact int32 products; false when x
+// holds inf or NaN (the caller then takes the float32 product).
+bool a8_apply(const Lin& l, const float* x, float* y) {
+  const int64_t K = l.K, N = l.N;
+  float st = l.act_scale;
+  if (!(st > 0.f)) {
+    float m = 0.f;
+    for (int64_t k = 0; k < K; ++k) m = std::max(m, std::fabs(x[k]));
+    if (!std::isfinite(m)) return false;
+    st = std::max(m, 1e-8f) / 127.f;
+  }
+  std::vector<uint8_t> qa(K);
+  std::vector<int8_t> qs(K);
+  for (int64_t k = 0; k < K; ++k) {
+    const float r = std::nearbyint(x[k] / st);
+    if (std::isnan(r)) return false;
+    const int v = static_cast<int>(std::min(127.f, std::max(-127.f, r)));
+    qs[k] = static_cast<int8_t>(v);
+    qa[k] = static_cast<uint8_t>(v < 0 ? -v : v);
+  }
+  at::parallel_for(0, N, grain(K), [&](int64_t n0, int64_t n1) {
+    if (l.isa == VNNI)
+      vnni::a8(1, l.c8, l.scale, K, qa.data(), qs.data(), &st, l.bias, y, N, n0, n1);
+    else
+      avx2::a8(1, l.c8, l.scale, K, qa.data(), qs.data(), &st, l.bias, y, N, n0, n1);
+  });
+  return true;
+}
+
+// y (N) = W x (K) + b for one token: the GEMV, or float32 from the dequantized weight when max|x| > limit
+// (weight-only kinds) or x holds inf / NaN (W8A8).
 void lin_apply(const Lin& l, const float* x, float* y, double limit) {
   const int64_t K = l.K, N = l.N, G = K / l.group;
+  if (l.kind == 2 && a8_apply(l, x, y)) return;
   std::vector<int16_t> q(K);
   std::vector<float> a(G), aq(G);
-  const float top = l.isa == VNNI ? vnni::quantize_rows(x, 1, K, l.group, q.data(), a.data(), aq.data())
+  const float top = l.kind == 2 ? INFINITY
+                  : l.isa == VNNI ? vnni::quantize_rows(x, 1, K, l.group, q.data(), a.data(), aq.data())
                                   : avx2::quantize_rows(x, 1, K, l.group, q.data(), a.data(), aq.data());
   if (!(top <= limit)) {  // rare: the exact float32 product, row by row
     at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
