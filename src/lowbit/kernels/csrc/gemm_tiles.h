@@ -69,8 +69,12 @@ torch::Tensor tiled_gemm(const torch::Tensor& x, int64_t N, const c10::optional<
   if (T == 0 || N == 0) return y;
   if (K == 0) return bias.has_value() ? y.copy_(bias->expand({T, N})) : y.zero_();
   const int64_t tiles = (N + rows - 1) / rows;
+  const size_t need = static_cast<size_t>(std::min(rows, N) * K);
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> buf(static_cast<size_t>(std::min(rows, N) * K));
+    // one buffer per thread, kept between calls: a fresh 1 MiB allocation per call is an mmap and 256 page
+    // faults (~70 µs measured at 9 tokens on 576×576, a third of the layer's time)
+    thread_local std::vector<float> buf;
+    if (buf.size() < need) buf.resize(need);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t * rows, n1 = std::min(N, n0 + rows), r = n1 - n0;
       dequant(n0, n1, buf.data());
