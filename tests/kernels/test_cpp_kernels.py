@@ -239,12 +239,12 @@ def test_layers_the_cpp_kernels_cannot_take_are_not_served(lib, make):
     assert torch.allclose(layer(x), ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max()))
 
 
-def test_more_than_eight_tokens_go_to_torch(lib):
+def test_more_than_eight_tokens_go_to_the_prefill_kernel(lib):
     layer = _layer("int4-g64", out=64)
     layer(torch.randn(8, layer.in_features))
     assert layer._kernel.name == "int4-cpp"
     layer(torch.randn(9, layer.in_features))
-    assert layer._kernel.name == "int4-torch"
+    assert layer._kernel.name == "int4-cpp-gemm"  # tests/kernels/test_cpp_gemm.py
 
 
 def test_a_failed_build_warns_once_and_torch_runs(monkeypatch, tmp_path):

@@ -99,7 +99,8 @@ def test_choice_follows_batch_size_priority_and_mode():
     layer(torch.randn(1, 256))
     assert layer._kernel.name == small
     layer(torch.randn(64, 256))
-    assert layer._kernel.name == "int4-torch"  # it outranks bf16-gemm at every size
+    big = "int4-cpp-gemm" if native.library() is not None else "int4-torch"  # 9+ tokens: lowbit's tiled GEMM
+    assert layer._kernel.name == big  # both outrank bf16-gemm at every size
     other = _layer("int3-g64")
     other(torch.randn(1, 256))
     assert other._kernel.name == "dequantize"
@@ -130,17 +131,18 @@ def test_layers_the_int4_kernel_cannot_take_fall_back(make):
 
 def test_prepared_weight_is_packed_once_and_dropped_on_changes():
     a, b = _layer("int4-g64", seed=0), _layer("int4-g64", seed=1)
-    x = torch.randn(16, 256)  # past the C++ GEMVs' 8 tokens: int4-torch
-    b(x)
-    state = b._kernel_state["int4-torch"]
-    b(x)
-    assert b._kernel_state["int4-torch"] is state
-    b.load_state_dict(a.state_dict())
-    assert not b._kernel_state
-    assert torch.equal(b(x), a(x))
-    b.to(torch.float32)
-    assert not b._kernel_state
-    assert b.prepare_kernels((16,)) == ["int4-torch"] and "int4-torch" in b._kernel_state
+    x = torch.randn(16, 256)
+    with use_kernels(["int4-torch"]):  # torch's packed kernel (int4-cpp-gemm shares int4-cpp's: test_cpp_gemm.py)
+        b(x)
+        state = b._kernel_state["int4-torch"]
+        b(x)
+        assert b._kernel_state["int4-torch"] is state
+        b.load_state_dict(a.state_dict())
+        assert not b._kernel_state
+        assert torch.equal(b(x), a(x))
+        b.to(torch.float32)
+        assert not b._kernel_state
+        assert b.prepare_kernels((16,)) == ["int4-torch"] and "int4-torch" in b._kernel_state
 
 
 def test_bias_and_bf16_inputs():

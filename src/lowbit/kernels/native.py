@@ -40,12 +40,13 @@ import torch
 from lowbit.kernels.base import HUGE_ACTIVATION, split_dominant
 
 NAME = "lowbit_gemv"
-SOURCES = ("gemv.cpp", "gemv_isa.h", "layer.h")
+SOURCES = ("gemv.cpp", "gemv_isa.h", "gemm_tiles.h", "layer.h")
 CFLAGS = ("-O3", "-fopenmp", "-ffp-contract=off")  # fp-contract off: every path rounds the same floats
 LDFLAGS = ("-fopenmp",)
 ISAS = ("avx2", "avx512vnni")  # the C++ side's Isa numbers, in order
 ENV = "LOWBIT_CPP_KERNELS"
 MAX_TOKENS = 8
+TILE_BYTES = 1 << 20  # the prefill kernels' float32 tile (rows × in × 4 bytes): half this machine's 2 MiB L2
 
 
 def enabled() -> bool:
@@ -186,6 +187,29 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(rows, cols // 2).contiguous()
 
 
+def tile_rows(out: int, inp: int, threads: int | None = None) -> int:
+    """Rows per float32 tile of the prefill kernels (``q4_gemm``, ``q8_gemm``): ``TILE_BYTES`` of them, a
+    multiple of 16 (at least 16), and no more than an equal share of the ``out`` rows per thread.
+
+    >>> tile_rows(576, 576, 1), tile_rows(576, 576, 2), tile_rows(49152, 4096, 1)
+    (448, 288, 64)
+    """
+    threads = torch.get_num_threads() if threads is None else threads
+    rows = max(16, TILE_BYTES // (4 * max(1, inp)) // 16 * 16)
+    share = -(-out // max(1, threads))
+    return max(16, min(rows, -(-share // 16) * 16))
+
+
+def run_tiled(x: torch.Tensor, out: int, call) -> torch.Tensor:
+    """``call(x2, rows)`` (a prefill kernel: float32 ``(tokens, in)`` → ``(tokens, out)``, bias included) for
+    ``x`` ``(..., in)`` of any float dtype, computed in float32, returned in x's dtype and leading shape."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.dtype != torch.float32 or not x2.is_contiguous():
+        x2 = x2.to(torch.float32).contiguous()
+    y = call(x2, tile_rows(out, x2.shape[1])).view(*x.shape[:-1], out)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
 def run_split(x: torch.Tensor, out: int, call, columns, bias: torch.Tensor | None) -> torch.Tensor:
     """``call(x)`` (the C++ kernel, bias included: float32 ``(..., in)`` → ``(..., out)``) in x's dtype and shape.
     ``call`` returns an empty tensor when a row holds a huge activation (``|x| > HUGE_ACTIVATION``, or inf or
@@ -229,11 +253,16 @@ def stack_states(mods, states, name: str, rows: tuple[int, ...], bias_at: int, g
             own[i] = stacked[i][off:off + o]
         if s[bias_at] is not None:
             own[bias_at] = stacked[bias_at][off:off + o]
-        m._kernel_state[name] = tuple(own)
+        own = tuple(own)
+        for k, v in list(m._kernel_state.items()):  # kernels sharing this state (the prefill GEMMs) follow it
+            if v is s:
+                m._kernel_state[k] = own
+        m._kernel_state[name] = own
         off += o
     run = gemv(tuple(stacked), off, lambda cols: torch.cat([columns(m, cols) for m in mods], 0))
     run.state = (name, tuple(stacked))  # what lowbit.runtime's one-call decoder layer reads (layer.h)
     return run
 
 
-__all__ = ["HUGE_ACTIVATION", "MAX_TOKENS", "best_isa", "isas", "library", "pack_int4", "run_split", "stack_states"]
+__all__ = ["HUGE_ACTIVATION", "MAX_TOKENS", "TILE_BYTES", "best_isa", "isas", "library", "pack_int4", "run_split",
+           "run_tiled", "stack_states", "tile_rows"]

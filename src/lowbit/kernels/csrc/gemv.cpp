@@ -204,6 +204,8 @@ torch::Tensor a8w8_gemv(const torch::Tensor& x, const torch::Tensor& w, const to
 
 }  // namespace
 
+#include "gemm_tiles.h"
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("isas", &isas, "the instruction-set paths this CPU runs, in order of preference (last: best)");
   m.def("q4_gemv", &q4_gemv, "int4 group GEMV (int16 activations), 1..8 tokens", py::arg("x"), py::arg("codes"), py::arg("scale"),
@@ -213,4 +215,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("a8w8_gemv", &a8w8_gemv, "int8 activations (per token or static) x int8 per-channel weights, 1..8 tokens",
         py::arg("x"), py::arg("w"), py::arg("wscale"), py::arg("bias"), py::arg("static_scale"), py::arg("isa"));
   m.def("layer_step", &layer_step, "one Llama-family decoder layer for one token (layer.h)");
+  m.def("q4_gemm", &q4_gemm, "int4 group weights, dequantized in row tiles, float32 GEMM (prefill)", py::arg("x"),
+        py::arg("codes"), py::arg("scale"), py::arg("minv"), py::arg("group"), py::arg("bias"), py::arg("rows"));
+  m.def("q8_gemm", &q8_gemm, "int8 per-channel weights, dequantized in row tiles, float32 GEMM (prefill)",
+        py::arg("x"), py::arg("w"), py::arg("wscale"), py::arg("bias"), py::arg("rows"));
+  m.def("q4_tile", &q4_tile, "rows [n0, n1) of an int4 group weight in float32", py::arg("codes"), py::arg("scale"),
+        py::arg("minv"), py::arg("group"), py::arg("n0"), py::arg("n1"));
+  m.def("q8_tile", &q8_tile, "rows [n0, n1) of an int8 per-channel weight in float32", py::arg("w"),
+        py::arg("wscale"), py::arg("n0"), py::arg("n1"));
 }
