@@ -346,3 +346,18 @@ def test_w8a8_gemv_is_int_mm_bit_for_bit(lib, act, tokens):
     with use_kernels(["int8-int8"]):
         r = layer(x)
     assert torch.equal(y.isnan(), r.isnan()) and torch.equal(y.nan_to_num(), r.nan_to_num())
+
+
+@pytest.mark.parametrize("act", ["int8-dynamic", "int8-static"])
+def test_w8a8_prefill_is_fake_act_in_float32_order(lib, act):
+    g = torch.Generator().manual_seed(1)
+    layer = QLinear(lowbit.quantize_tensor(torch.randn(80, 576, generator=g), "int8"), torch.randn(80, generator=g))
+    layer.act_scheme = act
+    layer.act_scale = torch.tensor(0.04) if act == "int8-static" else None
+    x = torch.randn(2, 40, 576, generator=g) * 3
+    with use_kernels(["fake-act-cpp-gemm"]):
+        y = layer(x)
+        assert layer._kernel.name == "fake-act-cpp-gemm"
+    with use_kernels("reference"):
+        ref = layer(x)
+    assert y.shape == ref.shape and torch.allclose(y, ref, rtol=1e-5, atol=1e-4)

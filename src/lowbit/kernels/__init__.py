@@ -9,6 +9,7 @@ from lowbit.kernels import (  # noqa: F401
     cached,
     dequantize,
     fake_act,
+    fake_act_cpp_gemm,
     int4_cpp,
     int4_cpp_gemm,
     int4_torch,
