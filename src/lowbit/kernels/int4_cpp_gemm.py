@@ -2,7 +2,7 @@
 
 Serves exactly what ``int4-cpp`` serves (:mod:`lowbit.kernels.int4_cpp`), from the same packed state: the
 state is ``int4-cpp``'s object itself (``prepared(m, KERNELS["int4-cpp"])``), so a model holds one packed
-copy of its weights. ``q4_gemm`` (``csrc/gemm_tiles.h``) dequantizes :func:`~lowbit.kernels.native.tile_rows`
+copy of its weights. ``q4_gemm`` (``csrc/gemm_tiles.h``) dequantizes :func:`~lowbit.kernels.native.tile_shape`
 rows at a time (≈1 MiB of float32, in L2) with AVX2 into a per-thread buffer — about 0.1–0.15 ns per weight on
 this machine, where the reference's ``dequantize`` takes 3.5–7 ns — and runs torch's float32 GEMM (MKL sgemm,
 single-threaded inside the tiles, which are split among torch's threads) writing the tile's columns of y.
@@ -43,7 +43,7 @@ def _prepare(m):
 def _run(m, state, x: torch.Tensor) -> torch.Tensor:
     packed, scale, minv, g, bias, _ = state
     lib = native.library()
-    return native.run_tiled(x, m.out_features, lambda x2, rows: lib.q4_gemm(x2, packed, scale, minv, g, bias, rows))
+    return native.run_tiled(x, m.out_features, lambda x2, rows, cols: lib.q4_gemm(x2, packed, scale, minv, g, bias, rows, cols))
 
 
 register_kernel(Kernel("int4-cpp-gemm", 25, int4_cpp._serves, _run, prepare=_prepare, min_tokens=MIN_TOKENS,

@@ -30,7 +30,7 @@ def _prepare(m):
 def _run(m, state, x: torch.Tensor) -> torch.Tensor:
     codes, scale, _, bias, _ = state
     lib = native.library()
-    return native.run_tiled(x, m.out_features, lambda x2, rows: lib.q8_gemm(x2, codes, scale, bias, rows))
+    return native.run_tiled(x, m.out_features, lambda x2, rows, cols: lib.q8_gemm(x2, codes, scale, bias, rows, cols))
 
 
 register_kernel(Kernel("int8-cpp-gemm", 25, int8_cpp._serves, _run, prepare=_prepare, min_tokens=MIN_TOKENS,
