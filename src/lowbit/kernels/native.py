@@ -197,12 +197,15 @@ def tile_shape(out: int, inp: int, threads: int | None = None) -> tuple[int, int
     >>> tile_shape(576, 576, 1), tile_shape(576, 576, 2), tile_shape(1536, 1536, 1), tile_shape(4096, 11008, 1)
     ((448, 576), (288, 576), (256, 768), (256, 1024))
     """
+    def ceil(a: int, b: int) -> int:
+        return (a + b - 1) // b
+
     threads = torch.get_num_threads() if threads is None else threads
     fit = TILE_BYTES // (4 * max(1, inp)) // 16 * 16
-    share = -(-(-(-out // max(1, threads))) // 16) * 16
+    share = ceil(ceil(out, max(1, threads)), 16) * 16
     rows = max(16, min(fit if fit >= 256 else 256, share))
-    chunks = -(-(4 * rows * inp) // TILE_BYTES)
-    cols = inp if chunks <= 1 else -(-(-(-inp // chunks)) // 128) * 128
+    chunks = ceil(4 * rows * inp, TILE_BYTES)
+    cols = inp if chunks <= 1 else ceil(ceil(inp, chunks), 128) * 128
     return rows, min(cols, inp)
 
 
