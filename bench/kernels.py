@@ -7,7 +7,8 @@
 ``layers``: for each (out, in) shape and token count, milliseconds per call of the float32 ``F.linear``, of
 the dequantize reference and of each fast kernel that serves the layer and takes that many tokens (int4-g64
 asymmetric and int8 per channel, RTN of a random weight: torch's packed kernels, and lowbit's C++ GEMVs
-``int4-cpp`` / ``int8-cpp`` at 1-8 tokens), median of several calls after a warm-up.
+``int4-cpp`` / ``int8-cpp`` at 1-8 tokens, ``int4-cpp-gemm`` / ``int8-cpp-gemm`` above 8), median of several
+calls after a warm-up.
 ``LOWBIT_CPP_KERNELS=off`` before any command leaves lowbit's C++ kernels out (torch's kernels only).
 ``model``: ``lowbit.bench`` (prefill 128/512 tokens, decode at context 128 on the KV cache, float in the same
 run) on SmolLM2-135M quantized by RTN to each scheme; ``--models 7b``: a 2-layer Llama with 7B's widths

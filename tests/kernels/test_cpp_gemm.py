@@ -68,10 +68,12 @@ def test_against_the_reference(lib, scheme, tokens, threads):
         _check(layer, torch.randn(tokens, layer.in_features, generator=g))
 
 
-@pytest.mark.parametrize("scheme", ["int4-g64", "q4_k", "int8"])
-def test_3d_input_without_bias_and_many_tiles(lib, scheme):
-    layer = _layer(scheme, out=1000, inp=1024, bias=False)  # tiles of 256 rows: 3 full, 1 ragged
-    assert native.tile_rows(1000, 1024, 1) == 256
+@pytest.mark.parametrize("shape, tile", [((1000, 1024), (256, 1024)),  # 3 full tiles of rows, 1 ragged
+                                         ((300, 4352), (256, 896))])  # and columns: 4 chunks of 896, 1 of 768
+@pytest.mark.parametrize("scheme", ["int4-g64", "int4-g128", "q4_k", "int8"])
+def test_3d_input_without_bias_and_many_tiles(lib, scheme, shape, tile):
+    layer = _layer(scheme, out=shape[0], inp=shape[1], bias=False)
+    assert native.tile_shape(*shape, 1) == tile
     x = torch.randn(2, 75, layer.in_features)
     y, ref = _check(layer, x)
     assert torch.equal(y[1], layer(x[1]))  # the leading shape is only a view
@@ -147,8 +149,9 @@ def test_int8_tile_is_the_reference_weight(lib):
     assert torch.equal(lib.q8_tile(codes, scale, 0, 96), layer.qweight.dequantize(torch.float32))
 
 
+@pytest.mark.parametrize("cols", [64, 128, 192, 256, 4096])
 @pytest.mark.parametrize("rows", [16, 48, 96, 1000])
-def test_exact_on_a_grid_and_the_packing_shows(lib, rows):
+def test_exact_on_a_grid_and_the_packing_shows(lib, rows, cols):
     """Small integer activations, power-of-two scales: every product and sum is exact in float32, so y equals
     float64 bit for bit whatever the tile size; a packing one nibble off shows."""
     g = torch.Generator().manual_seed(3)
@@ -163,14 +166,14 @@ def test_exact_on_a_grid_and_the_packing_shows(lib, rows):
     p = native.pack_int4(codes)
     for threads in (1, 2):
         with torch_threads(threads):
-            assert torch.equal(lib.q4_gemm(x, p, scale, minv, group, b, rows), want)
+            assert torch.equal(lib.q4_gemm(x, p, scale, minv, group, b, rows, cols), want)
     shifted = native.pack_int4(torch.roll(codes, 1, dims=1))
-    assert not torch.equal(lib.q4_gemm(x, shifted, scale, minv, group, b, rows), want)
+    assert not torch.equal(lib.q4_gemm(x, shifted, scale, minv, group, b, rows, cols), want)
     w8 = torch.randint(-128, 128, (out, inp), generator=g, dtype=torch.int8)
     s8 = 2.0 ** -torch.randint(0, 4, (out,), generator=g).float()
     want8 = (x.double() @ (w8.double() * s8.double()[:, None]).T).float()
-    assert torch.equal(lib.q8_gemm(x, w8, s8, None, rows), want8)
-    assert not torch.equal(lib.q8_gemm(x, torch.roll(w8, 1, dims=0), s8, None, rows), want8)
+    assert torch.equal(lib.q8_gemm(x, w8, s8, None, rows, cols), want8)
+    assert not torch.equal(lib.q8_gemm(x, torch.roll(w8, 1, dims=0), s8, None, rows, cols), want8)
 
 
 @pytest.mark.parametrize("scheme", ["int4-g64", "q4_k", "int8"])

@@ -34,7 +34,7 @@ def _run(m, state, x: torch.Tensor) -> torch.Tensor:
     xq = codes.to(x.dtype) * s  # fake-act's dequantized activations, the same float ops
     w, scale, _, bias, _ = state
     lib = native.library()
-    return native.run_tiled(xq, m.out_features, lambda x2, rows: lib.q8_gemm(x2, w, scale, bias, rows))
+    return native.run_tiled(xq, m.out_features, lambda x2, rows, cols: lib.q8_gemm(x2, w, scale, bias, rows, cols))
 
 
 register_kernel(Kernel("fake-act-cpp-gemm", 12, _serves, _run, prepare=_prepare, min_tokens=MIN_TOKENS,

@@ -8,9 +8,14 @@ same single rounding, so the tile equals the reference's dequantized weight bit 
 float32 GEMM on it. The output then differs from the reference by float32 summation order only (relative
 ~1e-6 of Σ|w||x|); huge activations, inf and NaN go through the same float32 arithmetic as the reference.
 
-Priority 25: above ``int8-torch`` (20; torch's bf16 ``_weight_int8pack_mm``, slower than this one at 9–512
-tokens on this AVX2-only EPYC: bench/RESULTS.md, "prefill GEMM") and ``int8-int8`` (10, which only serves
-layers with int8 activations anyway), below ``int8-cpp`` (30, 1..8 tokens: they never compete).
+Priority 25: above ``int8-torch`` (20; torch's bf16 ``_weight_int8pack_mm``) and ``int8-int8`` (10, which only
+serves layers with int8 activations), below ``int8-cpp`` (30, 1..8 tokens: they never compete). Measured on
+this AVX2-only EPYC, 1 thread (bench/RESULTS.md, "Prefill above 8 tokens"): ×0.93–1.09 of float32 and
+1.6–2.7× faster than int8-torch at 128 and 512 tokens; at 9 tokens int8-torch is faster on most layers
+(×0.85–0.97 vs ×0.62–0.87 of float on SmolLM2's, 7.9 vs 13.4 ms on 4096×4096), except the 49152×576 head
+(15.2 vs 22.6 ms), the crossover at ~16–24 tokens. With ``LOWBIT_KERNEL_TUNING=off`` the priority favours
+the prefill sizes (a SmolLM2 forward at 9 tokens is still faster overall: the head dominates it); with
+tuning on (the default) the faster runs per bucket of token counts.
 """
 
 from __future__ import annotations
@@ -30,9 +35,9 @@ def _prepare(m):
 def _run(m, state, x: torch.Tensor) -> torch.Tensor:
     codes, scale, _, bias, _ = state
     lib = native.library()
-    return native.run_tiled(x, m.out_features, lambda x2, rows: lib.q8_gemm(x2, codes, scale, bias, rows))
+    return native.run_tiled(x, m.out_features, lambda x2, rows, cols: lib.q8_gemm(x2, codes, scale, bias, rows, cols))
 
 
 register_kernel(Kernel("int8-cpp-gemm", 25, int8_cpp._serves, _run, prepare=_prepare, min_tokens=MIN_TOKENS,
                        dtypes=(torch.float32, torch.bfloat16, torch.float16),
-                       doc="weight-only int8 per channel, C++ dequantize in L2-sized row tiles + float32 GEMM, 9+ tokens"))
+                       doc="weight-only int8 per channel, C++ dequantize in L2-sized tiles + float32 GEMM, 9+ tokens"))

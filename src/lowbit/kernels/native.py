@@ -187,26 +187,35 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(rows, cols // 2).contiguous()
 
 
-def tile_rows(out: int, inp: int, threads: int | None = None) -> int:
-    """Rows per float32 tile of the prefill kernels (``q4_gemm``, ``q8_gemm``): ``TILE_BYTES`` of them, a
-    multiple of 16 (at least 16), and no more than an equal share of the ``out`` rows per thread.
+def tile_shape(out: int, inp: int, threads: int | None = None) -> tuple[int, int]:
+    """``(rows, cols)`` of the prefill kernels' float32 tiles (``q4_gemm``, ``q8_gemm``): about ``TILE_BYTES``.
+    As many rows as fit with the whole row (multiples of 16, at most an equal share of ``out`` per thread)
+    when that is 256 or more; else 256 rows and the columns split into equal chunks (multiples of 128, so of
+    every group) that fit: sgemm repacks x's panel per call, so a tile needs many rows (measured:
+    bench/RESULTS.md, "prefill GEMM").
 
-    >>> tile_rows(576, 576, 1), tile_rows(576, 576, 2), tile_rows(49152, 4096, 1)
-    (448, 288, 64)
+    >>> tile_shape(576, 576, 1), tile_shape(576, 576, 2), tile_shape(1536, 1536, 1), tile_shape(4096, 11008, 1)
+    ((448, 576), (288, 576), (256, 768), (256, 1024))
     """
+    def ceil(a: int, b: int) -> int:
+        return (a + b - 1) // b
+
     threads = torch.get_num_threads() if threads is None else threads
-    rows = max(16, TILE_BYTES // (4 * max(1, inp)) // 16 * 16)
-    share = -(-out // max(1, threads))
-    return max(16, min(rows, -(-share // 16) * 16))
+    fit = TILE_BYTES // (4 * max(1, inp)) // 16 * 16
+    share = ceil(ceil(out, max(1, threads)), 16) * 16
+    rows = max(16, min(fit if fit >= 256 else 256, share))
+    chunks = ceil(4 * rows * inp, TILE_BYTES)
+    cols = inp if chunks <= 1 else ceil(ceil(inp, chunks), 128) * 128
+    return rows, min(cols, inp)
 
 
 def run_tiled(x: torch.Tensor, out: int, call) -> torch.Tensor:
-    """``call(x2, rows)`` (a prefill kernel: float32 ``(tokens, in)`` → ``(tokens, out)``, bias included) for
+    """``call(x2, rows, cols)`` (a prefill kernel: float32 ``(tokens, in)`` → ``(tokens, out)``, bias included) for
     ``x`` ``(..., in)`` of any float dtype, computed in float32, returned in x's dtype and leading shape."""
     x2 = x.reshape(-1, x.shape[-1])
     if x2.dtype != torch.float32 or not x2.is_contiguous():
         x2 = x2.to(torch.float32).contiguous()
-    y = call(x2, tile_rows(out, x2.shape[1])).view(*x.shape[:-1], out)
+    y = call(x2, *tile_shape(out, x2.shape[1])).view(*x.shape[:-1], out)
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
@@ -265,4 +274,4 @@ def stack_states(mods, states, name: str, rows: tuple[int, ...], bias_at: int, g
 
 
 __all__ = ["HUGE_ACTIVATION", "MAX_TOKENS", "TILE_BYTES", "best_isa", "isas", "library", "pack_int4", "run_split",
-           "run_tiled", "stack_states", "tile_rows"]
+           "run_tiled", "stack_states", "tile_shape"]

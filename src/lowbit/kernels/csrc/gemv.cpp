@@ -216,9 +216,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("w"), py::arg("wscale"), py::arg("bias"), py::arg("static_scale"), py::arg("isa"));
   m.def("layer_step", &layer_step, "one Llama-family decoder layer for one token (layer.h)");
   m.def("q4_gemm", &q4_gemm, "int4 group weights, dequantized in row tiles, float32 GEMM (prefill)", py::arg("x"),
-        py::arg("codes"), py::arg("scale"), py::arg("minv"), py::arg("group"), py::arg("bias"), py::arg("rows"));
+        py::arg("codes"), py::arg("scale"), py::arg("minv"), py::arg("group"), py::arg("bias"), py::arg("rows"), py::arg("cols"));
   m.def("q8_gemm", &q8_gemm, "int8 per-channel weights, dequantized in row tiles, float32 GEMM (prefill)",
-        py::arg("x"), py::arg("w"), py::arg("wscale"), py::arg("bias"), py::arg("rows"));
+        py::arg("x"), py::arg("w"), py::arg("wscale"), py::arg("bias"), py::arg("rows"), py::arg("cols"));
   m.def("q4_tile", &q4_tile, "rows [n0, n1) of an int4 group weight in float32", py::arg("codes"), py::arg("scale"),
         py::arg("minv"), py::arg("group"), py::arg("n0"), py::arg("n1"));
   m.def("q8_tile", &q8_tile, "rows [n0, n1) of an int8 per-channel weight in float32", py::arg("w"),
