@@ -21,8 +21,9 @@ A Decoder reads the model's weights (and packs the kernels' states) when built: 
 changing them.
 
 >>> dec = Decoder(model)                    # doctest: +SKIP
->>> logits = dec.prefill(ids)               # (batch, vocab): the next token's logits after ids
->>> logits = dec.step(logits.argmax(-1))    # one more token on the cache
+>>> # prefill: (batch, vocab), the next token's logits after ids; step: one more token on the cache
+>>> logits = dec.prefill(ids)               # doctest: +SKIP
+>>> logits = dec.step(logits.argmax(-1))    # doctest: +SKIP
 """
 
 from __future__ import annotations
