@@ -21,14 +21,6 @@ INT4 = ["int4-g32", "int4-g64", "int4-g128", "int4-g32-sym", "int4-g64-sym", "in
 SCHEMES = INT4 + ["int8"]
 
 
-@pytest.fixture
-def lib():
-    lib = native.library()
-    if lib is None:
-        pytest.skip("no C++ kernels on this machine (the warning said why)")
-    return lib
-
-
 def _layer(scheme, out=600, inp=512, seed=0, bias=True):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(out, inp, generator=g) * 0.05

@@ -54,14 +54,6 @@ def test_first_call_runs_in_a_child_process():
     assert got["int8"][0] == "int8-cpp" and got["int8"][1] < 1e-2
 
 
-@pytest.fixture
-def lib():
-    lib = native.library()
-    if lib is None:
-        pytest.skip("no C++ kernels on this machine (the warning said why)")
-    return lib
-
-
 def _layer(scheme, out=72, inp=512, seed=0, bias=True, scale=1.0):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(out, inp, generator=g) * scale

@@ -86,14 +86,68 @@ struct Rows {
   std::vector<int16_t> q;
   std::vector<float> a, aq;
   float top;
-  Rows(const torch::Tensor& x, int64_t T, int64_t K, int64_t G, int64_t group, int64_t isa)
+  Rows(const float* x, int64_t T, int64_t K, int64_t G, int64_t group, int64_t isa)
       : q(T * K), a(T * G), aq(T * G) {
-    top = isa == VNNI ? vnni::quantize_rows(x.data_ptr<float>(), T, K, group, q.data(), a.data(), aq.data())
-                      : avx2::quantize_rows(x.data_ptr<float>(), T, K, group, q.data(), a.data(), aq.data());
+    top = isa == VNNI ? vnni::quantize_rows(x, T, K, group, q.data(), a.data(), aq.data())
+                      : avx2::quantize_rows(x, T, K, group, q.data(), a.data(), aq.data());
   }
 };
 
 int64_t grain(int64_t K) { return std::max<int64_t>(4, 16384 / std::max<int64_t>(K, 1)); }
+
+// The GEMVs over all N rows, split among torch's threads, on the chosen instruction set (q4_gemv, q8_gemv,
+// a8w8_gemv and layer.h's one-call layer all run them).
+void q4_into(int64_t T, int64_t isa, const uint8_t* c, const float* s, const float* m, int64_t K, int64_t group,
+             const Rows& r, const float* b, float* out, int64_t N) {
+  at::parallel_for(0, N, grain(K), [&](int64_t n0, int64_t n1) {
+    if (isa == VNNI)
+      vnni::q4(int(T), c, s, m, K, group, r.q.data(), r.a.data(), r.aq.data(), b, out, N, n0, n1);
+    else
+      avx2::q4(int(T), c, s, m, K, group, r.q.data(), r.a.data(), r.aq.data(), b, out, N, n0, n1);
+  });
+}
+
+void q8_into(int64_t T, int64_t isa, const int8_t* w, const float* ws, int64_t K, int64_t group, const Rows& r,
+             const float* b, float* out, int64_t N) {
+  at::parallel_for(0, N, grain(K), [&](int64_t n0, int64_t n1) {
+    if (isa == VNNI)
+      vnni::q8(int(T), w, ws, K, group, r.q.data(), r.a.data(), b, out, N, n0, n1);
+    else
+      avx2::q8(int(T), w, ws, K, group, r.q.data(), r.a.data(), b, out, N, n0, n1);
+  });
+}
+
+void a8_into(int64_t T, int64_t isa, const int8_t* w, const float* ws, int64_t K, const uint8_t* qa,
+             const int8_t* qs, const float* s, const float* b, float* out, int64_t N) {
+  at::parallel_for(0, N, grain(K), [&](int64_t n0, int64_t n1) {
+    if (isa == VNNI)
+      vnni::a8(int(T), w, ws, K, qa, qs, s, b, out, N, n0, n1);
+    else
+      avx2::a8(int(T), w, ws, K, qa, qs, s, b, out, N, n0, n1);
+  });
+}
+
+// One token's int8 activation codes as lowbit.kernels.activations computes them (dynamic: s = max(max|x|,
+// 1e-8) / 127; static: s given, > 0; q = clamp(round-half-even(x / s), ±127)), as |q| and q; false when x
+// holds inf or NaN (where that function's result is not an int8 code).
+bool quantize_a8(const float* x, int64_t K, float static_scale, uint8_t* qa, int8_t* qs, float* s) {
+  float st = static_scale;
+  if (!(st > 0.f)) {
+    float m = 0.f;
+    for (int64_t k = 0; k < K; ++k) m = std::max(m, std::fabs(x[k]));
+    if (!std::isfinite(m)) return false;
+    st = std::max(m, 1e-8f) / 127.f;
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const float r = std::nearbyint(x[k] / st);
+    if (std::isnan(r)) return false;
+    const int v = static_cast<int>(std::min(127.f, std::max(-127.f, r)));
+    qs[k] = static_cast<int8_t>(v);
+    qa[k] = static_cast<uint8_t>(v < 0 ? -v : v);
+  }
+  *s = st;
+  return true;
+}
 
 // x (..., K) float32 → y (..., N) float32; an empty tensor instead when max|x| > limit (the caller takes
 // the huge columns apart and calls again).
@@ -109,18 +163,13 @@ torch::Tensor q4_gemv(const torch::Tensor& x, const torch::Tensor& codes, const 
     TORCH_CHECK(p->scalar_type() == torch::kFloat32 && p->is_contiguous() && p->dim() == 2 && p->size(0) == N &&
                     p->size(1) == G, "q4_gemv: scale and minv must be contiguous float32 (out, in / group)");
   const float* b = bias_ptr(bias, N);
-  Rows r(x, T, K, G, group, isa);
+  Rows r(x.data_ptr<float>(), T, K, G, group, isa);
   if (!(r.top <= limit)) return torch::empty({0}, x.options());
   auto y = output(x, N);
   const uint8_t* c = codes.data_ptr<uint8_t>();
   const float *s = scale.data_ptr<float>(), *m = minv.data_ptr<float>();
   float* out = y.data_ptr<float>();
-  at::parallel_for(0, N, grain(K), [&](int64_t n0, int64_t n1) {
-    if (isa == VNNI)
-      vnni::q4(int(T), c, s, m, K, group, r.q.data(), r.a.data(), r.aq.data(), b, out, N, n0, n1);
-    else
-      avx2::q4(int(T), c, s, m, K, group, r.q.data(), r.a.data(), r.aq.data(), b, out, N, n0, n1);
-  });
+  q4_into(T, isa, c, s, m, K, group, r, b, out, N);
   return y;
 }
 
@@ -134,24 +183,18 @@ torch::Tensor q8_gemv(const torch::Tensor& x, const torch::Tensor& w, const torc
   TORCH_CHECK(wscale.scalar_type() == torch::kFloat32 && wscale.is_contiguous() && wscale.numel() == N,
               "q8_gemv: wscale must be contiguous float32 (out,)");
   const float* b = bias_ptr(bias, N);
-  Rows r(x, T, K, G, group, isa);
+  Rows r(x.data_ptr<float>(), T, K, G, group, isa);
   if (!(r.top <= limit)) return torch::empty({0}, x.options());
   auto y = output(x, N);
   const int8_t* wp = w.data_ptr<int8_t>();
   const float* ws = wscale.data_ptr<float>();
   float* out = y.data_ptr<float>();
-  at::parallel_for(0, N, grain(K), [&](int64_t n0, int64_t n1) {
-    if (isa == VNNI)
-      vnni::q8(int(T), wp, ws, K, group, r.q.data(), r.a.data(), b, out, N, n0, n1);
-    else
-      avx2::q8(int(T), wp, ws, K, group, r.q.data(), r.a.data(), b, out, N, n0, n1);
-  });
+  q8_into(T, isa, wp, ws, K, group, r, b, out, N);
   return y;
 }
 
-// W8A8 for 1..8 tokens: x's int8 codes per token as lowbit.kernels.activations computes them (dynamic:
-// s = max(max|x|, 1e-8) / 127; static: s given; q = clamp(round-half-even(x / s), ±127)), exact int32 dot
-// products with the int8 weight, y = acc·s·wscale + bias in float32: what int8-int8 (torch._int_mm) computes.
+// W8A8 for 1..8 tokens: x's int8 codes per token (quantize_a8), exact int32 dot products with the int8
+// weight, y = acc·s·wscale + bias in float32: what int8-int8 (torch._int_mm) computes.
 // An empty tensor when x holds inf or NaN (the caller then runs the torch kernel).
 torch::Tensor a8w8_gemv(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& wscale,
                         const c10::optional<torch::Tensor>& bias, double static_scale, int64_t isa) {
@@ -167,36 +210,13 @@ torch::Tensor a8w8_gemv(const torch::Tensor& x, const torch::Tensor& w, const to
   std::vector<uint8_t> qa(T * K);
   std::vector<int8_t> qs(T * K);
   std::vector<float> s(T);
-  for (int64_t t = 0; t < T; ++t) {
-    const float* xt = xp + t * K;
-    float st;
-    if (static_scale > 0) {
-      st = static_cast<float>(static_scale);
-    } else {
-      float m = 0.f;
-      for (int64_t k = 0; k < K; ++k) m = std::max(m, std::fabs(xt[k]));
-      if (!std::isfinite(m)) return torch::empty({0}, x.options());
-      st = std::max(m, 1e-8f) / 127.f;
-    }
-    for (int64_t k = 0; k < K; ++k) {
-      const float r = std::nearbyint(xt[k] / st);
-      if (std::isnan(r)) return torch::empty({0}, x.options());
-      const int v = static_cast<int>(std::min(127.f, std::max(-127.f, r)));
-      qs[t * K + k] = static_cast<int8_t>(v);
-      qa[t * K + k] = static_cast<uint8_t>(v < 0 ? -v : v);
-    }
-    s[t] = st;
-  }
+  for (int64_t t = 0; t < T; ++t)
+    if (!quantize_a8(xp + t * K, K, static_cast<float>(static_scale), qa.data() + t * K, qs.data() + t * K,
+                     s.data() + t))
+      return torch::empty({0}, x.options());
   auto y = output(x, N);
-  const int8_t* wp = w.data_ptr<int8_t>();
-  const float* ws = wscale.data_ptr<float>();
-  float* out = y.data_ptr<float>();
-  at::parallel_for(0, N, grain(K), [&](int64_t n0, int64_t n1) {
-    if (isa == VNNI)
-      vnni::a8(int(T), wp, ws, K, qa.data(), qs.data(), s.data(), b, out, N, n0, n1);
-    else
-      avx2::a8(int(T), wp, ws, K, qa.data(), qs.data(), s.data(), b, out, N, n0, n1);
-  });
+  a8_into(T, isa, w.data_ptr<int8_t>(), wscale.data_ptr<float>(), K, qa.data(), qs.data(), s.data(), b,
+          y.data_ptr<float>(), N);
   return y;
 }
 

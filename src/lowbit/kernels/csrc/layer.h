@@ -59,46 +59,21 @@ Lin make_lin(const std::vector<torch::Tensor>& t, const std::vector<int64_t>& me
   return l;
 }
 
-// W8A8 for one token: x's int8 codes as a8w8_gemv computes them, the exact int32 products; false when x
-// holds inf or NaN (the caller then takes the float32 product).
-bool a8_apply(const Lin& l, const float* x, float* y) {
-  const int64_t K = l.K, N = l.N;
-  float st = l.act_scale;
-  if (!(st > 0.f)) {
-    float m = 0.f;
-    for (int64_t k = 0; k < K; ++k) m = std::max(m, std::fabs(x[k]));
-    if (!std::isfinite(m)) return false;
-    st = std::max(m, 1e-8f) / 127.f;
-  }
-  std::vector<uint8_t> qa(K);
-  std::vector<int8_t> qs(K);
-  for (int64_t k = 0; k < K; ++k) {
-    const float r = std::nearbyint(x[k] / st);
-    if (std::isnan(r)) return false;
-    const int v = static_cast<int>(std::min(127.f, std::max(-127.f, r)));
-    qs[k] = static_cast<int8_t>(v);
-    qa[k] = static_cast<uint8_t>(v < 0 ? -v : v);
-  }
-  at::parallel_for(0, N, grain(K), [&](int64_t n0, int64_t n1) {
-    if (l.isa == VNNI)
-      vnni::a8(1, l.c8, l.scale, K, qa.data(), qs.data(), &st, l.bias, y, N, n0, n1);
-    else
-      avx2::a8(1, l.c8, l.scale, K, qa.data(), qs.data(), &st, l.bias, y, N, n0, n1);
-  });
-  return true;
-}
-
 // y (N) = W x (K) + b for one token: the GEMV, or float32 from the dequantized weight when max|x| > limit
 // (weight-only kinds) or x holds inf / NaN (W8A8).
 void lin_apply(const Lin& l, const float* x, float* y, double limit) {
   const int64_t K = l.K, N = l.N, G = K / l.group;
-  if (l.kind == 2 && a8_apply(l, x, y)) return;
-  std::vector<int16_t> q(K);
-  std::vector<float> a(G), aq(G);
-  const float top = l.kind == 2 ? INFINITY
-                  : l.isa == VNNI ? vnni::quantize_rows(x, 1, K, l.group, q.data(), a.data(), aq.data())
-                                  : avx2::quantize_rows(x, 1, K, l.group, q.data(), a.data(), aq.data());
-  if (!(top <= limit)) {  // rare: the exact float32 product, row by row
+  if (l.kind == 2) {  // W8A8: the model's own int8 activations
+    std::vector<uint8_t> qa(K);
+    std::vector<int8_t> qs(K);
+    float s;
+    if (quantize_a8(x, K, l.act_scale, qa.data(), qs.data(), &s)) {
+      a8_into(1, l.isa, l.c8, l.scale, K, qa.data(), qs.data(), &s, l.bias, y, N);
+      return;
+    }
+  }
+  const Rows r(x, 1, K, G, l.group, l.isa);
+  if (l.kind == 2 || !(r.top <= limit)) {  // rare: the exact float32 product, row by row
     at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n) {
         float s = 0.f;
@@ -120,19 +95,10 @@ void lin_apply(const Lin& l, const float* x, float* y, double limit) {
     });
     return;
   }
-  at::parallel_for(0, N, grain(K), [&](int64_t n0, int64_t n1) {
-    if (l.kind == 0) {
-      if (l.isa == VNNI)
-        vnni::q4(1, l.c4, l.scale, l.minv, K, l.group, q.data(), a.data(), aq.data(), l.bias, y, N, n0, n1);
-      else
-        avx2::q4(1, l.c4, l.scale, l.minv, K, l.group, q.data(), a.data(), aq.data(), l.bias, y, N, n0, n1);
-    } else {
-      if (l.isa == VNNI)
-        vnni::q8(1, l.c8, l.scale, K, l.group, q.data(), a.data(), l.bias, y, N, n0, n1);
-      else
-        avx2::q8(1, l.c8, l.scale, K, l.group, q.data(), a.data(), l.bias, y, N, n0, n1);
-    }
-  });
+  if (l.kind == 0)
+    q4_into(1, l.isa, l.c4, l.scale, l.minv, K, l.group, r, l.bias, y, N);
+  else
+    q8_into(1, l.isa, l.c8, l.scale, K, l.group, r, l.bias, y, N);
 }
 
 // out = x · rsqrt(mean(x²) + eps) · w, in float32 (transformers' LlamaRMSNorm).
