@@ -84,7 +84,8 @@ def test_bf16_gemm_prefill_within_bound(scheme):
     x = torch.randn(2, 40, layer.in_features)
     with use_kernels("reference"):
         ref = layer(x)
-    y = layer(x)
+    with use_kernels(["bf16-gemm"]):  # affine grids: grid8-cpp-gemm outranks it where the C++ kernels are built
+        y = layer(x)
     assert layer._kernel.name == "bf16-gemm"
     wabs = layer.qweight.dequantize(torch.float32).abs()
     assert torch.all((y - ref).abs() <= _bound(x, wabs))
@@ -101,11 +102,17 @@ def test_choice_follows_batch_size_priority_and_mode():
     layer(torch.randn(64, 256))
     big = "int4-cpp-gemm" if native.library() is not None else "int4-torch"  # 9+ tokens: lowbit's tiled GEMM
     assert layer._kernel.name == big  # both outrank bf16-gemm at every size
-    other = _layer("int3-g64")
+    other = _layer("nf4-g64")  # a lookup grid: no packed kernel
     other(torch.randn(1, 256))
     assert other._kernel.name == "dequantize"
     other(torch.randn(64, 256))
     assert other._kernel.name == ("bf16-gemm" if native_bf16() else "dequantize")
+    affine = _layer("int3-g64")  # other affine grids: repacked to int8 codes (grid8-cpp) where the C++ kernels are
+    affine(torch.randn(1, 256))
+    assert affine._kernel.name == ("grid8-cpp" if native.library() is not None else "dequantize")
+    affine(torch.randn(64, 256))
+    assert affine._kernel.name == ("grid8-cpp-gemm" if native.library() is not None else
+                                   "bf16-gemm" if native_bf16() else "dequantize")
     with use_kernels("reference"):
         layer(torch.randn(1, 256))
         assert layer._kernel.name == "dequantize"

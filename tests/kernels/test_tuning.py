@@ -13,15 +13,16 @@ from lowbit.kernels.base import dispatch
 from lowbit.model.qmodules import QLinear
 
 
-def _layer(scheme="int3-g64", out=32, inp=128, seed=0):
+def _layer(scheme="nf4-g64", out=32, inp=128, seed=0):
     g = torch.Generator().manual_seed(seed)
     return QLinear(lowbit.quantize_tensor(torch.randn(out, inp, generator=g), scheme), None)
 
 
 @pytest.fixture
 def measured(monkeypatch, tmp_path):
-    """Tuning on, choices in a fresh cache folder, and two test kernels for int3 layers: a slow one that outranks
-    every other kernel and a fast one of the lowest priority; both compute the reference's values."""
+    """Tuning on, choices in a fresh cache folder, and two test kernels for nf4 layers (a lookup grid no packed
+    kernel serves): a slow one that outranks every other kernel and a fast one of the lowest priority; both
+    compute the reference's values."""
     monkeypatch.setenv("LOWBIT_KERNEL_TUNING", "on")
     monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path))
     tuning.forget()
@@ -34,7 +35,7 @@ def measured(monkeypatch, tmp_path):
                 time.sleep(delay)
             return torch.nn.functional.linear(x, state.to(x.dtype))
 
-        return register_kernel(Kernel(f"test-{name}", priority, lambda m: m.qweight.scheme.name == "int3-g64", run,
+        return register_kernel(Kernel(f"test-{name}", priority, lambda m: m.qweight.scheme.name == "nf4-g64", run,
                                       prepare=lambda m: m.qweight.dequantize(torch.float32)))
 
     make("slow", 10_000, 0.003)
@@ -96,7 +97,7 @@ def test_a_stored_choice_of_a_kernel_that_cannot_run_the_call_is_measured_again(
     layer = _layer()
     key = tuning.call_key(layer, torch.randn(1, 128), 1)
     (tmp_path / "kernel-choices.json").write_text(json.dumps(
-        {"version": 1, "machines": {tuning.machine_key(): {key: "int4-torch"}}}))  # does not serve int3
+        {"version": 1, "machines": {tuning.machine_key(): {key: "int4-torch"}}}))  # does not serve nf4
     layer(torch.randn(1, 128))
     assert layer._kernel.name == "test-fast"
 

@@ -107,10 +107,10 @@ def _needs_lib():
 
 
 @pytest.mark.parametrize("scheme,kind", [("int4-g32", "llama"), ("int8", "llama"), ("int4-g64", "qwen2"),
-                                         ("int8+a8", "llama")])
+                                         ("int8+a8", "llama"), ("q8_0", "llama"), ("int5-g32", "qwen2")])
 def test_stacked_and_one_call_layers_equal_each_layer_s_own_kernel(scheme, kind):
     """Decode through the one-call C++ layers equals decode through transformers' forward with the same
-    kernels (each layer's own int4-cpp / int8-cpp call), within float32 rounding order."""
+    kernels (each layer's own int4-cpp / int8-cpp / grid8-cpp call), within float32 rounding order."""
     _needs_lib()
     q = _quantized(scheme, kind)
     # W8A8 rounds activations in the model itself: a float32 difference of 1e-6 (attention's summation order)
@@ -125,7 +125,8 @@ def test_stacked_and_one_call_layers_equal_each_layer_s_own_kernel(scheme, kind)
         with torch.inference_mode():
             out = q(input_ids=ids[:, :i], use_cache=True)
             ref = cache_step(q, out, ids[:, i:i + 1]).logits[:, -1]
-        assert q.model.layers[0].self_attn.q_proj._kernel.name in ("int4-cpp", "int8-cpp", "int8-int8-cpp")
+        assert q.model.layers[0].self_attn.q_proj._kernel.name in ("int4-cpp", "int8-cpp", "int8-int8-cpp",
+                                                                     "grid8-cpp")
         _close(got, ref, tol)
     py = Decoder(q)
     py._native = lambda: None  # the runtime's per-op path with the stacked GEMVs

@@ -10,6 +10,8 @@ from lowbit.kernels import (  # noqa: F401
     dequantize,
     fake_act,
     fake_act_cpp_gemm,
+    grid8_cpp,
+    grid8_cpp_gemm,
     int4_cpp,
     int4_cpp_gemm,
     int4_torch,

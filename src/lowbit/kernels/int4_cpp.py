@@ -49,16 +49,7 @@ def _prepare(m):
             native.ISAS.index(native.best_isa()))
 
 
-def _gemv(state, out: int, cols_of):
-    packed, scale, minv, g, bias, isa = state
-    lib = native.library()
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        return native.run_split(
-            x, out, lambda x2: lib.q4_gemv(x2, packed, scale, minv, g, bias, native.HUGE_ACTIVATION, isa),
-            cols_of, bias)
-
-    return run
+_gemv = native.affine_gemv("q4_gemv")
 
 
 def _run(m, state, x: torch.Tensor) -> torch.Tensor:
@@ -68,10 +59,7 @@ def _run(m, state, x: torch.Tensor) -> torch.Tensor:
 def _fuse(mods):
     """One GEMV over the layers' rows stacked (same group and path): their packed states are concatenated
     once, and each layer's own state becomes a view of its rows, so the weight is held once."""
-    states = [prepared(m, KERNEL) for m in mods]
-    if len({(s[3], s[5]) for s in states}) != 1:
-        return None
-    return native.stack_states(mods, states, KERNEL.name, (0, 1, 2), 4, _gemv, columns)
+    return native.fuse_affine(mods, [prepared(m, KERNEL) for m in mods], KERNEL.name, _gemv, columns)
 
 
 KERNEL = register_kernel(Kernel("int4-cpp", 30, _serves, _run, prepare=_prepare, max_tokens=native.MAX_TOKENS,

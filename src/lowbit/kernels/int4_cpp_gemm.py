@@ -44,11 +44,7 @@ def _prepare(m):
     return prepared(m, KERNELS["int4-cpp"])  # the very same object: no second packed copy
 
 
-def _run(m, state, x: torch.Tensor) -> torch.Tensor:
-    packed, scale, minv, g, bias, _ = state
-    lib = native.library()
-    return native.run_tiled(x, m.out_features,
-                            lambda x2, rows, cols: lib.q4_gemm(x2, packed, scale, minv, g, bias, rows, cols))
+_run = native.affine_tiled("q4_gemm")
 
 
 register_kernel(Kernel("int4-cpp-gemm", 25, int4_cpp._serves, _run, prepare=_prepare, min_tokens=MIN_TOKENS,

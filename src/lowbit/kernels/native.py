@@ -113,11 +113,14 @@ def _self_check(path: str) -> list[str]:
     w4 = codes.float() * scale.repeat_interleave(64, 1) + minv.repeat_interleave(64, 1)
     w8 = torch.randint(-127, 128, (40, 128), generator=g, dtype=torch.int8)
     s8 = torch.rand(40, generator=g) + 0.5
+    s16, m16 = torch.rand(40, 8, generator=g) + 0.5, torch.randn(40, 8, generator=g)
+    wg = w8.float() * s16.repeat_interleave(16, 1) + m16.repeat_interleave(16, 1)
     for isa in lib.isas():
         i = ISAS.index(isa)
         y4 = lib.q4_gemv(x, pack_int4(codes), scale, minv, 64, None, HUGE_ACTIVATION, i)
         y8 = lib.q8_gemv(x, w8, s8, 64, None, HUGE_ACTIVATION, i)
-        for y, w in ((y4, w4), (y8, w8.float() * s8[:, None])):
+        yg = lib.g8_gemv(x, w8, s16, m16, 16, None, HUGE_ACTIVATION, i)
+        for y, w in ((y4, w4), (y8, w8.float() * s8[:, None]), (yg, wg)):
             ref = x @ w.T
             if not torch.allclose(y, ref, rtol=0.02, atol=0.02 * float(ref.abs().max())):
                 raise ArithmeticError(f"the {isa} path computes wrong products (max error "
@@ -241,6 +244,41 @@ def run_split(x: torch.Tensor, out: int, call, columns, bias: torch.Tensor | Non
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
+def affine_gemv(entry: str):
+    """``gemv(state, out, cols_of)`` -> ``x -> y`` through the library's ``entry`` (``q4_gemv``, ``g8_gemv``) for
+    an affine group weight's state ``(codes, scale, minv, group, bias, isa)`` (huge inputs: :func:`run_split`)."""
+    def gemv(state, out: int, cols_of):
+        codes, scale, minv, g, bias, isa = state
+        fn = getattr(library(), entry)
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            return run_split(x, out, lambda x2: fn(x2, codes, scale, minv, g, bias, HUGE_ACTIVATION, isa), cols_of,
+                             bias)
+
+        return run
+
+    return gemv
+
+
+def affine_tiled(entry: str):
+    """A prefill kernel's ``run(module, state, x)`` through the library's tiled GEMM ``entry`` (``q4_gemm``,
+    ``g8_gemm``) on the same affine group state as :func:`affine_gemv`."""
+    def run(m, state, x: torch.Tensor) -> torch.Tensor:
+        codes, scale, minv, g, bias, _ = state
+        fn = getattr(library(), entry)
+        return run_tiled(x, m.out_features, lambda x2, rows, cols: fn(x2, codes, scale, minv, g, bias, rows, cols))
+
+    return run
+
+
+def fuse_affine(mods, states, name: str, gemv, columns):
+    """``Kernel.fuse`` for affine group states (:func:`affine_gemv`): one GEMV over the layers' rows stacked when
+    they share the group and the path, else None; ``columns(m, cols)`` a layer's float columns."""
+    if len({(s[3], s[5]) for s in states}) != 1:
+        return None
+    return stack_states(mods, states, name, (0, 1, 2), 4, gemv, columns)
+
+
 def stack_states(mods, states, name: str, rows: tuple[int, ...], bias_at: int, gemv, columns):
     """The C++ GEMV over several layers' rows at once (``Kernel.fuse`` of ``int4-cpp`` and ``int8-cpp``):
     the tensors at ``rows`` of the layers' packed ``states`` (each ``(out_i, …)``) and their biases
@@ -273,5 +311,5 @@ def stack_states(mods, states, name: str, rows: tuple[int, ...], bias_at: int, g
     return run
 
 
-__all__ = ["HUGE_ACTIVATION", "MAX_TOKENS", "TILE_BYTES", "best_isa", "isas", "library", "pack_int4", "run_split",
-           "run_tiled", "stack_states", "tile_shape"]
+__all__ = ["HUGE_ACTIVATION", "MAX_TOKENS", "TILE_BYTES", "affine_gemv", "affine_tiled", "best_isa", "fuse_affine",
+           "isas", "library", "pack_int4", "run_split", "run_tiled", "stack_states", "tile_shape"]

@@ -133,6 +133,10 @@ class _Layer:
                 packed, scale, minv, g, bias, isa = st
                 tensors += [packed, scale, minv, empty if bias is None else bias]
                 meta += [0, g, isa]
+            elif name == "grid8-cpp":  # any affine grid of up to 8 bits, repacked to int8 codes
+                codes, scale, minv, g, bias, isa = st
+                tensors += [codes, scale, minv, empty if bias is None else bias]
+                meta += [3, g, isa]
             elif name == "int8-cpp":
                 codes, scale, g, bias, isa = st
                 tensors += [codes, scale, empty, empty if bias is None else bias]

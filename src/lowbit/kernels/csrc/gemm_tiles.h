@@ -49,6 +49,25 @@ static void dequant_q8(const int8_t* w, const float* wscale, int64_t K, int64_t 
   }
 }
 
+// rows [n0, n1), columns [k0, k1) (multiples of the group) of an int8-code group weight as float32:
+// value = code·scale + minv (one product, one sum, as the scalar formula).
+static void dequant_g8(const int8_t* codes, const float* scale, const float* minv, int64_t K, int64_t group,
+                       int64_t n0, int64_t n1, int64_t k0, int64_t k1, float* out) {
+  const int64_t G = K / group;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* row = codes + n * K;
+    float* o = out + (n - n0) * (k1 - k0) - k0;
+    for (int64_t g = k0 / group; g < k1 / group; ++g) {
+      const __m256 s = _mm256_set1_ps(scale[n * G + g]), m = _mm256_set1_ps(minv[n * G + g]);
+      for (int64_t k = g * group; k < (g + 1) * group; k += 8) {
+        const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k));
+        const __m256 c = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+        _mm256_storeu_ps(o + k, _mm256_add_ps(_mm256_mul_ps(c, s), m));
+      }
+    }
+  }
+}
+
 }  // namespace tiles
 #pragma GCC pop_options
 
@@ -113,9 +132,7 @@ torch::Tensor q4_gemm(const torch::Tensor& x, const torch::Tensor& codes, const 
   const int64_t G = K / group;
   TORCH_CHECK(codes.scalar_type() == torch::kUInt8 && codes.is_contiguous() && codes.dim() == 2 &&
                   codes.size(1) == K / 2, "q4_gemm: codes must be contiguous uint8 (out, in / 2)");
-  for (const auto* p : {&scale, &minv})
-    TORCH_CHECK(p->scalar_type() == torch::kFloat32 && p->is_contiguous() && p->dim() == 2 && p->size(0) == N &&
-                    p->size(1) == G, "q4_gemm: scale and minv must be contiguous float32 (out, in / group)");
+  check_group_params(scale, minv, N, G, "q4_gemm");
   const uint8_t* c = codes.data_ptr<uint8_t>();
   const float *s = scale.data_ptr<float>(), *m = minv.data_ptr<float>();
   TORCH_CHECK(cols % group == 0 || cols >= K, "q4_gemm: tile columns must be a multiple of the group");
@@ -139,6 +156,24 @@ torch::Tensor q8_gemm(const torch::Tensor& x, const torch::Tensor& w, const torc
   });
 }
 
+torch::Tensor g8_gemm(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scale,
+                      const torch::Tensor& minv, int64_t group, const c10::optional<torch::Tensor>& bias,
+                      int64_t rows, int64_t cols) {
+  TORCH_CHECK(supported(AVX2), "g8_gemm: this CPU lacks AVX2 + FMA");
+  const int64_t K = x.size(-1), N = codes.size(0);
+  TORCH_CHECK(group > 0 && group % 16 == 0 && K % group == 0, "g8_gemm: groups of a multiple of 16 columns");
+  const int64_t G = K / group;
+  TORCH_CHECK(codes.scalar_type() == torch::kInt8 && codes.is_contiguous() && codes.dim() == 2 && codes.size(1) == K,
+              "g8_gemm: codes must be contiguous int8 (out, in)");
+  check_group_params(scale, minv, N, G, "g8_gemm");
+  TORCH_CHECK(cols % group == 0 || cols >= K, "g8_gemm: tile columns must be a multiple of the group");
+  const int8_t* c = codes.data_ptr<int8_t>();
+  const float *s = scale.data_ptr<float>(), *m = minv.data_ptr<float>();
+  return tiled_gemm(x, N, bias, rows, cols, "g8_gemm", [&](int64_t n0, int64_t n1, int64_t k0, int64_t k1, float* out) {
+    tiles::dequant_g8(c, s, m, K, group, n0, n1, k0, k1, out);
+  });
+}
+
 // The dequantized rows [n0, n1) alone (tests: the tile equals the reference's dequantized weight).
 torch::Tensor q4_tile(const torch::Tensor& codes, const torch::Tensor& scale, const torch::Tensor& minv,
                       int64_t group, int64_t n0, int64_t n1) {
@@ -149,6 +184,19 @@ torch::Tensor q4_tile(const torch::Tensor& codes, const torch::Tensor& scale, co
               minv.sizes() == scale.sizes(), "q4_tile: bad arguments");
   auto out = torch::empty({n1 - n0, K}, scale.options());
   tiles::dequant_q4(codes.data_ptr<uint8_t>(), scale.data_ptr<float>(), minv.data_ptr<float>(), K, group, n0, n1,
+                    0, K, out.data_ptr<float>());
+  return out;
+}
+
+torch::Tensor g8_tile(const torch::Tensor& codes, const torch::Tensor& scale, const torch::Tensor& minv,
+                      int64_t group, int64_t n0, int64_t n1) {
+  const int64_t K = codes.size(1);
+  TORCH_CHECK(codes.scalar_type() == torch::kInt8 && codes.is_contiguous() && scale.is_contiguous() &&
+              minv.is_contiguous() && 0 <= n0 && n0 <= n1 && n1 <= codes.size(0) && group > 0 && K % group == 0 &&
+              group % 16 == 0 && scale.size(0) == codes.size(0) && scale.size(1) == K / group &&
+              minv.sizes() == scale.sizes(), "g8_tile: bad arguments");
+  auto out = torch::empty({n1 - n0, K}, scale.options());
+  tiles::dequant_g8(codes.data_ptr<int8_t>(), scale.data_ptr<float>(), minv.data_ptr<float>(), K, group, n0, n1,
                     0, K, out.data_ptr<float>());
   return out;
 }

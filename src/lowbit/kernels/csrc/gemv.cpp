@@ -57,12 +57,12 @@ std::vector<std::string> isas() {
 }
 
 // x (..., K) contiguous float32 on the CPU: the number of tokens (rows of K), checked to be 1..8.
-int64_t check_x(const torch::Tensor& x, int64_t group, const char* what) {
+int64_t check_x(const torch::Tensor& x, int64_t group, const char* what, int64_t step = 32) {
   TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.device().is_cpu(),
               what, ": x must be a contiguous float32 CPU tensor (..., in)");
   const int64_t K = x.size(-1), T = K > 0 ? x.numel() / K : 0;
   TORCH_CHECK(T >= 1 && T <= 8, what, ": 1..8 tokens, got ", T);
-  TORCH_CHECK(group > 0 && group % 32 == 0 && K % group == 0, what, ": groups of a multiple of 32 columns");
+  TORCH_CHECK(group > 0 && group % step == 0 && K % group == 0, what, ": groups of a multiple of ", step, " columns");
   return T;
 }
 
@@ -78,6 +78,13 @@ const float* bias_ptr(const c10::optional<torch::Tensor>& bias, int64_t N) {
   TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->is_contiguous() && bias->numel() == N,
               "bias must be contiguous float32 (out,)");
   return bias->data_ptr<float>();
+}
+
+// scale and minv of an affine group weight: contiguous float32 (N, G) each.
+void check_group_params(const torch::Tensor& scale, const torch::Tensor& minv, int64_t N, int64_t G, const char* what) {
+  for (const auto* p : {&scale, &minv})
+    TORCH_CHECK(p->scalar_type() == torch::kFloat32 && p->is_contiguous() && p->dim() == 2 && p->size(0) == N &&
+                    p->size(1) == G, what, ": scale and minv must be contiguous float32 (out, in / group)");
 }
 
 // x's int16 codes per token and group, each group's scale and scaled code sum, on the chosen instruction set;
@@ -97,14 +104,26 @@ int64_t grain(int64_t K) { return std::max<int64_t>(4, 16384 / std::max<int64_t>
 
 // The GEMVs over all N rows, split among torch's threads, on the chosen instruction set (q4_gemv, q8_gemv,
 // a8w8_gemv and layer.h's one-call layer all run them).
-void q4_into(int64_t T, int64_t isa, const uint8_t* c, const float* s, const float* m, int64_t K, int64_t group,
-             const Rows& r, const float* b, float* out, int64_t N) {
+// An affine group weight's GEMV over all N rows (codes as gemv_isa.h's Nibbles or Bytes, one per path).
+template <class A, class V>
+void affine_into(int64_t T, int64_t isa, const A& avx2_codes, const V& vnni_codes, const float* s, const float* m,
+                 int64_t K, int64_t group, const Rows& r, const float* b, float* out, int64_t N) {
   at::parallel_for(0, N, grain(K), [&](int64_t n0, int64_t n1) {
     if (isa == VNNI)
-      vnni::q4(int(T), c, s, m, K, group, r.q.data(), r.a.data(), r.aq.data(), b, out, N, n0, n1);
+      vnni::affine(int(T), vnni_codes, s, m, K, group, r.q.data(), r.a.data(), r.aq.data(), b, out, N, n0, n1);
     else
-      avx2::q4(int(T), c, s, m, K, group, r.q.data(), r.a.data(), r.aq.data(), b, out, N, n0, n1);
+      avx2::affine(int(T), avx2_codes, s, m, K, group, r.q.data(), r.a.data(), r.aq.data(), b, out, N, n0, n1);
   });
+}
+
+void q4_into(int64_t T, int64_t isa, const uint8_t* c, const float* s, const float* m, int64_t K, int64_t group,
+             const Rows& r, const float* b, float* out, int64_t N) {
+  affine_into(T, isa, avx2::Nibbles{c}, vnni::Nibbles{c}, s, m, K, group, r, b, out, N);
+}
+
+void g8_into(int64_t T, int64_t isa, const int8_t* c, const float* s, const float* m, int64_t K, int64_t group,
+             const Rows& r, const float* b, float* out, int64_t N) {
+  affine_into(T, isa, avx2::Bytes{c}, vnni::Bytes{c}, s, m, K, group, r, b, out, N);
 }
 
 void q8_into(int64_t T, int64_t isa, const int8_t* w, const float* ws, int64_t K, int64_t group, const Rows& r,
@@ -159,9 +178,7 @@ torch::Tensor q4_gemv(const torch::Tensor& x, const torch::Tensor& codes, const 
   const int64_t K = x.size(-1), N = codes.size(0), G = K / group;
   TORCH_CHECK(codes.scalar_type() == torch::kUInt8 && codes.is_contiguous() && codes.dim() == 2 &&
                   codes.size(1) == K / 2, "q4_gemv: codes must be contiguous uint8 (out, in / 2)");
-  for (const auto* p : {&scale, &minv})
-    TORCH_CHECK(p->scalar_type() == torch::kFloat32 && p->is_contiguous() && p->dim() == 2 && p->size(0) == N &&
-                    p->size(1) == G, "q4_gemv: scale and minv must be contiguous float32 (out, in / group)");
+  check_group_params(scale, minv, N, G, "q4_gemv");
   const float* b = bias_ptr(bias, N);
   Rows r(x.data_ptr<float>(), T, K, G, group, isa);
   if (!(r.top <= limit)) return torch::empty({0}, x.options());
@@ -190,6 +207,26 @@ torch::Tensor q8_gemv(const torch::Tensor& x, const torch::Tensor& w, const torc
   const float* ws = wscale.data_ptr<float>();
   float* out = y.data_ptr<float>();
   q8_into(T, isa, wp, ws, K, group, r, b, out, N);
+  return y;
+}
+
+// Any affine grid of up to 8 bits as signed int8 codes with float32 scale and minv per block of `group` columns
+// (a multiple of 16): value = code·scale + minv.
+torch::Tensor g8_gemv(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scale,
+                      const torch::Tensor& minv, int64_t group, const c10::optional<torch::Tensor>& bias,
+                      double limit, int64_t isa) {
+  const int64_t T = check_x(x, group, "g8_gemv", 16);
+  TORCH_CHECK(supported(isa), "g8_gemv: this CPU lacks instruction set ", isa);
+  const int64_t K = x.size(-1), N = codes.size(0), G = K / group;
+  TORCH_CHECK(codes.scalar_type() == torch::kInt8 && codes.is_contiguous() && codes.dim() == 2 && codes.size(1) == K,
+              "g8_gemv: codes must be contiguous int8 (out, in)");
+  check_group_params(scale, minv, N, G, "g8_gemv");
+  const float* b = bias_ptr(bias, N);
+  Rows r(x.data_ptr<float>(), T, K, G, group, isa);
+  if (!(r.top <= limit)) return torch::empty({0}, x.options());
+  auto y = output(x, N);
+  g8_into(T, isa, codes.data_ptr<int8_t>(), scale.data_ptr<float>(), minv.data_ptr<float>(), K, group, r, b,
+          y.data_ptr<float>(), N);
   return y;
 }
 
@@ -232,6 +269,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("minv"), py::arg("group"), py::arg("bias"), py::arg("limit"), py::arg("isa"));
   m.def("q8_gemv", &q8_gemv, "int8 per-channel GEMV (int16 activations), 1..8 tokens", py::arg("x"), py::arg("w"), py::arg("wscale"),
         py::arg("group"), py::arg("bias"), py::arg("limit"), py::arg("isa"));
+  m.def("g8_gemv", &g8_gemv, "affine int8-code group GEMV (int16 activations), 1..8 tokens", py::arg("x"),
+        py::arg("codes"), py::arg("scale"), py::arg("minv"), py::arg("group"), py::arg("bias"), py::arg("limit"),
+        py::arg("isa"));
   m.def("a8w8_gemv", &a8w8_gemv, "int8 activations (per token or static) x int8 per-channel weights, 1..8 tokens",
         py::arg("x"), py::arg("w"), py::arg("wscale"), py::arg("bias"), py::arg("static_scale"), py::arg("isa"));
   m.def("layer_step", &layer_step, "one Llama-family decoder layer for one token (layer.h)");
@@ -239,6 +279,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("codes"), py::arg("scale"), py::arg("minv"), py::arg("group"), py::arg("bias"), py::arg("rows"), py::arg("cols"));
   m.def("q8_gemm", &q8_gemm, "int8 per-channel weights, dequantized in row tiles, float32 GEMM (prefill)",
         py::arg("x"), py::arg("w"), py::arg("wscale"), py::arg("bias"), py::arg("rows"), py::arg("cols"));
+  m.def("g8_gemm", &g8_gemm, "affine int8-code group weights, dequantized in row tiles, float32 GEMM (prefill)",
+        py::arg("x"), py::arg("codes"), py::arg("scale"), py::arg("minv"), py::arg("group"), py::arg("bias"),
+        py::arg("rows"), py::arg("cols"));
+  m.def("g8_tile", &g8_tile, "rows [n0, n1) of an affine int8-code group weight in float32", py::arg("codes"),
+        py::arg("scale"), py::arg("minv"), py::arg("group"), py::arg("n0"), py::arg("n1"));
   m.def("q4_tile", &q4_tile, "rows [n0, n1) of an int4 group weight in float32", py::arg("codes"), py::arg("scale"),
         py::arg("minv"), py::arg("group"), py::arg("n0"), py::arg("n1"));
   m.def("q8_tile", &q8_tile, "rows [n0, n1) of an int8 per-channel weight in float32", py::arg("w"),

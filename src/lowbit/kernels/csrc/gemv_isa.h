@@ -53,17 +53,38 @@ static inline float hsum(__m256 v) {
 
 static inline __m256i load16(const int16_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 
-// y[t, n] = Σ_g a[t,g]·(scale[n,g]·Σ_k c[n,k]·q[t,k] + minv[n,g]·Σ_k q[t,k]) + bias[n]
-// for rows n in [n0, n1): value = c·scale + minv, c the unsigned 4-bit code. The codes of 32 columns
-// are 16 bytes: byte j holds code j (low nibble) and code j + 16 (high nibble).
-template <int T>
-static void q4_rows(const uint8_t* codes, const float* scale, const float* minv, int64_t K, int64_t group,
-                    const int16_t* q, const float* a, const float* aq, const float* bias, float* y, int64_t N,
-                    int64_t n0, int64_t n1) {
+// The codes of an affine group weight as the GEMV reads them: `step` columns of row n at a time, as `parts`
+// vectors of 16 int16 lanes. Nibbles: unsigned 4-bit codes, 32 columns in 16 bytes (byte j holds code j in its
+// low nibble, code j + 16 in its high one). Bytes: signed int8 codes (lowbit.kernels.grid8_cpp's repack).
+struct Nibbles {
+  static constexpr int step = 32, parts = 2;
+  const uint8_t* codes;
+  int64_t row_bytes(int64_t K) const { return K / 2; }
+  void load(int64_t n, int64_t K, int64_t k, __m256i* w) const {
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + n * (K / 2) + k / 2));
+    w[0] = _mm256_cvtepu8_epi16(_mm_and_si128(v, mask));                     // codes k..k+15
+    w[1] = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), mask));  // k+16..k+31
+  }
+};
+
+struct Bytes {
+  static constexpr int step = 16, parts = 1;
+  const int8_t* codes;
+  int64_t row_bytes(int64_t K) const { return K; }
+  void load(int64_t n, int64_t K, int64_t k, __m256i* w) const {
+    w[0] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + n * K + k)));
+  }
+};
+
+// y[t, n] = Σ_g a[t,g]·(scale[n,g]·Σ_k c[n,k]·q[t,k] + minv[n,g]·Σ_k q[t,k]) + bias[n] for rows n in
+// [n0, n1): value = c·scale + minv per group of `group` columns (a multiple of C::step).
+template <int T, class C>
+static void affine_rows(const C& c, const float* scale, const float* minv, int64_t K, int64_t group,
+                        const int16_t* q, const float* a, const float* aq, const float* bias, float* y, int64_t N,
+                        int64_t n0, int64_t n1) {
   const int64_t G = K / group;
-  const __m128i mask = _mm_set1_epi8(0x0F);
   for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = codes + n * (K / 2);
     const float* s = scale + n * G;
     const float* mn = minv + n * G;
     __m256 acc[T];
@@ -75,14 +96,11 @@ static void q4_rows(const uint8_t* codes, const float* scale, const float* minv,
     for (int64_t g = 0; g < G; ++g) {
       __m256i dot[T];
       for (int t = 0; t < T; ++t) dot[t] = _mm256_setzero_si256();
-      for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
-        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2));
-        const __m256i w0 = _mm256_cvtepu8_epi16(_mm_and_si128(v, mask));                     // codes k..k+15
-        const __m256i w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), mask));  // k+16..k+31
-        for (int t = 0; t < T; ++t) {
-          const int16_t* qt = q + t * K + k;
-          dot[t] = DOT(DOT(dot[t], w0, load16(qt)), w1, load16(qt + 16));
-        }
+      for (int64_t k = g * group; k < (g + 1) * group; k += C::step) {
+        __m256i w[C::parts];
+        c.load(n, K, k, w);
+        for (int t = 0; t < T; ++t)
+          for (int p = 0; p < C::parts; ++p) dot[t] = DOT(dot[t], w[p], load16(q + t * K + k + 16 * p));
       }
       for (int t = 0; t < T; ++t) {
         acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[t]), _mm256_set1_ps(s[g] * a[t * G + g]), acc[t]);
@@ -126,10 +144,11 @@ static void q8_rows(const int8_t* w, const float* wscale, int64_t K, int64_t gro
 // blocks of rows holding kBlockBytes of weights, so the second pass reads them from cache, not memory.
 static constexpr int64_t kBlockBytes = 128 * 1024;
 
-static void q4(int T, const uint8_t* codes, const float* scale, const float* minv, int64_t K, int64_t group,
-               const int16_t* q, const float* a, const float* aq, const float* bias, float* y, int64_t N,
-               int64_t n0, int64_t n1) {
-  const int64_t G = K / group, rows = T > 4 ? std::max<int64_t>(4, kBlockBytes / (K / 2)) : n1 - n0;
+template <class C>
+static void affine(int T, const C& c, const float* scale, const float* minv, int64_t K, int64_t group,
+                   const int16_t* q, const float* a, const float* aq, const float* bias, float* y, int64_t N,
+                   int64_t n0, int64_t n1) {
+  const int64_t G = K / group, rows = T > 4 ? std::max<int64_t>(4, kBlockBytes / c.row_bytes(K)) : n1 - n0;
   for (int64_t b0 = n0; b0 < n1; b0 += rows) {
     const int64_t b1 = std::min(n1, b0 + rows);
     for (int t0 = 0; t0 < T; t0 += 4) {
@@ -137,7 +156,7 @@ static void q4(int T, const uint8_t* codes, const float* scale, const float* min
       const float *at = a + t0 * G, *aqt = aq + t0 * G;
       float* yt = y + t0 * N;
       switch (std::min(4, T - t0)) {
-#define LOWBIT_CASE(t) case t: q4_rows<t>(codes, scale, minv, K, group, qt, at, aqt, bias, yt, N, b0, b1); break;
+#define LOWBIT_CASE(t) case t: affine_rows<t>(c, scale, minv, K, group, qt, at, aqt, bias, yt, N, b0, b1); break;
         LOWBIT_CASE(1) LOWBIT_CASE(2) LOWBIT_CASE(3) LOWBIT_CASE(4)
 #undef LOWBIT_CASE
       }

@@ -1,15 +1,15 @@
 // One decoder layer of a Llama-family model for one token, in one call (lowbit.runtime's decode step):
 // RMSNorm → q|k|v GEMV → rotary embedding on q and k → K/V written into the cache → attention over the
 // cache → o GEMV → residual → RMSNorm → gate|up GEMV → SiLU(gate)·up → down GEMV → residual.
-// Every matrix product is this file's includer's int4 / int8 GEMV (the same arithmetic as q4_gemv and
-// q8_gemv: int16 activations per group); where a GEMV's input holds a value above `limit` (or inf/NaN) that
+// Every matrix product is this file's includer's int4 / int8 / int8-code-group GEMV (the same arithmetic as
+// q4_gemv, q8_gemv and g8_gemv: int16 activations per group); where a GEMV's input holds a value above `limit` (or inf/NaN) that
 // product is computed in float32 from the dequantized weight instead (the reference's arithmetic).
 // Included by gemv.cpp inside its anonymous namespace, after the GEMVs.
 
 // A linear layer's packed state as lowbit.kernels.int4_cpp / int8_cpp hold it.
 struct Lin {
   int64_t kind;  // 0: int4 groups (codes, scale, minv), 1: int8 per channel (codes, scale), 2: W8A8 (codes,
-                 // scale, the static activation scale or none: per token)
+                 // scale, the static activation scale or none: per token), 3: int8-code groups (codes, scale, minv)
   int64_t group, isa, N, K;
   const uint8_t* c4 = nullptr;
   const int8_t* c8 = nullptr;
@@ -24,9 +24,10 @@ Lin make_lin(const std::vector<torch::Tensor>& t, const std::vector<int64_t>& me
   l.isa = meta[3 * i + 2];
   l.K = K;
   const torch::Tensor &codes = t[4 * i], &scale = t[4 * i + 1], &minv = t[4 * i + 2], &bias = t[4 * i + 3];
-  TORCH_CHECK(l.kind >= 0 && l.kind <= 2, "layer_step: linear ", i, ": unknown kind ", l.kind);
+  TORCH_CHECK(l.kind >= 0 && l.kind <= 3, "layer_step: linear ", i, ": unknown kind ", l.kind);
   TORCH_CHECK(supported(l.isa), "layer_step: this CPU lacks instruction set ", l.isa);
-  TORCH_CHECK(l.group > 0 && l.group % 32 == 0 && K % l.group == 0, "layer_step: linear ", i, ": bad group");
+  TORCH_CHECK(l.group > 0 && l.group % (l.kind == 3 ? 16 : 32) == 0 && K % l.group == 0, "layer_step: linear ", i,
+              ": bad group");
   if (l.kind == 2 && minv.numel()) {
     TORCH_CHECK(minv.scalar_type() == torch::kFloat32 && minv.numel() == 1, "layer_step: linear ", i,
                 ": the static activation scale must be one float32");
@@ -38,10 +39,14 @@ Lin make_lin(const std::vector<torch::Tensor>& t, const std::vector<int64_t>& me
   if (l.kind == 0) {
     TORCH_CHECK(codes.scalar_type() == torch::kUInt8 && codes.size(1) == K / 2, "layer_step: linear ", i,
                 ": int4 codes must be uint8 (out, in / 2)");
-    for (const auto* p : {&scale, &minv})
-      TORCH_CHECK(p->scalar_type() == torch::kFloat32 && p->is_contiguous() && p->numel() == l.N * G,
-                  "layer_step: linear ", i, ": scale / minv must be float32 (out, in / group)");
+    check_group_params(scale, minv, l.N, G, "layer_step");
     l.c4 = codes.data_ptr<uint8_t>();
+    l.minv = minv.data_ptr<float>();
+  } else if (l.kind == 3) {
+    TORCH_CHECK(codes.scalar_type() == torch::kInt8 && codes.size(1) == K, "layer_step: linear ", i,
+                ": int8-code groups must be int8 (out, in)");
+    check_group_params(scale, minv, l.N, G, "layer_step");
+    l.c8 = codes.data_ptr<int8_t>();
     l.minv = minv.data_ptr<float>();
   } else {  // int8 codes per channel: weight-only (1) or W8A8 (2)
     TORCH_CHECK(codes.scalar_type() == torch::kInt8 && codes.size(1) == K, "layer_step: linear ", i,
@@ -85,6 +90,9 @@ void lin_apply(const Lin& l, const float* x, float* y, double limit) {
             const int code = j < 16 ? (byte & 0x0F) : (byte >> 4);
             const int64_t g = k / l.group;
             w = float(code) * l.scale[n * G + g] + l.minv[n * G + g];
+          } else if (l.kind == 3) {
+            const int64_t g = k / l.group;
+            w = float(l.c8[n * K + k]) * l.scale[n * G + g] + l.minv[n * G + g];
           } else {
             w = float(l.c8[n * K + k]) * l.scale[n];
           }
@@ -97,6 +105,8 @@ void lin_apply(const Lin& l, const float* x, float* y, double limit) {
   }
   if (l.kind == 0)
     q4_into(1, l.isa, l.c4, l.scale, l.minv, K, l.group, r, l.bias, y, N);
+  else if (l.kind == 3)
+    g8_into(1, l.isa, l.c8, l.scale, l.minv, K, l.group, r, l.bias, y, N);
   else
     q8_into(1, l.isa, l.c8, l.scale, K, l.group, r, l.bias, y, N);
 }
