@@ -38,6 +38,8 @@ def test_the_repacked_weight_is_the_reference_weight(lib, scheme):
     want = layer.qweight.dequantize(torch.float32)
     assert torch.equal(lib.g8_tile(codes, scale, minv, B, 0, layer.out_features), want)
     assert torch.equal(grid8_cpp.columns((codes, scale, minv, B), torch.tensor([0, 17, 767])), want[:, [0, 17, 767]])
+    symmetric = scheme in ("q3_k", "q5_0", "q6_k", "q8_0", "int6-g16-sym", "int8-g32", "int8-g128", "int8-tensor")
+    assert (minv.numel() == 0) == symmetric  # centred codes, no minimum to read
     assert B == {"int5-g48": 16, "int8-g128": 64, "int8-asym": 64, "int3": 64, "int8-tensor": 64}.get(
         scheme, 16 if scheme in ("q2_k", "q3_k", "q6_k", "int2-g16", "int6-g16-sym") else
         64 if scheme == "int6-g64" else 32)
@@ -108,8 +110,9 @@ def test_what_it_leaves_to_other_kernels(lib, scheme):
     assert "grid8-cpp" not in names and "grid8-cpp-gemm" not in names
 
 
-def test_stacked_layers_hold_the_repack_once_and_equal_each_layer(lib):
-    mods = [_layer("q6_k", out=o, seed=o) for o in (64, 32, 48)]
+@pytest.mark.parametrize("scheme", ["q6_k", "q5_k"])  # without and with a minimum per block
+def test_stacked_layers_hold_the_repack_once_and_equal_each_layer(lib, scheme):
+    mods = [_layer(scheme, out=o, seed=o) for o in (64, 32, 48)]
     x = torch.randn(1, 768)
     each = torch.cat([m(x) for m in mods], -1)
     k, run = stacked(mods, 1)
@@ -118,6 +121,13 @@ def test_stacked_layers_hold_the_repack_once_and_equal_each_layer(lib):
     ptrs = {m._kernel_state["grid8-cpp"][0].untyped_storage().data_ptr() for m in mods}
     assert len(ptrs) == 1
     assert torch.equal(torch.cat([m(x) for m in mods], -1), each)  # each layer still runs on its view
+
+
+def test_only_layers_of_one_block_and_form_stack(lib):
+    q6 = [_layer("q6_k", seed=s) for s in (1, 2)]
+    assert stacked([q6[0], _layer("q3_k", seed=3)], 1) is not None  # 16 columns, no minimum: one GEMV
+    assert stacked([q6[1], _layer("q2_k", seed=4)], 1) is None  # 16 columns, but q2_k has a minimum
+    assert stacked([_layer("q6_k", seed=5), _layer("q8_0", seed=6)], 1) is None  # blocks of 16 and of 32
 
 
 def test_a_q6_k_decoder_runs_one_call_layers_close_to_the_reference(lib):

@@ -4,7 +4,8 @@ lowbit's own ``int2``/``int3``/``int5``/``int6``/``int8`` schemes per group, cha
 
 ``prepare`` repacks the stored weight once (a documented repack, not a per-call decode): each code becomes a
 signed int8 ``c`` (the stored code, minus 128 where codes reach above 127) beside float32 ``scale`` and
-``minv`` per (row, block of ``B`` columns), so that ``value = c·scale + minv``. ``B`` is the grid's own
+``minv`` per (row, block of ``B`` columns), so that ``value = c·scale + minv`` (symmetric grids keep no
+``minv``: their codes are centred on the common zero, ``value = c·scale``). ``B`` is the grid's own
 group (a GGML sub-block of 16 or 32, a group of 16..64), or 64/32/16 columns of a wider group, channel or
 tensor (its scale repeated per block). From the stored ``(scale s, offset)`` of each group:
 
@@ -21,10 +22,10 @@ rounded to int16 per block (``a = max|x_b| / 32767``), exact int32 dot products 
 
 Huge activations (``|x| > 256``), inf and NaN are taken apart in float32 as in ``int4-cpp``.
 
-Memory: the repack holds 1 byte per weight plus 8 bytes per block (1.5 bytes per weight for 16-column
-sub-blocks, 1.25 for 32), beside the stored weight; float32 holds 4. It does not serve what ``int4-cpp`` or
-``int8-cpp`` serve (4-bit codes, symmetric int8 per channel): those kernels read a tighter packing.
-Priority 28: under those two (30), above ``int4-torch`` (20) and ``bf16-gemm`` (15). Non-affine grids (IQ
+Memory: the repack holds 1 byte per weight plus 4 bytes per block (symmetric grids) or 8 (with a minimum):
+1.125 bytes per weight for q8_0 and q5_0, 1.25 for q6_k, q3_k, q5_1 and q5_k, 1.5 for q2_k, beside the stored
+weight; float32 holds 4. It does not serve what ``int4-cpp`` or ``int8-cpp`` serve (4-bit codes, symmetric int8
+per channel): those kernels read a tighter packing. Priority 28: under those two (30), above ``int4-torch`` (20) and ``bf16-gemm`` (15). Non-affine grids (IQ
 lookup types, nf4, fp4/fp8) are not served: they run ``bf16-gemm`` or the dequantize reference.
 """
 
@@ -80,9 +81,23 @@ def _serves(m) -> bool:
     return not any(KERNELS[k].serves(m) for k in ("int4-cpp", "int8-cpp"))  # their packing is tighter
 
 
+def _common_zero(s: torch.Tensor, off: torch.Tensor) -> int | None:
+    """The integer z with ``off = −z·s`` in every group (a symmetric grid: ``value = (code − z)·s``), or None."""
+    live = s != 0
+    if not bool((off[~live] == 0).all()):
+        return None
+    z = -off[live] / s[live]
+    if z.numel() == 0:
+        return 0
+    z0 = float(z.reshape(-1)[0])
+    return int(z0) if z0 == round(z0) and bool((z == z0).all()) else None
+
+
 def grid8_parts(m) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Signed int8 codes ``(out, in)``, float32 ``scale`` and ``minv`` ``(out, in / B)`` and ``B``, with
-    ``value = code·scale + minv``."""
+    ``value = code·scale + minv``; for a symmetric grid (every group's zero the same integer: q6_k, q3_k, q5_0,
+    q8_0, ``intN-…-sym``) the codes are centred on it and ``minv`` is empty ``(out, 0)``: ``value = code·scale``,
+    4 bytes per block less to read."""
     q = m.qweight
     rows, cols = q.shape
     width, top = _width(m)
@@ -92,18 +107,26 @@ def grid8_parts(m) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         bt = _ggml_type(m)
         codes, p = bt.unpack(q.codes.view(-1, bt.type_size))
         s, off = bt.grid(p)  # (blocks, sub-blocks, 1): value = code·s + off
-        s, minv = s.reshape(rows, -1), (off + shift * s).reshape(rows, -1)
+        s, off = s.reshape(rows, -1), off.reshape(rows, -1)
+        z = _common_zero(s, off)
+        sym = z is not None and bt.lo - z >= -127 and bt.hi - z <= 127
+        shift = z if sym else shift
+        minv = None if sym else off + shift * s
     else:
         codes = q.codes_grouped()
-        sg, z = q.qparams()  # (R, G, 1); R = 1 for a per-tensor scale
+        sg, zp = q.qparams()  # (R, G, 1); R = 1 for a per-tensor scale
         qmin = q.scheme.number_format.qmin
-        offset = torch.full_like(sg, float(-qmin)) if z is None else z - qmin
         s = sg.reshape(sg.shape[0], -1).expand(rows, -1)
-        minv = ((shift - offset) * sg).reshape(sg.shape[0], -1).expand(rows, -1)
+        sym = zp is None
+        if sym:  # value = (code + qmin)·s
+            shift, minv = -qmin, None
+        else:
+            minv = ((shift - (zp - qmin)) * sg).reshape(sg.shape[0], -1).expand(rows, -1)
     codes = (codes.reshape(rows, cols).to(torch.int16) - shift).to(torch.int8).contiguous()
     rep = width // B
     s = s.to(torch.float32).repeat_interleave(rep, 1).contiguous()
-    minv = minv.to(torch.float32).repeat_interleave(rep, 1).contiguous()
+    minv = (torch.empty(rows, 0) if minv is None else
+            minv.to(torch.float32).repeat_interleave(rep, 1).contiguous())
     return codes, s, minv, B
 
 
@@ -117,7 +140,8 @@ def columns(state, cols: torch.Tensor) -> torch.Tensor:
     """The repacked weight's columns ``cols`` ``(out, len(cols))`` in float32 (the tile's arithmetic)."""
     codes, scale, minv, B = state[:4]
     blk = cols // B
-    return codes[:, cols].to(torch.float32) * scale[:, blk] + minv[:, blk]
+    w = codes[:, cols].to(torch.float32) * scale[:, blk]
+    return w + minv[:, blk] if minv.numel() else w
 
 
 _gemv = native.affine_gemv("g8_gemv")

@@ -274,7 +274,7 @@ def affine_tiled(entry: str):
 def fuse_affine(mods, states, name: str, gemv, columns):
     """``Kernel.fuse`` for affine group states (:func:`affine_gemv`): one GEMV over the layers' rows stacked when
     they share the group and the path, else None; ``columns(m, cols)`` a layer's float columns."""
-    if len({(s[3], s[5]) for s in states}) != 1:
+    if len({(s[3], s[5], s[2].shape[1] == 0) for s in states}) != 1:  # one group, path, and minv or none
         return None
     return stack_states(mods, states, name, (0, 1, 2), 4, gemv, columns)
 

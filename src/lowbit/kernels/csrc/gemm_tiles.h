@@ -19,7 +19,8 @@ static void dequant_q4(const uint8_t* codes, const float* scale, const float* mi
     const uint8_t* row = codes + n * (K / 2);
     float* o = out + (n - n0) * (k1 - k0) - k0;
     for (int64_t g = k0 / group; g < k1 / group; ++g) {
-      const __m256 s = _mm256_set1_ps(scale[n * G + g]), m = _mm256_set1_ps(minv[n * G + g]);
+      const __m256 s = _mm256_set1_ps(scale[n * G + g]),
+                   m = minv ? _mm256_set1_ps(minv[n * G + g]) : _mm256_setzero_ps();
       for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
         const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2));
         const __m128i lo = _mm_and_si128(v, mask), hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
@@ -58,7 +59,8 @@ static void dequant_g8(const int8_t* codes, const float* scale, const float* min
     const int8_t* row = codes + n * K;
     float* o = out + (n - n0) * (k1 - k0) - k0;
     for (int64_t g = k0 / group; g < k1 / group; ++g) {
-      const __m256 s = _mm256_set1_ps(scale[n * G + g]), m = _mm256_set1_ps(minv[n * G + g]);
+      const __m256 s = _mm256_set1_ps(scale[n * G + g]),
+                   m = minv ? _mm256_set1_ps(minv[n * G + g]) : _mm256_setzero_ps();
       for (int64_t k = g * group; k < (g + 1) * group; k += 8) {
         const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k));
         const __m256 c = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
@@ -132,9 +134,9 @@ torch::Tensor q4_gemm(const torch::Tensor& x, const torch::Tensor& codes, const 
   const int64_t G = K / group;
   TORCH_CHECK(codes.scalar_type() == torch::kUInt8 && codes.is_contiguous() && codes.dim() == 2 &&
                   codes.size(1) == K / 2, "q4_gemm: codes must be contiguous uint8 (out, in / 2)");
-  check_group_params(scale, minv, N, G, "q4_gemm");
+  const float* m = check_group_params(scale, minv, N, G, "q4_gemm");
   const uint8_t* c = codes.data_ptr<uint8_t>();
-  const float *s = scale.data_ptr<float>(), *m = minv.data_ptr<float>();
+  const float* s = scale.data_ptr<float>();
   TORCH_CHECK(cols % group == 0 || cols >= K, "q4_gemm: tile columns must be a multiple of the group");
   return tiled_gemm(x, N, bias, rows, cols, "q4_gemm", [&](int64_t n0, int64_t n1, int64_t k0, int64_t k1, float* out) {
     tiles::dequant_q4(c, s, m, K, group, n0, n1, k0, k1, out);
@@ -165,10 +167,10 @@ torch::Tensor g8_gemm(const torch::Tensor& x, const torch::Tensor& codes, const 
   const int64_t G = K / group;
   TORCH_CHECK(codes.scalar_type() == torch::kInt8 && codes.is_contiguous() && codes.dim() == 2 && codes.size(1) == K,
               "g8_gemm: codes must be contiguous int8 (out, in)");
-  check_group_params(scale, minv, N, G, "g8_gemm");
+  const float* m = check_group_params(scale, minv, N, G, "g8_gemm");
   TORCH_CHECK(cols % group == 0 || cols >= K, "g8_gemm: tile columns must be a multiple of the group");
   const int8_t* c = codes.data_ptr<int8_t>();
-  const float *s = scale.data_ptr<float>(), *m = minv.data_ptr<float>();
+  const float* s = scale.data_ptr<float>();
   return tiled_gemm(x, N, bias, rows, cols, "g8_gemm", [&](int64_t n0, int64_t n1, int64_t k0, int64_t k1, float* out) {
     tiles::dequant_g8(c, s, m, K, group, n0, n1, k0, k1, out);
   });
@@ -181,10 +183,10 @@ torch::Tensor q4_tile(const torch::Tensor& codes, const torch::Tensor& scale, co
   TORCH_CHECK(codes.scalar_type() == torch::kUInt8 && codes.is_contiguous() && scale.is_contiguous() &&
               minv.is_contiguous() && 0 <= n0 && n0 <= n1 && n1 <= codes.size(0) && K % group == 0 &&
               group % 32 == 0 && scale.size(0) == codes.size(0) && scale.size(1) == K / group &&
-              minv.sizes() == scale.sizes(), "q4_tile: bad arguments");
+              (minv.sizes() == scale.sizes() || minv.numel() == 0), "q4_tile: bad arguments");
   auto out = torch::empty({n1 - n0, K}, scale.options());
-  tiles::dequant_q4(codes.data_ptr<uint8_t>(), scale.data_ptr<float>(), minv.data_ptr<float>(), K, group, n0, n1,
-                    0, K, out.data_ptr<float>());
+  const float* m = minv.numel() ? minv.data_ptr<float>() : nullptr;
+  tiles::dequant_q4(codes.data_ptr<uint8_t>(), scale.data_ptr<float>(), m, K, group, n0, n1, 0, K, out.data_ptr<float>());
   return out;
 }
 
@@ -194,10 +196,10 @@ torch::Tensor g8_tile(const torch::Tensor& codes, const torch::Tensor& scale, co
   TORCH_CHECK(codes.scalar_type() == torch::kInt8 && codes.is_contiguous() && scale.is_contiguous() &&
               minv.is_contiguous() && 0 <= n0 && n0 <= n1 && n1 <= codes.size(0) && group > 0 && K % group == 0 &&
               group % 16 == 0 && scale.size(0) == codes.size(0) && scale.size(1) == K / group &&
-              minv.sizes() == scale.sizes(), "g8_tile: bad arguments");
+              (minv.sizes() == scale.sizes() || minv.numel() == 0), "g8_tile: bad arguments");
   auto out = torch::empty({n1 - n0, K}, scale.options());
-  tiles::dequant_g8(codes.data_ptr<int8_t>(), scale.data_ptr<float>(), minv.data_ptr<float>(), K, group, n0, n1,
-                    0, K, out.data_ptr<float>());
+  const float* m = minv.numel() ? minv.data_ptr<float>() : nullptr;
+  tiles::dequant_g8(codes.data_ptr<int8_t>(), scale.data_ptr<float>(), m, K, group, n0, n1, 0, K, out.data_ptr<float>());
   return out;
 }
 

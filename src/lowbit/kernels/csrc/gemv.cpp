@@ -80,11 +80,15 @@ const float* bias_ptr(const c10::optional<torch::Tensor>& bias, int64_t N) {
   return bias->data_ptr<float>();
 }
 
-// scale and minv of an affine group weight: contiguous float32 (N, G) each.
-void check_group_params(const torch::Tensor& scale, const torch::Tensor& minv, int64_t N, int64_t G, const char* what) {
+// scale and minv of an affine group weight: contiguous float32 (N, G) each, or minv empty (no minimum:
+// value = code·scale). Returns minv's data, nullptr when empty.
+const float* check_group_params(const torch::Tensor& scale, const torch::Tensor& minv, int64_t N, int64_t G,
+                                const char* what) {
   for (const auto* p : {&scale, &minv})
     TORCH_CHECK(p->scalar_type() == torch::kFloat32 && p->is_contiguous() && p->dim() == 2 && p->size(0) == N &&
-                    p->size(1) == G, what, ": scale and minv must be contiguous float32 (out, in / group)");
+                    (p->size(1) == G || (p == &minv && p->size(1) == 0)),
+                what, ": scale and minv must be contiguous float32 (out, in / group); minv may be (out, 0)");
+  return minv.numel() ? minv.data_ptr<float>() : nullptr;
 }
 
 // x's int16 codes per token and group, each group's scale and scaled code sum, on the chosen instruction set;
@@ -178,13 +182,13 @@ torch::Tensor q4_gemv(const torch::Tensor& x, const torch::Tensor& codes, const 
   const int64_t K = x.size(-1), N = codes.size(0), G = K / group;
   TORCH_CHECK(codes.scalar_type() == torch::kUInt8 && codes.is_contiguous() && codes.dim() == 2 &&
                   codes.size(1) == K / 2, "q4_gemv: codes must be contiguous uint8 (out, in / 2)");
-  check_group_params(scale, minv, N, G, "q4_gemv");
+  const float* m = check_group_params(scale, minv, N, G, "q4_gemv");
   const float* b = bias_ptr(bias, N);
   Rows r(x.data_ptr<float>(), T, K, G, group, isa);
   if (!(r.top <= limit)) return torch::empty({0}, x.options());
   auto y = output(x, N);
   const uint8_t* c = codes.data_ptr<uint8_t>();
-  const float *s = scale.data_ptr<float>(), *m = minv.data_ptr<float>();
+  const float* s = scale.data_ptr<float>();
   float* out = y.data_ptr<float>();
   q4_into(T, isa, c, s, m, K, group, r, b, out, N);
   return y;
@@ -220,12 +224,12 @@ torch::Tensor g8_gemv(const torch::Tensor& x, const torch::Tensor& codes, const 
   const int64_t K = x.size(-1), N = codes.size(0), G = K / group;
   TORCH_CHECK(codes.scalar_type() == torch::kInt8 && codes.is_contiguous() && codes.dim() == 2 && codes.size(1) == K,
               "g8_gemv: codes must be contiguous int8 (out, in)");
-  check_group_params(scale, minv, N, G, "g8_gemv");
+  const float* m = check_group_params(scale, minv, N, G, "g8_gemv");
   const float* b = bias_ptr(bias, N);
   Rows r(x.data_ptr<float>(), T, K, G, group, isa);
   if (!(r.top <= limit)) return torch::empty({0}, x.options());
   auto y = output(x, N);
-  g8_into(T, isa, codes.data_ptr<int8_t>(), scale.data_ptr<float>(), minv.data_ptr<float>(), K, group, r, b,
+  g8_into(T, isa, codes.data_ptr<int8_t>(), scale.data_ptr<float>(), m, K, group, r, b,
           y.data_ptr<float>(), N);
   return y;
 }

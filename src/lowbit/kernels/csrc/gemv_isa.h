@@ -78,7 +78,7 @@ struct Bytes {
 };
 
 // y[t, n] = Σ_g a[t,g]·(scale[n,g]·Σ_k c[n,k]·q[t,k] + minv[n,g]·Σ_k q[t,k]) + bias[n] for rows n in
-// [n0, n1): value = c·scale + minv per group of `group` columns (a multiple of C::step).
+// [n0, n1): value = c·scale + minv per group of `group` columns (a multiple of C::step); minv nullptr: none.
 template <int T, class C>
 static void affine_rows(const C& c, const float* scale, const float* minv, int64_t K, int64_t group,
                         const int16_t* q, const float* a, const float* aq, const float* bias, float* y, int64_t N,
@@ -86,7 +86,7 @@ static void affine_rows(const C& c, const float* scale, const float* minv, int64
   const int64_t G = K / group;
   for (int64_t n = n0; n < n1; ++n) {
     const float* s = scale + n * G;
-    const float* mn = minv + n * G;
+    const float* mn = minv ? minv + n * G : nullptr;  // none: value = c·scale
     __m256 acc[T];
     float off[T];
     for (int t = 0; t < T; ++t) {
@@ -104,7 +104,7 @@ static void affine_rows(const C& c, const float* scale, const float* minv, int64
       }
       for (int t = 0; t < T; ++t) {
         acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[t]), _mm256_set1_ps(s[g] * a[t * G + g]), acc[t]);
-        off[t] += mn[g] * aq[t * G + g];
+        if (mn) off[t] += mn[g] * aq[t * G + g];
       }
     }
     const float b = bias ? bias[n] : 0.f;

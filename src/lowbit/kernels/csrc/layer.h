@@ -39,15 +39,13 @@ Lin make_lin(const std::vector<torch::Tensor>& t, const std::vector<int64_t>& me
   if (l.kind == 0) {
     TORCH_CHECK(codes.scalar_type() == torch::kUInt8 && codes.size(1) == K / 2, "layer_step: linear ", i,
                 ": int4 codes must be uint8 (out, in / 2)");
-    check_group_params(scale, minv, l.N, G, "layer_step");
+    l.minv = check_group_params(scale, minv, l.N, G, "layer_step");
     l.c4 = codes.data_ptr<uint8_t>();
-    l.minv = minv.data_ptr<float>();
   } else if (l.kind == 3) {
     TORCH_CHECK(codes.scalar_type() == torch::kInt8 && codes.size(1) == K, "layer_step: linear ", i,
                 ": int8-code groups must be int8 (out, in)");
-    check_group_params(scale, minv, l.N, G, "layer_step");
+    l.minv = check_group_params(scale, minv, l.N, G, "layer_step");
     l.c8 = codes.data_ptr<int8_t>();
-    l.minv = minv.data_ptr<float>();
   } else {  // int8 codes per channel: weight-only (1) or W8A8 (2)
     TORCH_CHECK(codes.scalar_type() == torch::kInt8 && codes.size(1) == K, "layer_step: linear ", i,
                 ": int8 codes must be int8 (out, in)");
@@ -89,10 +87,10 @@ void lin_apply(const Lin& l, const float* x, float* y, double limit) {
             const uint8_t byte = l.c4[n * (K / 2) + blk * 16 + (j % 16)];
             const int code = j < 16 ? (byte & 0x0F) : (byte >> 4);
             const int64_t g = k / l.group;
-            w = float(code) * l.scale[n * G + g] + l.minv[n * G + g];
+            w = float(code) * l.scale[n * G + g] + (l.minv ? l.minv[n * G + g] : 0.f);
           } else if (l.kind == 3) {
             const int64_t g = k / l.group;
-            w = float(l.c8[n * K + k]) * l.scale[n * G + g] + l.minv[n * G + g];
+            w = float(l.c8[n * K + k]) * l.scale[n * G + g] + (l.minv ? l.minv[n * G + g] : 0.f);
           } else {
             w = float(l.c8[n * K + k]) * l.scale[n];
           }
