@@ -25,8 +25,9 @@ Huge activations (``|x| > 256``), inf and NaN are taken apart in float32 as in `
 Memory: the repack holds 1 byte per weight plus 4 bytes per block (symmetric grids) or 8 (with a minimum):
 1.125 bytes per weight for q8_0 and q5_0, 1.25 for q6_k, q3_k, q5_1 and q5_k, 1.5 for q2_k, beside the stored
 weight; float32 holds 4. It does not serve what ``int4-cpp`` or ``int8-cpp`` serve (4-bit codes, symmetric int8
-per channel): those kernels read a tighter packing. Priority 28: under those two (30), above ``int4-torch`` (20) and ``bf16-gemm`` (15). Non-affine grids (IQ
-lookup types, nf4, fp4/fp8) are not served: they run ``bf16-gemm`` or the dequantize reference.
+per channel): those kernels read a tighter packing. Priority 28: under those two (30), above ``int4-torch`` (20)
+and ``bf16-gemm`` (15). Non-affine grids (IQ lookup types, nf4, fp4/fp8) are not served: they run ``bf16-gemm``
+or the dequantize reference.
 """
 
 from __future__ import annotations
