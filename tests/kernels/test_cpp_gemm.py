@@ -1,4 +1,7 @@
-"""The prefill kernels (int4-cpp-gemm, int8-cpp-gemm: more than 8 tokens) against the dequantize reference.
+"""The prefill kernels (int4-cpp-gemm, int8-cpp-gemm: 9 tokens and more) against the dequantize reference.
+
+At 9..16 tokens the GEMVs (int4-cpp, int8-cpp) serve too and win under fixed priorities, so the checks name
+the GEMM (``use_kernels([name])``).
 
 They dequantize the packed int4-cpp / int8-cpp state in row tiles (C++, AVX2) and run float32 GEMM per tile,
 so: the tile is the reference's dequantized weight (bit for bit for fp16/bf16 scales; within
@@ -41,7 +44,8 @@ def _tol(layer, x):
 def _check(layer, x):
     with use_kernels("reference"):
         ref = layer(x)
-    y = layer(x)
+    with use_kernels([_kernel(layer)]):
+        y = layer(x)
     assert layer._kernel.name == _kernel(layer)
     assert y.dtype == x.dtype and y.shape == ref.shape == (*x.shape[:-1], layer.out_features)
     err = (y - ref).abs()
@@ -100,7 +104,8 @@ def test_huge_inf_and_nan_activations_as_in_the_reference(lib, scheme):
     x[5, 3] = float("nan")
     with use_kernels("reference"):
         ref = layer(x)
-    y = layer(x)
+    with use_kernels([_kernel(layer)]):
+        y = layer(x)
     assert layer._kernel.name == _kernel(layer)
     assert torch.equal(y.isnan(), ref.isnan()) and torch.equal(y.isinf(), ref.isinf())
     assert torch.equal(y[y.isinf()], ref[ref.isinf()])
@@ -184,10 +189,16 @@ def test_the_packed_state_is_shared(lib, scheme):
 
 def test_bounds_of_the_batch_sizes(lib):
     layer = _layer("int4-g64", out=64)
-    for tokens, want in ((8, "int4-cpp"), (9, "int4-cpp-gemm"), (4096, "int4-cpp-gemm")):
+    for tokens, want in ((8, "int4-cpp"), (16, "int4-cpp"), (17, "int4-cpp-gemm"), (4096, "int4-cpp-gemm")):
         layer(torch.randn(tokens, layer.in_features))
         assert layer._kernel.name == want
-    assert KERNELS["int4-cpp-gemm"].min_tokens == KERNELS["int8-cpp-gemm"].min_tokens == native.MAX_TOKENS + 1
+    with use_kernels(["int4-cpp-gemm"]):  # 9..16: both serve; the GEMM only when named (or measured faster)
+        layer(torch.randn(9, layer.in_features))
+        assert layer._kernel.name == "int4-cpp-gemm"
+        layer(torch.randn(8, layer.in_features))
+        assert layer._kernel.name != "int4-cpp-gemm"
+    assert KERNELS["int4-cpp-gemm"].min_tokens == KERNELS["int8-cpp-gemm"].min_tokens == native.GEMM_MIN_TOKENS
+    assert KERNELS["int4-cpp"].max_tokens == KERNELS["int8-cpp"].max_tokens == native.MAX_TOKENS == 16
 
 
 @pytest.mark.parametrize("scheme", ["int4-g64", "int8"])

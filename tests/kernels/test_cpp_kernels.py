@@ -89,7 +89,7 @@ def _check(layer, x, want):
 
 
 @pytest.mark.parametrize("isa", ["best", "avx2"])
-@pytest.mark.parametrize("tokens", [1, 8])
+@pytest.mark.parametrize("tokens", [1, 8, 16])  # 16: the GEMV's last size, four passes of four tokens
 @pytest.mark.parametrize("scheme", INT4)
 def test_int4_within_the_activation_rounding_bound(lib, scheme, tokens, isa, monkeypatch):
     monkeypatch.setenv("LOWBIT_CPP_ISA", isa)  # "best": the path this CPU's best takes; "avx2": forced
@@ -100,7 +100,7 @@ def test_int4_within_the_activation_rounding_bound(lib, scheme, tokens, isa, mon
 
 
 @pytest.mark.parametrize("isa", ["best", "avx2"])
-@pytest.mark.parametrize("tokens", [1, 8])
+@pytest.mark.parametrize("tokens", [1, 8, 13])
 @pytest.mark.parametrize("inp", [512, 96])  # blocks of 64, of 32
 def test_int8_within_the_activation_rounding_bound(lib, tokens, inp, isa, monkeypatch):
     monkeypatch.setenv("LOWBIT_CPP_ISA", isa)
@@ -231,11 +231,11 @@ def test_layers_the_cpp_kernels_cannot_take_are_not_served(lib, make):
     assert torch.allclose(layer(x), ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max()))
 
 
-def test_more_than_eight_tokens_go_to_the_prefill_kernel(lib):
+def test_more_than_sixteen_tokens_go_to_the_prefill_kernel(lib):
     layer = _layer("int4-g64", out=64)
-    layer(torch.randn(8, layer.in_features))
+    layer(torch.randn(16, layer.in_features))
     assert layer._kernel.name == "int4-cpp"
-    layer(torch.randn(9, layer.in_features))
+    layer(torch.randn(17, layer.in_features))
     assert layer._kernel.name == "int4-cpp-gemm"  # tests/kernels/test_cpp_gemm.py
 
 
@@ -300,7 +300,9 @@ def test_stacked_layers_are_one_call_bit_for_bit(lib, schemes):
     assert k.name in ("int4-cpp", "int8-cpp")
     assert torch.equal(run(x), own)
     assert torch.equal(torch.cat([m(x) for m in mods], -1), own)  # each layer's state is now a view: unchanged
-    assert stacked(mods, 9) is None  # past the GEMVs' 8 tokens
+    x12 = torch.randn(12, 256, generator=g)
+    assert torch.equal(stacked(mods, 12)[1](x12), torch.cat([m(x12) for m in mods], -1))
+    assert stacked(mods, 17) is None  # past the GEMVs' 16 tokens
     with use_kernels("reference"):
         assert stacked(mods, 1) is None
 
@@ -316,7 +318,7 @@ def test_layers_of_different_groups_are_not_stacked(lib):
 
 
 @pytest.mark.parametrize("act", ["int8-dynamic", "int8-static"])
-@pytest.mark.parametrize("tokens", [1, 3, 8])
+@pytest.mark.parametrize("tokens", [1, 3, 8, 16])
 def test_w8a8_gemv_is_int_mm_bit_for_bit(lib, act, tokens):
     """int8-int8-cpp quantizes activations as quantize_activation does and sums exactly: torch._int_mm's output."""
     g = torch.Generator().manual_seed(tokens)

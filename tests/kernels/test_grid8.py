@@ -103,6 +103,13 @@ def test_huge_inf_and_nan_activations_as_in_the_reference(lib, scheme):
     assert torch.isnan(y[0]).all() and torch.isfinite(y[1:]).all()
 
 
+def test_the_gemv_hands_over_to_the_gemm_above_8_tokens(lib):
+    layer = _layer("q6_k")
+    for tokens, want in ((1, "grid8-cpp"), (8, "grid8-cpp"), (9, "grid8-cpp-gemm"), (16, "grid8-cpp-gemm")):
+        layer(torch.randn(tokens, layer.in_features))
+        assert layer._kernel.name == want, tokens
+
+
 @pytest.mark.parametrize("scheme", ["int4-g64", "q4_k", "int8", "iq4_nl", "nf4-g64", "fp8"])
 def test_what_it_leaves_to_other_kernels(lib, scheme):
     layer = _layer(scheme, inp=512)

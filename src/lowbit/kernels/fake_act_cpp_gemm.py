@@ -15,7 +15,7 @@ from lowbit.kernels import int8_int8, native
 from lowbit.kernels.activations import quantize_activation, smoothed
 from lowbit.kernels.base import KERNELS, Kernel, prepared, register_kernel
 
-MIN_TOKENS = native.MAX_TOKENS + 1
+MIN_TOKENS = native.GEMM_MIN_TOKENS
 
 
 def _serves(m) -> bool:

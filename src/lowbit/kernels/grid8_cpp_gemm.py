@@ -16,7 +16,7 @@ import torch
 from lowbit.kernels import grid8_cpp, native
 from lowbit.kernels.base import KERNELS, Kernel, prepared, register_kernel
 
-MIN_TOKENS = native.MAX_TOKENS + 1
+MIN_TOKENS = grid8_cpp.MAX_TOKENS + 1  # the GEMV hands over here
 
 
 def _prepare(m):

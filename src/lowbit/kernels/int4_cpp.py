@@ -1,4 +1,4 @@
-"""Weight-only int4 groups at 1..8 tokens through lowbit's C++ GEMV (:mod:`lowbit.kernels.native`).
+"""Weight-only int4 groups at 1..16 tokens through lowbit's C++ GEMV (:mod:`lowbit.kernels.native`).
 
 Serves what ``int4-torch`` serves (affine ``int4-g32/64/128``, sym or asym, integer or float zero-points,
 and GGML ``q4_0``, ``q4_1``, ``q4_k``: :func:`~lowbit.kernels.int4_torch.int4_parts`), for rows of any
@@ -65,4 +65,4 @@ def _fuse(mods):
 KERNEL = register_kernel(Kernel("int4-cpp", 30, _serves, _run, prepare=_prepare, max_tokens=native.MAX_TOKENS,
                        dtypes=(torch.float32, torch.bfloat16, torch.float16),
                        fuse=_fuse,
-                       doc="weight-only int4 groups, lowbit's C++ GEMV (int16 activations per group), 1-8 tokens"))
+                       doc="weight-only int4 groups, lowbit's C++ GEMV (int16 activations per group), 1-16 tokens"))

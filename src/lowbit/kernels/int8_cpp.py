@@ -1,4 +1,4 @@
-"""Weight-only int8 per output channel at 1..8 tokens through lowbit's C++ GEMV (:mod:`lowbit.kernels.native`):
+"""Weight-only int8 per output channel at 1..16 tokens through lowbit's C++ GEMV (:mod:`lowbit.kernels.native`):
 SmolLM2's int8 head (49152×576), and every layer of an ``int8`` model at decode.
 
 The layer is weight-only (no activation scheme), so rounding its activations is this kernel's own
@@ -73,4 +73,5 @@ def _fuse(mods):
 KERNEL = register_kernel(Kernel("int8-cpp", 30, _serves, _run, prepare=_prepare, max_tokens=native.MAX_TOKENS,
                        dtypes=(torch.float32, torch.bfloat16, torch.float16),
                        fuse=_fuse,
-                       doc="weight-only int8 per channel, lowbit's C++ GEMV (int16 activations per block), 1-8 tokens"))
+                       doc="weight-only int8 per channel, lowbit's C++ GEMV (int16 activations per block), "
+                           "1-16 tokens"))

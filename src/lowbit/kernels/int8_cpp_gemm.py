@@ -9,9 +9,9 @@ float32 GEMM on it. The output then differs from the reference by float32 summat
 ~1e-6 of Σ|w||x|); huge activations, inf and NaN go through the same float32 arithmetic as the reference.
 
 Priority 25: above ``int8-torch`` (20; torch's bf16 ``_weight_int8pack_mm``) and ``int8-int8`` (10, which only
-serves layers with int8 activations), below ``int8-cpp`` (30, 1..8 tokens: they never compete). Measured on
-this AVX2-only EPYC, 1 thread (bench/RESULTS.md, "Prefill above 8 tokens"): ×0.93–1.09 of float32 and
-1.6–2.7× faster than int8-torch at 128 and 512 tokens; at 9 tokens int8-torch is faster on most layers
+serves layers with int8 activations), below ``int8-cpp`` (30, 1..16 tokens: at 9..16 the GEMV wins under fixed
+priorities). Measured on this AVX2-only EPYC, 1 thread (bench/RESULTS.md, "Prefill above 8 tokens"): ×0.93–1.09
+of float32 and 1.6–2.7× faster than int8-torch at 128 and 512 tokens; at 9 tokens int8-torch is faster on most layers
 (×0.85–0.97 vs ×0.62–0.87 of float on SmolLM2's, 7.9 vs 13.4 ms on 4096×4096), except the 49152×576 head
 (15.2 vs 22.6 ms), the crossover at ~16–24 tokens. With ``LOWBIT_KERNEL_TUNING=off`` the priority favours
 the prefill sizes (a SmolLM2 forward at 9 tokens is still faster overall: the head dominates it); with
@@ -25,7 +25,7 @@ import torch
 from lowbit.kernels import int8_cpp, native
 from lowbit.kernels.base import KERNELS, Kernel, prepared, register_kernel
 
-MIN_TOKENS = native.MAX_TOKENS + 1
+MIN_TOKENS = native.GEMM_MIN_TOKENS
 
 
 def _prepare(m):

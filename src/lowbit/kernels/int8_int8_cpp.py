@@ -1,4 +1,4 @@
-"""W8A8 at 1..8 tokens through lowbit's C++ GEMV (:mod:`lowbit.kernels.native`): int8 activations (per token,
+"""W8A8 at 1..16 tokens through lowbit's C++ GEMV (:mod:`lowbit.kernels.native`): int8 activations (per token,
 or the layer's static scale) × int8 per-channel weights, exact int32 dot products (AVX2 ``vpmaddubsw`` on
 ``|q|`` and the weight with ``q``'s signs; ``vpdpbusd`` with AVX512-VNNI), ``y = acc·s·w_scale + bias`` in
 float32.
@@ -83,4 +83,4 @@ def _fuse(mods):
 
 KERNEL = register_kernel(Kernel("int8-int8-cpp", 30, _serves, _run, prepare=_prepare, max_tokens=native.MAX_TOKENS,
                        dtypes=(torch.float32, torch.bfloat16, torch.float16), fuse=_fuse,
-                       doc="W8A8: int8 activations x int8 per-channel weights, lowbit's C++ GEMV, 1-8 tokens"))
+                       doc="W8A8: int8 activations x int8 per-channel weights, lowbit's C++ GEMV, 1-16 tokens"))

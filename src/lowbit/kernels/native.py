@@ -45,7 +45,9 @@ CFLAGS = ("-O3", "-fopenmp", "-ffp-contract=off")  # fp-contract off: every path
 LDFLAGS = ("-fopenmp",)
 ISAS = ("avx2", "avx512vnni")  # the C++ side's Isa numbers, in order
 ENV = "LOWBIT_CPP_KERNELS"
-MAX_TOKENS = 8
+MAX_TOKENS = 16  # the GEMVs take 1..16 tokens (passes of 4 over cache-sized blocks of rows)
+GEMM_MIN_TOKENS = 9  # the tiled prefill GEMMs from 9: at 9..16 both serve, and the measured choice picks (at 8
+# tokens the GEMV ran a 4096×4096 int4 layer in 4.8 ms, the GEMM at 9 in 12.4, float32 in 12.5: bench/RESULTS.md)
 TILE_BYTES = 1 << 20  # the prefill kernels' float32 tile (rows × in × 4 bytes): half this machine's 2 MiB L2
 
 
@@ -311,5 +313,5 @@ def stack_states(mods, states, name: str, rows: tuple[int, ...], bias_at: int, g
     return run
 
 
-__all__ = ["HUGE_ACTIVATION", "MAX_TOKENS", "TILE_BYTES", "affine_gemv", "affine_tiled", "best_isa", "fuse_affine",
-           "isas", "library", "pack_int4", "run_split", "run_tiled", "stack_states", "tile_shape"]
+__all__ = ["GEMM_MIN_TOKENS", "HUGE_ACTIVATION", "MAX_TOKENS", "TILE_BYTES", "affine_gemv", "affine_tiled", "best_isa",
+           "fuse_affine", "isas", "library", "pack_int4", "run_split", "run_tiled", "stack_states", "tile_shape"]

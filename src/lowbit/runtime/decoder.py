@@ -6,7 +6,7 @@ one core). A :class:`Decoder` runs the same modules — float ``nn.Linear`` or l
 with their kernels — through a short loop of its own:
 
 * layers that read one input (q, k and v; gate and up) run as **one** kernel call where a kernel can stack
-  them (:func:`lowbit.kernels.base.stacked`: lowbit's C++ GEMVs at 1–8 tokens; the stacked weight is held
+  them (:func:`lowbit.kernels.base.stacked`: lowbit's C++ GEMVs at 1–16 tokens; the stacked weight is held
   once, each layer's packed state becomes a view of its rows), else one call each;
 * the KV cache is preallocated per layer and written in place (grown by doubling);
 * rotary embeddings come from the model's own ``rotary_emb`` (every RoPE variant transformers implements),

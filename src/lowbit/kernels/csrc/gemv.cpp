@@ -1,4 +1,4 @@
-// lowbit's CPU GEMVs for 1..8 tokens: int16 activations (per token and group of columns, quantized
+// lowbit's CPU GEMVs for 1..16 tokens: int16 activations (per token and group of columns, quantized
 // here) times 4-bit group codes or int8 per-channel weights, int32 dot products per group, float32
 // across groups. One build runs on any x86-64 CPU with AVX2 + FMA: the bodies (gemv_isa.h) are
 // compiled for AVX2 (vpmaddwd) and for AVX512-VNNI (vpdpwssd on 256-bit vectors, AVX512-VL), and each
@@ -56,12 +56,12 @@ std::vector<std::string> isas() {
   return out;
 }
 
-// x (..., K) contiguous float32 on the CPU: the number of tokens (rows of K), checked to be 1..8.
+// x (..., K) contiguous float32 on the CPU: the number of tokens (rows of K), checked to be 1..16.
 int64_t check_x(const torch::Tensor& x, int64_t group, const char* what, int64_t step = 32) {
   TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.device().is_cpu(),
               what, ": x must be a contiguous float32 CPU tensor (..., in)");
   const int64_t K = x.size(-1), T = K > 0 ? x.numel() / K : 0;
-  TORCH_CHECK(T >= 1 && T <= 8, what, ": 1..8 tokens, got ", T);
+  TORCH_CHECK(T >= 1 && T <= 16, what, ": 1..16 tokens, got ", T);
   TORCH_CHECK(group > 0 && group % step == 0 && K % group == 0, what, ": groups of a multiple of ", step, " columns");
   return T;
 }
@@ -234,7 +234,7 @@ torch::Tensor g8_gemv(const torch::Tensor& x, const torch::Tensor& codes, const 
   return y;
 }
 
-// W8A8 for 1..8 tokens: x's int8 codes per token (quantize_a8), exact int32 dot products with the int8
+// W8A8 for 1..16 tokens: x's int8 codes per token (quantize_a8), exact int32 dot products with the int8
 // weight, y = acc·s·wscale + bias in float32: what int8-int8 (torch._int_mm) computes.
 // An empty tensor when x holds inf or NaN (the caller then runs the torch kernel).
 torch::Tensor a8w8_gemv(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& wscale,
@@ -269,14 +269,14 @@ torch::Tensor a8w8_gemv(const torch::Tensor& x, const torch::Tensor& w, const to
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("isas", &isas, "the instruction-set paths this CPU runs, in order of preference (last: best)");
-  m.def("q4_gemv", &q4_gemv, "int4 group GEMV (int16 activations), 1..8 tokens", py::arg("x"), py::arg("codes"), py::arg("scale"),
+  m.def("q4_gemv", &q4_gemv, "int4 group GEMV (int16 activations), 1..16 tokens", py::arg("x"), py::arg("codes"), py::arg("scale"),
         py::arg("minv"), py::arg("group"), py::arg("bias"), py::arg("limit"), py::arg("isa"));
-  m.def("q8_gemv", &q8_gemv, "int8 per-channel GEMV (int16 activations), 1..8 tokens", py::arg("x"), py::arg("w"), py::arg("wscale"),
+  m.def("q8_gemv", &q8_gemv, "int8 per-channel GEMV (int16 activations), 1..16 tokens", py::arg("x"), py::arg("w"), py::arg("wscale"),
         py::arg("group"), py::arg("bias"), py::arg("limit"), py::arg("isa"));
-  m.def("g8_gemv", &g8_gemv, "affine int8-code group GEMV (int16 activations), 1..8 tokens", py::arg("x"),
+  m.def("g8_gemv", &g8_gemv, "affine int8-code group GEMV (int16 activations), 1..16 tokens", py::arg("x"),
         py::arg("codes"), py::arg("scale"), py::arg("minv"), py::arg("group"), py::arg("bias"), py::arg("limit"),
         py::arg("isa"));
-  m.def("a8w8_gemv", &a8w8_gemv, "int8 activations (per token or static) x int8 per-channel weights, 1..8 tokens",
+  m.def("a8w8_gemv", &a8w8_gemv, "int8 activations (per token or static) x int8 per-channel weights, 1..16 tokens",
         py::arg("x"), py::arg("w"), py::arg("wscale"), py::arg("bias"), py::arg("static_scale"), py::arg("isa"));
   m.def("layer_step", &layer_step, "one Llama-family decoder layer for one token (layer.h)");
   m.def("q4_gemm", &q4_gemm, "int4 group weights, dequantized in row tiles, float32 GEMM (prefill)", py::arg("x"),
