@@ -124,6 +124,15 @@ def test_choice_follows_batch_size_priority_and_mode():
             pass
 
 
+@pytest.mark.parametrize("inp", [8, 24, 40, 100])
+def test_int8_torch_refuses_rows_of_no_multiple_of_16(inp):
+    """torch 2.13's ``_weight_int8pack_mm`` returns garbage or crashes the process on an AVX-512 CPU when the row
+    length is not a multiple of 16 (measured: K = 8, 24, 40, 56, 72, 100, 200 fail; 16, 32, 48 … 576 are right)."""
+    layer = _layer("int8", inp=inp)
+    assert "int8-torch" not in [k.name for k in candidates(layer)]
+    assert "int8-torch" in [k.name for k in candidates(_layer("int8", inp=48))]
+
+
 @pytest.mark.parametrize("make", [lambda: _layer("int4-g64", out=40), lambda: _layer("int4-g128", inp=576),
                                   lambda: _layer("int4-g16"), lambda: _layer("q5_k"), lambda: _layer("iq4_nl")])
 def test_layers_the_int4_kernel_cannot_take_fall_back(make):

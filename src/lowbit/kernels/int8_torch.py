@@ -13,8 +13,9 @@ from lowbit.kernels.int8_int8 import int8_weight, w8_per_channel
 
 
 def _serves(m) -> bool:
+    # rows of a multiple of 16 only: torch 2.13's kernel returns garbage (or crashes) on an AVX-512 CPU otherwise
     return (m.act_scheme is None and m.input_scale is None and m.qweight_codes.device.type == "cpu"
-            and w8_per_channel(m))
+            and w8_per_channel(m) and m.in_features % 16 == 0)
 
 
 def _prepare(m):
