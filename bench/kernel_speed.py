@@ -1,14 +1,14 @@
 """lowbit's kernels against float32: layer shapes one by one, whole models end to end, and the arithmetic.
 
-    .venv/bin/python bench/kernels.py layers [--shapes smollm2 7b] [--tokens 1 8 128 512] [--threads 1 2]
-    .venv/bin/python bench/kernels.py model [--schemes int4-g64 int8 int8+a8] [--threads 1 2] [--models smollm2 7b]
-    .venv/bin/python bench/kernels.py accuracy [--windows 8]
+    .venv/bin/python bench/kernel_speed.py layers [--shapes smollm2 7b] [--tokens 1 8 128 512] [--threads 1 2]
+    .venv/bin/python bench/kernel_speed.py model [--schemes int4-g64 int8 int8+a8] [--threads 1 2] [--models smollm2 7b]
+    .venv/bin/python bench/kernel_speed.py accuracy [--windows 8]
 
 ``layers``: for each (out, in) shape and token count, milliseconds per call of the float32 ``F.linear``, of
 the dequantize reference and of each fast kernel that serves the layer and takes that many tokens (int4-g64
-asymmetric and int8 per channel, RTN of a random weight: torch's packed kernels, and lowbit's C++ GEMVs
-``int4-cpp`` / ``int8-cpp`` at 1-8 tokens, ``int4-cpp-gemm`` / ``int8-cpp-gemm`` above 8), median of several
-calls after a warm-up.
+asymmetric and int8 per channel by default, any scheme by name and ``SCHEME+a8`` for W8A8, RTN of a random
+weight: torch's packed kernels, lowbit's C++ GEMVs ``int4-cpp`` / ``int8-cpp`` / ``int8-int8-cpp`` at 1-16
+tokens, ``grid8-cpp`` at 1-8, the tiled GEMMs from 9), median of several calls after a warm-up.
 ``LOWBIT_CPP_KERNELS=off`` before any command leaves lowbit's C++ kernels out (torch's kernels only).
 ``model``: ``lowbit.bench`` (prefill 128/512 tokens, decode at context 128 on the KV cache, float in the same
 run) on SmolLM2-135M quantized by RTN to each scheme; ``--models 7b``: a 2-layer Llama with 7B's widths
@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import lowbit
+from lowbit.errors import LowbitError
 from lowbit.kernels import candidates, use_kernels
 from lowbit.model.qmodules import QLinear
 from lowbit.threads import torch_threads
@@ -56,7 +57,13 @@ def layers(a) -> list[dict]:
         for out, inp in SHAPES[shapes]:
             w = torch.randn(out, inp) * 0.02
             for scheme in a.schemes:
-                layer = QLinear(lowbit.quantize_tensor(w, scheme))
+                try:
+                    layer = QLinear(lowbit.quantize_tensor(w, scheme.removesuffix("+a8")))
+                except LowbitError as e:  # e.g. a GGML type whose 256-weight blocks do not tile a 576-wide row
+                    print(f"skipped {scheme} at {out}x{inp}: {e}", file=sys.stderr, flush=True)
+                    continue
+                if scheme.endswith("+a8"):  # W8A8: int8 activations per token, as `lowbit quantize --act int8`
+                    layer.act_scheme, layer.act_scale = "int8-dynamic", None
                 kernels = [k.name for k in candidates(layer) if not k.reference] + ["dequantize"]
                 for threads in a.threads:
                     with torch_threads(threads):
@@ -216,7 +223,7 @@ def main() -> None:
     for q in sub.choices.values():
         q.add_argument("--json", help="write the rows here")
     a = ap.parse_args()
-    print(f"# bench/kernels.py {' '.join(sys.argv[1:])} · torch {torch.__version__}", flush=True)
+    print(f"# bench/kernel_speed.py {' '.join(sys.argv[1:])} · torch {torch.__version__}", flush=True)
     rows = {"layers": layers, "model": model, "accuracy": accuracy}[a.what](a)
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1, default=str) + "\n")

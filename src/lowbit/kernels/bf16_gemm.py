@@ -1,6 +1,6 @@
 """Prefill on CPUs with native bf16 (AVX512-BF16, AMX) for the layouts no packed kernel takes (int3, int2,
 q6_k, q5_k, nf4, fp8 …): dequantize the weight per call as the reference does, then one bf16 GEMM with
-float32 accumulation instead of a float32 one. bench/kernels.py measured it ahead of the reference at 128
+float32 accumulation instead of a float32 one. bench/kernel_speed.py measured it ahead of the reference at 128
 and 512 tokens (int4 and int8 weights of SmolLM2's and 7B's shapes); ``MIN_TOKENS`` (17) is a choice, not a
 measured crossover. The bf16 roundings of the weight and the activations (≤ 2⁻⁹ relative each) are its
 only difference from the reference. The packed int4/int8 kernels rank above it where they serve.
