@@ -23,7 +23,7 @@ from lowbit.core.scheme import Scheme
 from lowbit.errors import LowbitError
 from lowbit.layouts.base import Layout, register_layout
 from lowbit.primitives.observers import get_observer
-from lowbit.primitives.quant import Grid, cast_ste, fake_quantize, group_view, round_ste
+from lowbit.primitives.quant import Grid, cast_ste, fake_quantize, group_view, round_ste, ungroup
 
 
 def importance_view(sq_mean: torch.Tensor, shape: tuple[int, ...], scheme: Scheme) -> torch.Tensor:
@@ -113,10 +113,14 @@ class AffineLayout(Layout):
 
     def learned_fake(self, w, q, params):
         scheme = q.scheme
-        exact = self.learned_qtensor(w, q, params).dequantize(torch.float32)
         if not scheme.grid.has_scale:
-            return exact + (w - w.detach())
+            return self.learned_qtensor(w, q, params).dequantize(torch.float32) + (w - w.detach())
         s, z = self._stored(scheme, params)
+        # the stored weight's value without packing the codes: encode→decode at the stored scales, in float
+        # (Grid.fake: the same arithmetic as dequantize; tests check the two agree bit for bit)
+        sd, zd = s.detach(), None if z is None else z.detach()
+        exact = ungroup(scheme.grid.fake(group_view(w.detach(), scheme.granularity, scheme.group_size), sd, zd),
+                        tuple(w.shape))
         R, G, g = scheme.group_dims(tuple(w.shape))
         flat = w.reshape(R, -1)
         xg = torch.nn.functional.pad(flat, (0, G * g - flat.shape[1])).reshape(R, G, g)

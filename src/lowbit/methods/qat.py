@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lowbit.core.scheme import Scheme
+from lowbit.errors import LowbitError
 from lowbit.methods.registry import LayerStats, MethodConfig, QuantResult, method_spec, register_method
 
 
@@ -27,13 +28,27 @@ class QatOptions:
     batch_windows: int = field(default=2, metadata={"help": "calibration windows per training step"})
     val_windows: int = field(default=4, metadata={"help": "windows held out to judge each trained block"})
     seed: int = field(default=0, metadata={"help": "seed of the window order"})
-    steps: int = field(default=0, metadata={"help": "end-to-end distillation steps after the blocks (one window "
-                                                    "each; 0: none): the grids train against the float model's "
-                                                    "next-token distribution"})
+    steps: int = field(default=0, metadata={"help": "end-to-end distillation steps after the blocks "
+                                                    "(e2e_batch_windows windows each; 0: none): the grids (and at "
+                                                    "e2e_weight_lr > 0 the weights) train against the float "
+                                                    "model's next-token distribution"})
     e2e_lr: float = field(default=1e-3, metadata={"help": "learning rate of the end-to-end step (relative steps)"})
+    e2e_weight_lr: float = field(default=0.0, metadata={"help": "learning rate of the latent weights in the "
+                                                                "end-to-end step (0: only the grids train there)"})
+    e2e_dtype: str = field(default="auto", metadata={"help": "the end-to-end step's matrix products: float32 | "
+                                                             "bfloat16 | auto (bfloat16 on CUDA and AMX CPUs)"})
+    e2e_batch_windows: int = field(default=1, metadata={"help": "calibration windows per end-to-end step"})
     topk: int = field(default=64, metadata={"help": "teacher tokens kept per position for the end-to-end KL"})
     loss: str = field(default="token", metadata={"help": "block loss: token (squared error relative to each token's "
                                                          "target) | mse"})
+
+    def __post_init__(self) -> None:
+        if self.e2e_dtype not in ("auto", "float32", "bfloat16"):
+            raise LowbitError(f"qat: option 'e2e_dtype' must be one of auto, float32, bfloat16, got {self.e2e_dtype!r}")
+        if self.e2e_batch_windows < 1:
+            raise LowbitError(f"qat: option 'e2e_batch_windows' must be >= 1, got {self.e2e_batch_windows}")
+        if self.e2e_weight_lr < 0 or self.lr < 0 or self.scale_lr < 0 or self.e2e_lr < 0:
+            raise LowbitError("qat: learning rates (lr, scale_lr, e2e_lr, e2e_weight_lr) must be >= 0")
 
 
 @register_method("qat", needs=("sq_mean",), options=QatOptions, trains=True)

@@ -1,11 +1,16 @@
 """End-to-end distillation of the quantization parameters (EfficientQAT's E2E-QP, with the float model as teacher).
 
-After the blocks are trained one by one, the whole quantized model trains its grids (scales, zero-points,
-GGML super-scales and mins; the codes' latent weights stay) so that its next-token distribution approaches
-the float model's: the loss is the KL divergence from the teacher's distribution, taken on the teacher's
-``topk`` most likely tokens per position (their log-probabilities are all that is kept of the teacher:
-``windows × tokens × topk`` numbers instead of whole vocabularies). Windows held out from training decide
-whether the trained grids replace the block-trained ones, so this step never makes the model worse on them.
+After the blocks are trained one by one, the whole quantized model trains its grids (scales, zero-points, GGML
+super-scales and mins) and, at ``weight_lr`` > 0, the codes' latent weights too (straight through the rounding,
+so codes move across grid points), so that its next-token distribution approaches the float model's: the loss is
+the KL divergence from the teacher's distribution, taken on the teacher's ``topk`` most likely tokens per
+position (their log-probabilities are all that is kept of the teacher: ``windows × tokens × topk`` numbers
+instead of whole vocabularies). Windows held out from training decide whether the trained grids replace the
+block-trained ones, so this step never makes the model worse on them.
+
+The forward and backward passes of training may run in bfloat16 (``dtype``; ``auto`` takes it where the CPU
+multiplies bfloat16 in hardware, AMX, or on CUDA): the fake weights and every trained parameter stay float32,
+only the matrix products round their inputs. The held-out KL that decides what is kept is always float32.
 """
 
 from __future__ import annotations
@@ -17,16 +22,20 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lowbit.errors import LowbitError
 from lowbit.qat.modules import QATLinear, swapped_in, train_steps
 
 
 @dataclass(frozen=True)
 class DistillOptions:
-    steps: int  # optimizer steps, one window each
+    steps: int  # optimizer steps, ``batch_windows`` windows each
     lr: float = 1e-3  # of the grids' θ (relative steps of the scales)
     topk: int = 64  # teacher tokens kept per position
     val_windows: int = 4
     seed: int = 0
+    weight_lr: float = 0.0  # of the latent weights (0: they stay, only the grids move)
+    dtype: str = "auto"  # of training's matrix products: float32 | bfloat16 | auto
+    batch_windows: int = 1  # windows per step (the fake weights are built once per step, whatever the batch)
 
 
 @dataclass
@@ -41,6 +50,33 @@ class Distillation:
         verdict = "kept" if self.kept else "block-trained grids kept (distillation did not lower it)"
         return (f"qat end-to-end: held-out KL(top-k) {self.kl_before:.4g} -> {self.kl_after:.4g}, {self.steps} steps, "
                 f"{verdict}")
+
+
+def compute_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
+    """The dtype training's matrix products run in: ``float32``, ``bfloat16``, or ``auto`` (bfloat16 on CUDA and on
+    a CPU with AMX, whose bfloat16 products are several times float32's; float32 elsewhere, where bfloat16 is
+    emulated and slower)."""
+    if name == "float32":
+        return torch.float32
+    if name == "bfloat16":
+        return torch.bfloat16
+    if name != "auto":
+        raise LowbitError(f"qat option e2e_dtype: {name!r} is not one of auto, float32, bfloat16")
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16
+    return torch.bfloat16 if torch.backends.cpu.get_cpu_capability() == "AVX512" and _cpu_has("amx_bf16") \
+        else torch.float32
+
+
+def _cpu_has(flag: str) -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return flag in line.split()
+    except OSError:
+        pass
+    return False
 
 
 def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -96,16 +132,24 @@ def distill(model: nn.Module, names: Sequence[str], windows: torch.Tensor,
     qat = {nm: QATLinear(m.qweight, latents[nm] if nm in latents else m.qweight.dequantize(torch.float32), m.bias)
            for nm, m in originals.items()}
     for m in qat.values():
-        m.weight.requires_grad_(False)  # the codes' latent weights stay: only the grids move
+        m.weight.requires_grad_(opts.weight_lr > 0)  # at 0 the codes' latent weights stay: only the grids move
     steps = max(1, opts.steps)
+    dtype = compute_dtype(opts.dtype, windows.device)
     with swapped_in(model, originals, qat):
-        grids = [p for m in qat.values() for p in m.grid_params()]
+        groups = [{"params": [p for m in qat.values() for p in m.grid_params()], "lr": opts.lr}]
+        if opts.weight_lr > 0:
+            groups.append({"params": [m.weight for m in qat.values()], "lr": opts.weight_lr})
+
+        b = max(1, opts.batch_windows)
+        batches = [torch.tensor(train[i:i + b]) for i in range(0, len(train), b)]
 
         def loss_of(i: int) -> torch.Tensor:
-            r = train[i]
-            return topk_kl(_logits(model, windows[r:r + 1]), teacher[0][r:r + 1], teacher[1][r:r + 1]).mean()
+            rows = batches[i]
+            with torch.autocast(windows.device.type, dtype=dtype, enabled=dtype != torch.float32):
+                logits = _logits(model, windows[rows])
+            return topk_kl(logits, teacher[0][rows], teacher[1][rows]).mean()
 
-        train_steps([{"params": grids, "lr": opts.lr}], steps, len(train), loss_of, seed=opts.seed,
+        train_steps(groups, steps, len(batches), loss_of, seed=opts.seed,
                     label="qat end-to-end", every=4, postfix="kl", progress=progress)
         after = _kl(model, windows, teacher, val)
         kept = bool(after < before)
