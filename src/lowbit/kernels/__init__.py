@@ -7,6 +7,7 @@
 from lowbit.kernels import (  # noqa: F401
     bf16_gemm,
     cached,
+    cpp_bf16_gemm,
     dequantize,
     fake_act,
     fake_act_cpp_gemm,
