@@ -211,3 +211,46 @@ def test_what_it_refuses():
         dec.step(torch.tensor([1]))
     with pytest.raises(lowbit.LowbitError, match="ids must be"):
         dec.forward(torch.tensor([1, 2]))
+
+
+@pytest.mark.parametrize("fused_faster", [True, False])
+def test_under_kernel_tuning_the_first_steps_measure_stacked_against_per_layer_kernels(monkeypatch, tmp_path,
+                                                                                       fused_faster):
+    """With tuning on, the first one-token steps alternate between the stacked C++ path and each layer's own
+    measured kernel; the faster is kept for the rest of the sequence (and the next ones). Both compute the model
+    within the kernels' bounds: the logits follow transformers' forward either way."""
+    from lowbit.runtime import decoder
+
+    _needs_lib()
+    monkeypatch.setenv("LOWBIT_KERNEL_TUNING", "on")
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path))  # the per-layer kernel choices are measured afresh
+    q = _quantized("int4-g32")
+    dec = Decoder(q)
+    real, costs, calls = Decoder._fusing, [], []
+
+    def fusing(self, b, t):  # each trial step costs 1 or 10 on a fake clock: the one that should lose takes 10
+        fuse, trial = real(self, b, t)
+        if trial is not None:
+            costs.append(1.0 if fuse == fused_faster else 10.0)
+        return fuse, trial
+
+    def clock():  # read twice per trial step: at its start (0) and at its end (its cost)
+        calls.append(None)
+        return 0.0 if len(calls) % 2 else costs[len(calls) // 2 - 1]
+
+    monkeypatch.setattr(Decoder, "_fusing", fusing)
+    monkeypatch.setattr(decoder, "perf_counter", clock)
+    ids = torch.randint(0, V, (1, 16), generator=torch.Generator().manual_seed(5))
+    dec.prefill(ids[:, :4])
+    seen = []
+    for i in range(4, 16):
+        got = dec.step(ids[:, i])
+        seen.append(dec.layers_native)
+        with torch.inference_mode():
+            out = q(input_ids=ids[:, :i], use_cache=True)
+            ref = cache_step(q, out, ids[:, i:i + 1]).logits[:, -1]
+        _close(got, ref, 2e-2)  # per-layer kernels may be torch's bf16 ones
+    n = Decoder.TRIAL_STEPS
+    assert seen[:n] == [True, False] * (n // 2)  # the trials alternate
+    assert all(s == fused_faster for s in seen[n:])  # then the faster path is kept
+    assert list(dec._fuse.values()) == [fused_faster]

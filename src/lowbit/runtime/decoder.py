@@ -29,6 +29,7 @@ changing them.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from time import perf_counter
 from typing import Any
 
 import torch
@@ -88,8 +89,8 @@ class Linears:
         self._runs: dict[tuple, tuple[str | None, Any]] = {}
         self.kernel: str | None = None  # the stacking kernel's name at the last resolved call, if any
 
-    def _resolve(self, tokens: int, dtype: torch.dtype) -> tuple[str | None, Any]:
-        hit = stacked(self.mods, tokens, dtype)
+    def _resolve(self, tokens: int, dtype: torch.dtype, fuse: bool = True) -> tuple[str | None, Any]:
+        hit = stacked(self.mods, tokens, dtype) if fuse else None
         if hit is not None:
             return hit[0].name, hit[1]
         mods = self.mods
@@ -97,11 +98,12 @@ class Linears:
             return None, mods[0]
         return None, lambda x: torch.cat([m(x) for m in mods], -1)
 
-    def runner(self, tokens: int, dtype: torch.dtype):
-        key = (tokens, dtype, kernel_mode(), torch.get_num_threads())
+    def runner(self, tokens: int, dtype: torch.dtype, fuse: bool = True):
+        """``fuse=False``: each layer's own forward (its own kernel choice), never a stacked call."""
+        key = (tokens, dtype, kernel_mode(), torch.get_num_threads(), fuse)
         hit = self._runs.get(key)
         if hit is None:
-            hit = self._runs[key] = self._resolve(tokens, dtype)
+            hit = self._runs[key] = self._resolve(tokens, dtype, fuse)
         self.kernel = hit[0]
         return hit[1]
 
@@ -119,8 +121,8 @@ class _Layer:
         self.inter = m.gate_proj.out_features
         self.scaling = getattr(a, "scaling", None)
 
-    def runners(self, tokens: int, dtype: torch.dtype) -> tuple:
-        return tuple(g.runner(tokens, dtype) for g in self.groups)
+    def runners(self, tokens: int, dtype: torch.dtype, fuse: bool = True) -> tuple:
+        return tuple(g.runner(tokens, dtype, fuse) for g in self.groups)
 
     def native_args(self) -> tuple | None:
         """The packed states of the four products for ``layer_step`` (csrc/layer.h) at one float32 token, or
@@ -183,6 +185,10 @@ class Decoder:
         self.pos = 0  # tokens in the cache
         self._native_args: dict[tuple, Any] = {}
         self.layers_native = False  # the last call ran each layer as one C++ call (csrc/layer.h)
+        # one-token steps, under kernel tuning: stacked C++ GEMVs (and one C++ call per layer) or each layer's own
+        # measured kernel, whichever ran the first TRIAL_STEPS steps faster (by key: mode, threads, batch)
+        self._fuse: dict[tuple, bool] = {}
+        self._trials: dict[tuple, list[tuple[bool, float]]] = {}
 
     # -- the cache ------------------------------------------------------------------------------------------
     def _room(self, batch: int, end: int, like: torch.Tensor) -> None:
@@ -201,6 +207,28 @@ class Decoder:
     def reset(self) -> None:
         """Forget the sequence (the cache's memory is kept for the next one)."""
         self.pos = 0
+
+    TRIAL_STEPS = 6  # one-token steps measured, alternately stacked and per layer, before the choice is kept
+
+    def _fusing(self, b: int, t: int) -> tuple[bool, list | None]:
+        """Whether this call stacks layers (and runs whole layers in C++), and the trial list to time it into
+        while the choice is being measured. Only one-token steps under kernel tuning are measured: the stacked
+        C++ GEMVs are fixed kernels, and on some CPUs torch's packed kernels, chosen per layer by measurement,
+        are faster (a 7B-wide int4 model on an AMX Xeon: bench/RESULTS.md)."""
+        from lowbit.kernels import tuning
+
+        if t != 1 or kernel_mode() != "auto" or not tuning.enabled():
+            return True, None
+        key = (kernel_mode(), torch.get_num_threads(), b)
+        if key in self._fuse:
+            return self._fuse[key], None
+        trial = self._trials.setdefault(key, [])
+        if len(trial) >= self.TRIAL_STEPS:
+            best = {f: min(s for g, s in trial if g == f) for f in (True, False)}
+            self._fuse[key] = best[True] <= best[False]
+            del self._trials[key]
+            return self._fuse[key], None
+        return len(trial) % 2 == 0, trial
 
     def _native(self):
         """``(library, per-layer layer_step arguments)`` when every layer's four products are stacked C++ GEMVs
@@ -240,7 +268,9 @@ class Decoder:
             mask, causal = torch.ones(t, end, dtype=torch.bool, device=x.device).tril(start), False
         gqa = self.kv_heads != self.heads
         nh, nkv, hd = self.heads, self.kv_heads, self.head_dim
-        native = self._native() if b * t == 1 and x.dtype == torch.float32 else None
+        fuse, trial = self._fusing(b, t)
+        t_start = perf_counter() if trial is not None else 0.0
+        native = self._native() if fuse and b * t == 1 and x.dtype == torch.float32 else None
         if native is not None:
             lib, layers = native
             x = x.reshape(1, -1).contiguous()
@@ -254,7 +284,7 @@ class Decoder:
             self.layers_native = False
         half = hd // 2
         for i, L in enumerate(self.layers if native is None else ()):
-            qkv_run, o_run, gu_run, down_run = L.runners(b * t, x.dtype)
+            qkv_run, o_run, gu_run, down_run = L.runners(b * t, x.dtype, fuse)
             qkv = qkv_run(F.rms_norm(x, (x.shape[-1],), L.ln1.weight, L.eps1)).view(b, t, nh + 2 * nkv, hd)
             qk = qkv[:, :, : nh + nkv]
             qk = torch.addcmul(qk * cos, qk.roll(half, -1), sin)  # rotary on q and k at once
@@ -270,6 +300,8 @@ class Decoder:
         self.pos = end
         x = x if all_logits else x[:, -1:]
         logits = self.lm(_norm(self.norm, x))
+        if trial is not None:
+            trial.append((fuse, perf_counter() - t_start))
         return logits if all_logits else logits[:, 0]
 
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
