@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #pragma GCC push_options
@@ -27,9 +28,11 @@
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")
 #define ISA_NS vnni
+#define LOWBIT_ZMM 1  // 4-bit codes in groups of 64+ also on 512-bit vectors (bit for bit the 256-bit result)
 #define DOT(acc, w, x) _mm256_dpwssd_epi32((acc), (w), (x))
 #define DOT8(acc, u, s) _mm256_dpbusd_epi32((acc), (u), (s))
 #include "gemv_isa.h"
+#undef LOWBIT_ZMM
 #undef DOT8
 #undef DOT
 #undef ISA_NS

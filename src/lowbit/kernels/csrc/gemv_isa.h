@@ -112,6 +112,79 @@ static void affine_rows(const C& c, const float* scale, const float* minv, int64
   }
 }
 
+#ifdef LOWBIT_ZMM
+// affine_rows for 4-bit codes in groups of a multiple of 64, on 512-bit vectors: 64 columns per step (two
+// 16-byte Nibbles chunks widened at once), two vpdpwssd on zmm. Each group's int32 dot is folded to the 256-bit
+// path's 8 lanes (lane j holds columns 2j, 2j + 1 of every 16-column chunk there too; integer sums are exact)
+// before the same float operations, so the result is affine_rows' bit for bit.
+template <int T>
+static void q4_rows_zmm(const uint8_t* codes, const float* scale, const float* minv, int64_t K, int64_t group,
+                        const int16_t* q, const float* a, const float* aq, const float* bias, float* y, int64_t N,
+                        int64_t n0, int64_t n1) {
+  const int64_t G = K / group;
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* s = scale + n * G;
+    const float* mn = minv ? minv + n * G : nullptr;
+    const uint8_t* row = codes + n * (K / 2);
+    __m256 acc[T];
+    float off[T];
+    for (int t = 0; t < T; ++t) {
+      acc[t] = _mm256_setzero_ps();
+      off[t] = 0.f;
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      __m512i dot[T];
+      for (int t = 0; t < T; ++t) dot[t] = _mm512_setzero_si512();
+      for (int64_t k = g * group; k < (g + 1) * group; k += 64) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k / 2));
+        const __m512i w0 = _mm512_cvtepu8_epi16(_mm256_and_si256(v, mask));                     // k.., k+32..
+        const __m512i w1 = _mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), mask));  // k+16.., k+48..
+        for (int t = 0; t < T; ++t) {  // q in zmm order (zmm_order): columns k.., k+32.. then k+16.., k+48..
+          const int16_t* qt = q + t * K + k;
+          dot[t] = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(dot[t], w0, _mm512_loadu_si512(qt)), w1,
+                                       _mm512_loadu_si512(qt + 32));
+        }
+      }
+      for (int t = 0; t < T; ++t) {
+        const __m256i d = _mm256_add_epi32(_mm512_castsi512_si256(dot[t]), _mm512_extracti64x4_epi64(dot[t], 1));
+        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(s[g] * a[t * G + g]), acc[t]);
+        if (mn) off[t] += mn[g] * aq[t * G + g];
+      }
+    }
+    const float b = bias ? bias[n] : 0.f;
+    for (int t = 0; t < T; ++t) y[t * N + n] = hsum(acc[t]) + off[t] + b;
+  }
+}
+
+// q (T rows of K, K a multiple of 64) with the middle two 16-column chunks of every 64 swapped: the order in
+// which q4_rows_zmm's widened codes hold the columns.
+static std::vector<int16_t> zmm_order(const int16_t* q, int T, int64_t K) {
+  std::vector<int16_t> out(static_cast<size_t>(T) * K);
+  for (int64_t i = 0; i < T * K; i += 64) {
+    std::memcpy(&out[i], q + i, 32);
+    std::memcpy(&out[i + 16], q + i + 32, 32);
+    std::memcpy(&out[i + 32], q + i + 16, 32);
+    std::memcpy(&out[i + 48], q + i + 48, 32);
+  }
+  return out;
+}
+#endif
+
+// affine_rows, or its 512-bit form where this build has one and the codes and group allow it (q then in
+// zmm_order).
+template <int T, class C>
+static void affine_block(const C& c, const float* scale, const float* minv, int64_t K, int64_t group,
+                         const int16_t* q, const float* a, const float* aq, const float* bias, float* y, int64_t N,
+                         int64_t n0, int64_t n1) {
+#ifdef LOWBIT_ZMM
+  if constexpr (std::is_same_v<C, Nibbles>) {
+    if (group % 64 == 0) return q4_rows_zmm<T>(c.codes, scale, minv, K, group, q, a, aq, bias, y, N, n0, n1);
+  }
+#endif
+  affine_rows<T>(c, scale, minv, K, group, q, a, aq, bias, y, N, n0, n1);
+}
+
 // y[t, n] = wscale[n]·Σ_g a[t,g]·Σ_k w[n,k]·q[t,k] + bias[n], w signed int8.
 template <int T>
 static void q8_rows(const int8_t* w, const float* wscale, int64_t K, int64_t group, const int16_t* q,
@@ -148,6 +221,15 @@ template <class C>
 static void affine(int T, const C& c, const float* scale, const float* minv, int64_t K, int64_t group,
                    const int16_t* q, const float* a, const float* aq, const float* bias, float* y, int64_t N,
                    int64_t n0, int64_t n1) {
+#ifdef LOWBIT_ZMM
+  std::vector<int16_t> reordered;
+  if constexpr (std::is_same_v<C, Nibbles>) {
+    if (group % 64 == 0) {
+      reordered = zmm_order(q, T, K);
+      q = reordered.data();
+    }
+  }
+#endif
   const int64_t G = K / group, rows = T > 4 ? std::max<int64_t>(4, kBlockBytes / c.row_bytes(K)) : n1 - n0;
   for (int64_t b0 = n0; b0 < n1; b0 += rows) {
     const int64_t b1 = std::min(n1, b0 + rows);
@@ -156,7 +238,7 @@ static void affine(int T, const C& c, const float* scale, const float* minv, int
       const float *at = a + t0 * G, *aqt = aq + t0 * G;
       float* yt = y + t0 * N;
       switch (std::min(4, T - t0)) {
-#define LOWBIT_CASE(t) case t: affine_rows<t>(c, scale, minv, K, group, qt, at, aqt, bias, yt, N, b0, b1); break;
+#define LOWBIT_CASE(t) case t: affine_block<t>(c, scale, minv, K, group, qt, at, aqt, bias, yt, N, b0, b1); break;
         LOWBIT_CASE(1) LOWBIT_CASE(2) LOWBIT_CASE(3) LOWBIT_CASE(4)
 #undef LOWBIT_CASE
       }
