@@ -179,6 +179,28 @@ def test_end_to_end_distillation_lowers_the_kl_to_the_teacher():
     assert all(isinstance(qm.get_submodule(n), QLinear) for n in names)
 
 
+def test_topk_kl_with_the_tail_lies_between_the_top_k_terms_and_the_full_kl():
+    from lowbit.qat.e2e import topk_kl
+
+    g = torch.Generator().manual_seed(0)
+    t_logits, s_logits = torch.randn(5, 7, 300, generator=g) * 3, torch.randn(5, 7, 300, generator=g) * 3
+    t = t_logits.log_softmax(-1)
+    full = (t.exp() * (t - s_logits.log_softmax(-1))).sum(-1)
+    for k in (1, 8, 64):
+        v, i = t.topk(k, dim=-1)
+        with_tail, without = topk_kl(s_logits, v, i), topk_kl(s_logits, v, i, rest=False)
+        assert torch.all(with_tail <= full + 1e-5) and torch.all(with_tail >= -1e-6)  # a KL over k + 1 categories
+        assert not torch.equal(with_tail, without)
+    v, i = t.topk(300, dim=-1)  # the whole vocabulary: nothing left in the tail, the exact KL
+    assert torch.allclose(topk_kl(s_logits, v, i), full, atol=1e-4)
+    # the flaw the tail term removes: a student that copies the teacher's top-k and drops its tail scores better
+    # than the teacher itself on the top-k terms alone; with the tail, the teacher (KL 0) wins
+    v, i = t.topk(8, dim=-1)
+    dropped = torch.full_like(t, -1e4).scatter_(-1, i, v)  # the top-k logits kept, the tail's mass gone
+    assert float(topk_kl(dropped, v, i, rest=False).mean()) < float(topk_kl(t, v, i, rest=False).mean())
+    assert abs(float(topk_kl(t, v, i).mean())) < 1e-5 < float(topk_kl(dropped, v, i).mean())
+
+
 def test_end_to_end_weights_train_too_and_bfloat16_products_still_lower_the_kl():
     """At ``weight_lr`` > 0 the latent weights move across grid points (codes change, not only scales); with the
     matrix products in bfloat16 the trained model (stored, evaluated in float32) is still closer to the teacher."""

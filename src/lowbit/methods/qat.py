@@ -38,6 +38,8 @@ class QatOptions:
     e2e_dtype: str = field(default="auto", metadata={"help": "the end-to-end step's matrix products: float32 | "
                                                              "bfloat16 | auto (bfloat16 on CUDA and AMX CPUs)"})
     e2e_batch_windows: int = field(default=1, metadata={"help": "calibration windows per end-to-end step"})
+    e2e_tail: bool = field(default=True, metadata={"help": "the teacher's tail beyond its top-k tokens as one more "
+                                                           "category of the end-to-end KL (false: top-k terms only)"})
     topk: int = field(default=64, metadata={"help": "teacher tokens kept per position for the end-to-end KL"})
     loss: str = field(default="token", metadata={"help": "block loss: token (squared error relative to each token's "
                                                          "target) | mse"})

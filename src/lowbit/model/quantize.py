@@ -285,7 +285,7 @@ def _e2e_teacher(model: nn.Module, resolved: dict[str, LayerPlan], planned: list
 
     t_logp, t_idx = teacher_topk(model, calib, o.topk, batch_size=max(1, batch_size // 2))
     return names, (t_logp, t_idx), DistillOptions(o.steps, o.e2e_lr, o.topk, o.val_windows, o.seed,
-                                                       o.e2e_weight_lr, o.e2e_dtype, o.e2e_batch_windows)
+                                                       o.e2e_weight_lr, o.e2e_dtype, o.e2e_batch_windows, o.e2e_tail)
 
 
 def _e2e_distill(model: nn.Module, e2e, calib: torch.Tensor, q: _Quantizer, progress: bool | None) -> None:

@@ -36,6 +36,7 @@ class DistillOptions:
     weight_lr: float = 0.0  # of the latent weights (0: they stay, only the grids move)
     dtype: str = "auto"  # of training's matrix products: float32 | bfloat16 | auto
     batch_windows: int = 1  # windows per step (the fake weights are built once per step, whatever the batch)
+    tail: bool = True  # the teacher's tail beyond the top-k as one more category of the KL (topk_kl's rest)
 
 
 @dataclass
@@ -97,17 +98,26 @@ def teacher_topk(model: nn.Module, windows: torch.Tensor, k: int, batch_size: in
     return torch.cat(vals), torch.cat(idx)
 
 
-def topk_kl(logits: torch.Tensor, t_logp: torch.Tensor, t_idx: torch.Tensor) -> torch.Tensor:
-    """Per-position KL ``Σ_top-k p_t (log p_t − log q)`` of the student's ``logits`` ``(…, V)`` from the teacher's
-    top-k log-probabilities ``t_logp`` at ``t_idx`` ``(…, k)`` (the teacher's tail, under its top-k, is left out)."""
+def topk_kl(logits: torch.Tensor, t_logp: torch.Tensor, t_idx: torch.Tensor, rest: bool = True) -> torch.Tensor:
+    """Per-position KL of the student's ``logits`` ``(…, V)`` from the teacher's top-k log-probabilities ``t_logp``
+    at ``t_idx`` ``(…, k)``: ``Σ_top-k p (log p − log q)`` plus, with ``rest``, the tail beyond the top-k as one more
+    category, ``p_r log(p_r / q_r)`` with ``p_r = 1 − Σ_top-k p``, ``q_r = 1 − Σ_top-k q``. That is the exact KL
+    between the two distributions with the tail lumped together (≥ 0, ≤ the full KL); without it a student can
+    lower the loss by taking mass from the tokens outside the teacher's top-k, which the full KL counts."""
     logq = logits.float().log_softmax(-1).gather(-1, t_idx)
-    return (t_logp.exp() * (t_logp - logq)).sum(-1)
+    p = t_logp.exp()
+    kl = (p * (t_logp - logq)).sum(-1)
+    if not rest:
+        return kl
+    p_rest = (1 - p.sum(-1)).clamp(min=0)
+    log_q_rest = torch.log1p(-logq.exp().sum(-1).clamp(max=1 - 1e-7))
+    return kl + torch.xlogy(p_rest, p_rest) - p_rest * log_q_rest
 
 
-def _kl(model: nn.Module, windows: torch.Tensor, teacher: tuple[torch.Tensor, torch.Tensor], rows: Sequence[int]
-        ) -> float:
+def _kl(model: nn.Module, windows: torch.Tensor, teacher: tuple[torch.Tensor, torch.Tensor], rows: Sequence[int],
+        rest: bool = True) -> float:
     with torch.no_grad():
-        kls = [float(topk_kl(_logits(model, windows[r:r + 1]), teacher[0][r:r + 1], teacher[1][r:r + 1]).mean())
+        kls = [float(topk_kl(_logits(model, windows[r:r + 1]), teacher[0][r:r + 1], teacher[1][r:r + 1], rest).mean())
                for r in rows]
     return sum(kls) / max(1, len(kls))
 
@@ -126,7 +136,7 @@ def distill(model: nn.Module, names: Sequence[str], windows: torch.Tensor,
     n_val = min(opts.val_windows, n // 4)
     val = list(range(n - n_val, n)) if n_val else list(range(n))
     train = list(range(n - n_val)) if n_val else list(range(n))
-    before = _kl(model, windows, teacher, val)
+    before = _kl(model, windows, teacher, val, opts.tail)
     originals = {nm: model.get_submodule(nm) for nm in names}
     latents = latents or {}
     qat = {nm: QATLinear(m.qweight, latents[nm] if nm in latents else m.qweight.dequantize(torch.float32), m.bias)
@@ -147,11 +157,11 @@ def distill(model: nn.Module, names: Sequence[str], windows: torch.Tensor,
             rows = batches[i]
             with torch.autocast(windows.device.type, dtype=dtype, enabled=dtype != torch.float32):
                 logits = _logits(model, windows[rows])
-            return topk_kl(logits, teacher[0][rows], teacher[1][rows]).mean()
+            return topk_kl(logits, teacher[0][rows], teacher[1][rows], opts.tail).mean()
 
         train_steps(groups, steps, len(batches), loss_of, seed=opts.seed,
                     label="qat end-to-end", every=4, postfix="kl", progress=progress)
-        after = _kl(model, windows, teacher, val)
+        after = _kl(model, windows, teacher, val, opts.tail)
         kept = bool(after < before)
         if kept:
             for nm, m in qat.items():
