@@ -33,7 +33,7 @@ class QatOptions:
                                                     "e2e_weight_lr > 0 the weights) train against the float "
                                                     "model's next-token distribution"})
     e2e_lr: float = field(default=1e-3, metadata={"help": "learning rate of the end-to-end step (relative steps)"})
-    e2e_weight_lr: float = field(default=0.0, metadata={"help": "learning rate of the latent weights in the "
+    e2e_weight_lr: float = field(default=3e-5, metadata={"help": "learning rate of the latent weights in the "
                                                                 "end-to-end step (0: only the grids train there)"})
     e2e_dtype: str = field(default="auto", metadata={"help": "the end-to-end step's matrix products: float32 | "
                                                              "bfloat16 | auto (bfloat16 on CUDA and AMX CPUs)"})
