@@ -64,6 +64,11 @@ _mode: tuple[str, ...] | str = os.environ.get("LOWBIT_KERNELS", "auto")
 HUGE_ACTIVATION = 256.0  # |x| above this goes around the packed int4/int8 kernels, in float32
 
 
+def exceeds(x: torch.Tensor, limit: float = HUGE_ACTIVATION) -> bool:
+    """Whether max |x| is above ``limit`` or NaN (as max(max x, −min x): one pass each, no |x| copy)."""
+    return x.numel() > 0 and not float(torch.maximum(x.max(), x.min().neg())) <= limit
+
+
 def split_dominant(x2: torch.Tensor, limit: float = HUGE_ACTIVATION):
     """``x2`` ``(rows, in)`` without its huge elements (``|x| > limit``), and those elements apart: ``(x2, None)``
     when there are none (one max per call: the common case costs one reduction), else
@@ -71,7 +76,7 @@ def split_dominant(x2: torch.Tensor, limit: float = HUGE_ACTIVATION):
     elsewhere). torch's packed int4/int8 CPU kernels lose precision on rows holding such an activation among
     small ones (SmolLM2's down_proj sees 3·10⁴ on a window's first token: 3.7% error of the layer's output,
     where a bf16 GEMM errs by 0.4%), so kernels add those few columns' products in float32."""
-    if x2.numel() == 0 or float(torch.maximum(x2.max(), x2.min().neg())) <= limit:  # max |x| (NaN: not <=)
+    if not exceeds(x2, limit):
         return x2, None
     big = x2.abs() > limit
     cols = big.any(0).nonzero().flatten()

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.kernels import grid8_cpp, int4_cpp, int8_cpp, native
-from lowbit.kernels.base import HUGE_ACTIVATION, KERNELS, Kernel, prepared, register_kernel
+from lowbit.kernels.base import KERNELS, Kernel, exceeds, prepared, register_kernel
 from lowbit.kernels.cpu import native_bf16
 
 MIN_TOKENS = 17
@@ -62,8 +62,7 @@ def _bias(name: str, state) -> torch.Tensor | None:
 def _run(m, st, x: torch.Tensor) -> torch.Tensor:
     name, state = st
     x2 = x.reshape(-1, x.shape[-1])
-    if x2.numel() and not float(torch.maximum(x2.max(), x2.min().neg())) <= HUGE_ACTIVATION:
-        # huge, inf or NaN: the float32 tiles' arithmetic
+    if exceeds(x2):  # huge, inf or NaN: the float32 tiles' arithmetic
         return KERNELS[f"{name}-gemm"].run(m, state, x)
     xb = x2.to(torch.bfloat16).contiguous()
     N, K = m.out_features, m.in_features
