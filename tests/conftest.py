@@ -78,16 +78,20 @@ def tiny_tokenizer():
 
 @pytest.fixture(scope="session")
 def tiny_wordpiece_tokenizer():
-    """BERT-style WordPiece (lower-cased, [CLS] … [SEP]) trained on ``TINY_TEXT``."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    """BERT-style WordPiece (lower-cased, [CLS] … [SEP]) over ``TINY_TEXT``'s words, letters and ``##``letters.
+
+    The vocabulary is built, not trained: tokenizers' WordPieceTrainer breaks frequency ties in hash order, so
+    its vocabulary (and every id a test feeds) changed from one process to the next."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import BertTokenizerFast
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tk = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tk.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tk.train_from_iterator([TINY_TEXT], trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials,
-                                                                  show_progress=False))
+    norm, pre = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    words = sorted({w for w, _ in pre.pre_tokenize_str(norm.normalize_str(TINY_TEXT))})
+    chars = sorted(set("".join(words)))
+    pieces = specials + chars + ["##" + c for c in chars] + [w for w in words if len(w) > 1]
+    tk = Tokenizer(models.WordPiece({p: i for i, p in enumerate(pieces)}, unk_token="[UNK]"))
+    tk.normalizer, tk.pre_tokenizer = norm, pre
     cls_id, sep_id = tk.token_to_id("[CLS]"), tk.token_to_id("[SEP]")
     tk.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
