@@ -55,3 +55,35 @@ def test_export_gguf_with_qat_writes_the_trained_blocks(tmp_path, capsys, tiny_l
     code, _, err = run(capsys, "export", "gguf", tiny_llama_dir, "-o", tmp_path / "bad.gguf", "--type", "Q4_0",
                        "--method", "qat", "--method-options", "bogus=1", "--calib", calib)
     assert code == 2 and "bogus" in err and "Traceback" not in err and not (tmp_path / "bad.gguf").exists()
+
+
+def test_killed_export_gguf_with_qat_resumes_to_the_same_file(tmp_path, capsys, monkeypatch, tiny_llama_dir,
+                                                              calib):  # noqa: F811
+    from lowbit.qat import e2e as E
+
+    args = ["export", "gguf", tiny_llama_dir, "--type", "Q4_0", "--method", "qat", "--method-options",
+            "block_epochs=1,init=rtn,steps=4,val_windows=2,e2e_lr=3e-3", "--calib", calib, "--calib-windows", "8",
+            "--window-len", "32"]
+    code, _, err = run(capsys, *args, "-o", tmp_path / "ref.gguf")
+    assert code == 0, err
+    monkeypatch.setattr(E, "CHECKPOINT_SECONDS", 0.0)
+    real = E.train_steps
+    seen: list[int] = []
+
+    def dying(groups, steps, items, loss_of, **kw):  # Ctrl-C in the third end-to-end step
+        def loss(i):
+            if len(seen) == 2:
+                raise KeyboardInterrupt
+            seen.append(i)
+            return loss_of(i)
+        return real(groups, steps, items, loss, **kw)
+
+    monkeypatch.setattr(E, "train_steps", dying)
+    out = tmp_path / "q.gguf"
+    code, _, err = run(capsys, *args, "-o", out)
+    assert code != 0 and not out.exists() and (tmp_path / ".q.gguf.resume" / "e2e.safetensors").exists()
+    monkeypatch.setattr(E, "train_steps", real)
+    code, _, err = run(capsys, *args, "-o", out)
+    assert code == 0, err
+    assert "resuming" in err and "end-to-end step" in err and not (tmp_path / ".q.gguf.resume").exists()
+    assert out.read_bytes() == (tmp_path / "ref.gguf").read_bytes()

@@ -131,17 +131,24 @@ def _check_calib(args: argparse.Namespace) -> None:
 
 def resume_folder(out: str | Path) -> Path:
     """Where a run writing ``out`` keeps its block checkpoints: beside it, hidden, removed once ``out`` is written."""
-    p = Path(out)
-    return p.with_name(f".{p.name}.resume")
+    from lowbit.model.resume import folder_beside
+
+    return folder_beside(out)
+
+
+def _say_resuming(args: argparse.Namespace, resume: Path | None) -> None:
+    done = [] if resume is None else list(resume.glob("block-*.json"))
+    if done and not args.json:
+        assert resume is not None
+        e2e = " and the checkpointed end-to-end step" if (resume / "e2e.safetensors").exists() else ""
+        err.print(f"resuming      {len(done)} finished block(s){e2e} in {resume} (restored if this is the same job)")
 
 
 def _quantize(args: argparse.Namespace, model, tok, plan: Plan | None = None,
               resume: Path | None = None) -> tuple[Any, QuantReport]:
     if args.calib and not args.json:
         err.print(f"calibration   {args.calib_windows} windows × {args.window_len} tokens from {args.calib}")
-    done = [] if resume is None else list(resume.glob("block-*.json"))
-    if done and not args.json:
-        err.print(f"resuming      {len(done)} finished block(s) in {resume} (restored if this is the same job)")
+    _say_resuming(args, resume)
     return lowbit.quantize(model, tok, scheme=args.scheme, method=args.method, calib=args.calib,
                            windows=args.calib_windows, window_len=args.window_len, plan=plan or _plan(args, model),
                            rules=args.rule, keep=args.keep, config=_config(args), inplace=True,
@@ -450,14 +457,19 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any] | None:
         model, tok = folder, None
     else:
         model, tok = lowbit.load(args.model)
+    resume = resume_folder(args.out) if quantize and args.calib else None  # a rerun resumes the calibration
     if quantize:
         alloc = budget_allocation(args, model, tok, err=None if args.json else err)
-        model, qreport = _quantize(args, model, tok, None if alloc is None else alloc.plan)
+        model, qreport = _quantize(args, model, tok, None if alloc is None else alloc.plan, resume)
         _warn_unmatched(args, model)
         if not args.json:
             out.print(layer_table(qreport))
+    elif getattr(options, "calib", None):  # an exporter that calibrates itself (gguf) resumes in the same folder
+        _say_resuming(args, resume_folder(args.out))
     report = exporter.export(model, args.out, tok, options, force=args.force,
                              progress=None if not args.json else False)
+    if resume is not None:
+        shutil.rmtree(resume, ignore_errors=True)  # the file is written: nothing left to resume
     if args.json:
         return report.to_dict()
     for w in report.warnings:

@@ -221,7 +221,14 @@ def _quantize_model(model, plan, calib, batch_size, sample_rows, progress, on_bl
         stream = None
     q = _Quantizer(model, resolved, report)
     data_layers = [n for n in planned if needs_data(resolved[n])]
-    e2e = _e2e_teacher(model, resolved, planned, calib, stream, report, batch_size)
+    resume = None
+    if resume_dir is not None and data_layers and calib is not None:
+        from lowbit.model.resume import BlockCheckpoints, fingerprint
+
+        settings = {"batch_size": batch_size, "sample_rows": sample_rows, "device": str(device),
+                    "stream": None if stream is None else stream.digest()}
+        resume = BlockCheckpoints(resume_dir, fingerprint(model, plan.to_json(), calib, settings))
+    e2e = _e2e_teacher(model, resolved, planned, calib, stream, report, batch_size, resume)
     if stats is not None and calib is None:
         for n in data_layers:
             q.quantize_layer(n, stats.get(n, LayerStats()))
@@ -231,13 +238,6 @@ def _quantize_model(model, plan, calib, batch_size, sample_rows, progress, on_bl
             raise LowbitError(f"method {resolved[data_layers[0]].method} (layer {data_layers[0]}) needs calibration "
                               f"data: pass calibration text (--calib FILE)")
         info = arch_for(model)
-        resume = None
-        if resume_dir is not None:
-            from lowbit.model.resume import BlockCheckpoints, fingerprint
-
-            settings = {"batch_size": batch_size, "sample_rows": sample_rows, "device": str(device),
-                        "stream": None if stream is None else stream.digest()}
-            resume = BlockCheckpoints(resume_dir, fingerprint(model, plan.to_json(), calib, settings))
         _quantize_blocks(model, info, resolved, q, calib, batch_size, sample_rows, progress, on_block, device,
                          resume)
         report.calib_windows, report.calib_tokens = int(calib.shape[0]), int(calib.numel())
@@ -257,7 +257,7 @@ def _quantize_model(model, plan, calib, batch_size, sample_rows, progress, on_bl
         stream.load_all(model)  # whatever no block loop reached (nothing, normally): the model is whole now
         delattr(model, STREAM_ATTR)
     if e2e is not None:
-        _e2e_distill(model, e2e, calib, q, progress)
+        _e2e_distill(model, e2e, calib, q, progress, resume)
     order = {n: i for i, n in enumerate(resolved)}
     report.layers.sort(key=lambda r: order[r.name])
     for pair, names in report.unfolded.items():  # one line per pair, not one per block
@@ -268,9 +268,10 @@ def _quantize_model(model, plan, calib, batch_size, sample_rows, progress, on_bl
 
 
 def _e2e_teacher(model: nn.Module, resolved: dict[str, LayerPlan], planned: list[str], calib: torch.Tensor | None,
-                 stream: StreamedWeights | None, report: QuantReport, batch_size: int):
+                 stream: StreamedWeights | None, report: QuantReport, batch_size: int, resume=None):
     """For qat's end-to-end step (option ``steps`` > 0): the float model's top-k next-token log-probabilities on
-    the calibration windows, taken now, before anything is quantized; with the layers and options to train."""
+    the calibration windows, taken now, before anything is quantized (or read from ``resume``, where an earlier
+    run of this job saved them); with the layers and options to train."""
     names = [n for n in planned if trains(resolved[n]) and resolved[n].kind == "linear"]
     if not names or calib is None:
         return None
@@ -283,12 +284,19 @@ def _e2e_teacher(model: nn.Module, resolved: dict[str, LayerPlan], planned: list
         return None
     from lowbit.qat.e2e import DistillOptions, teacher_topk
 
-    t_logp, t_idx = teacher_topk(model, calib, o.topk, batch_size=max(1, batch_size // 2))
+    saved = None if resume is None else resume.teacher()
+    if saved is not None and set(saved) == {"logp", "idx"} and saved["idx"].shape == (*calib.shape, o.topk):
+        t_logp, t_idx = saved["logp"], saved["idx"]
+    else:
+        t_logp, t_idx = teacher_topk(model, calib, o.topk, batch_size=max(1, batch_size // 2))
+        if resume is not None:
+            resume.save_teacher({"logp": t_logp, "idx": t_idx})
     return names, (t_logp, t_idx), DistillOptions(o.steps, o.e2e_lr, o.topk, o.val_windows, o.seed,
                                                        o.e2e_weight_lr, o.e2e_dtype, o.e2e_batch_windows, o.e2e_tail)
 
 
-def _e2e_distill(model: nn.Module, e2e, calib: torch.Tensor, q: _Quantizer, progress: bool | None) -> None:
+def _e2e_distill(model: nn.Module, e2e, calib: torch.Tensor, q: _Quantizer, progress: bool | None,
+                 resume=None) -> None:
     from lowbit.qat.e2e import distill
 
     names, teacher, opts = e2e
@@ -296,7 +304,7 @@ def _e2e_distill(model: nn.Module, e2e, calib: torch.Tensor, q: _Quantizer, prog
     names = [n for n in names if n in q.e2e_latents and isinstance(model.get_submodule(n), QLinear)]  # block-trained
     if not names:
         return
-    res = distill(model, names, calib, teacher, opts, latents=q.e2e_latents, progress=progress)
+    res = distill(model, names, calib, teacher, opts, latents=q.e2e_latents, progress=progress, resume=resume)
     q.e2e_latents.clear()
     report.notes.append(res.note())
     log.info("%s", res.note())
@@ -358,6 +366,7 @@ def _quantize_blocks(model, info: ArchInfo, resolved, q: _Quantizer, calib, batc
         if resume is not None and resume.has(i):  # finished by an earlier run of this job
             float_block = copy.deepcopy(block) if float_inputs is not None else None
             _restore_block(block, i, mine, resolved, resume, q.report)
+            q.e2e_latents.update(resume.latents(i))  # where qat's end-to-end step starts this block's layers
             inputs = run_block(block, inputs)
             for m in block.modules():
                 if isinstance(m, QLinear):
@@ -436,7 +445,7 @@ def _quantize_blocks(model, info: ArchInfo, resolved, q: _Quantizer, calib, batc
             resume.save(i, block, [r for r in q.report.layers if r.name in names],
                         {r: {"act_scheme": getattr(block.get_submodule(r), "act_scheme", None),
                              "act_scale": getattr(block.get_submodule(r), "act_scale", None) is not None}
-                         for r in mine})
+                         for r in mine}, {n: q.e2e_latents[n] for n in mine.values() if n in q.e2e_latents})
         inputs = next_inputs if next_inputs is not None else run_block(block, inputs)
         for m in block.modules():
             if isinstance(m, QLinear):

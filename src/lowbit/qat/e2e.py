@@ -15,6 +15,7 @@ only the matrix products round their inputs. The held-out KL that decides what i
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +25,9 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.qat.modules import QATLinear, swapped_in, train_steps
+
+log = logging.getLogger(__name__)
+CHECKPOINT_SECONDS = 300.0  # how often a resumable end-to-end step saves its state (and after its last step)
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,26 @@ def _cpu_has(flag: str) -> bool:
     return False
 
 
+def _trained(qat: dict[str, QATLinear]) -> dict[str, torch.Tensor]:
+    """What training changes: each layer's latent weight and grid parameters, ``layer.{name}.{param}``."""
+    return {f"layer.{nm}.{k}": p.detach() for nm, m in qat.items() for k, p in m.named_parameters()}
+
+
+def _load_trained(qat: dict[str, QATLinear], saved: dict[str, torch.Tensor]) -> None:
+    want = _trained(qat)
+    if set(want) - set(saved):
+        raise LowbitError(f"resume: the end-to-end checkpoint lacks {sorted(set(want) - set(saved))[0]}; delete the "
+                          f"resume folder to start over")
+    with torch.no_grad():
+        for nm, m in qat.items():
+            for k, p in m.named_parameters():
+                v = saved[f"layer.{nm}.{k}"]
+                if v.shape != p.shape:
+                    raise LowbitError(f"resume: the end-to-end checkpoint's {nm}.{k} has shape {tuple(v.shape)}, "
+                                      f"not {tuple(p.shape)}; delete the resume folder to start over")
+                p.copy_(v)
+
+
 def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
 
@@ -124,13 +148,17 @@ def _kl(model: nn.Module, windows: torch.Tensor, teacher: tuple[torch.Tensor, to
 
 def distill(model: nn.Module, names: Sequence[str], windows: torch.Tensor,
             teacher: tuple[torch.Tensor, torch.Tensor], opts: DistillOptions, *,
-            latents: dict[str, torch.Tensor] | None = None, progress: bool | None = None) -> Distillation:
+            latents: dict[str, torch.Tensor] | None = None, progress: bool | None = None,
+            resume=None) -> Distillation:
     """Train the grids of the quantized linear layers ``names`` of ``model`` against ``teacher`` (from
     :func:`teacher_topk` on the same ``windows``); they end as ``QLinear`` again.
 
     ``latents``: each layer's latent weight (from block training, or the float weight), held fixed while the
     grid moves, so codes change as scales do (weights exactly on their grid points would give the scales no
-    gradient); default the quantized weight itself."""
+    gradient); default the quantized weight itself.
+
+    ``resume`` (a :class:`lowbit.model.resume.BlockCheckpoints` of this job): the training state is saved there
+    every ``CHECKPOINT_SECONDS`` and after the last step, and a run that finds one continues from it."""
     t0 = time.perf_counter()
     n = windows.shape[0]
     n_val = min(opts.val_windows, n // 4)
@@ -159,8 +187,21 @@ def distill(model: nn.Module, names: Sequence[str], windows: torch.Tensor,
                 logits = _logits(model, windows[rows])
             return topk_kl(logits, teacher[0][rows], teacher[1][rows], opts.tail).mean()
 
-        train_steps(groups, steps, len(batches), loss_of, seed=opts.seed,
-                    label="qat end-to-end", every=4, postfix="kl", progress=progress)
+        start, adam, save = 0, None, None
+        if resume is not None:
+            done = resume.e2e()
+            if done is not None:
+                start, saved = done
+                _load_trained(qat, saved)
+                adam = {k: v for k, v in saved.items() if k.startswith("adam.")}
+                log.info("qat end-to-end: resuming after step %d of %d", start, steps)
+
+            def save(step: int, adam_state: dict[str, torch.Tensor]) -> None:
+                resume.save_e2e(step, {**_trained(qat), **adam_state})
+
+        train_steps(groups, steps, len(batches), loss_of, seed=opts.seed, label="qat end-to-end", every=4,
+                    postfix="kl", progress=progress, start=min(start, steps), adam=adam, on_checkpoint=save,
+                    checkpoint_seconds=CHECKPOINT_SECONDS)
         after = _kl(model, windows, teacher, val, opts.tail)
         kept = bool(after < before)
         if kept:

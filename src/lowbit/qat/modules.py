@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Callable, Iterator
 
 import torch
@@ -120,15 +121,34 @@ ADAM_EPS = 1e-20
 
 
 def train_steps(groups: list[dict], steps: int, items: int, loss_of: Callable[[int], torch.Tensor], *, seed: int,
-                label: str, every: int = 8, postfix: str = "loss", progress: bool | None = None) -> None:
+                label: str, every: int = 8, postfix: str = "loss", progress: bool | None = None,
+                start: int = 0, adam: dict[str, torch.Tensor] | None = None,
+                on_checkpoint: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
+                checkpoint_seconds: float = 300.0) -> None:
     """``steps`` Adam steps on the parameter ``groups`` (each with its ``lr``, decayed to 0 on a cosine), each on
     ``loss_of(i)`` for one of ``items`` training items, visited in a seeded random order, epoch after epoch; a
-    non-finite loss (a learning rate far too high) stops training where it is."""
+    non-finite loss (a learning rate far too high) stops training where it is.
+
+    Resumable: ``on_checkpoint(done, adam)`` is called every ``checkpoint_seconds`` of training and after the last
+    step, with the steps done and Adam's state (:func:`adam_state`); ``start`` and ``adam`` (the parameters
+    restored by the caller) continue from such a point, in the same item order and learning rates, so the result
+    is the uninterrupted run's."""
     opt = torch.optim.Adam(groups, eps=ADAM_EPS)
     base = [g["lr"] for g in opt.param_groups]
     gen = torch.Generator().manual_seed(seed)
     order: list[int] = []
-    bar = tqdm(range(steps), desc=label, leave=False, disable=None if progress is None else not progress)
+    for _ in range(start):  # the items the earlier run visited, drawn again from the same generator
+        if not order:
+            order = torch.randperm(items, generator=gen).tolist()
+        order.pop()
+    if adam is not None:
+        load_adam_state(opt, adam)
+    if start:
+        for g, lr in zip(opt.param_groups, base, strict=True):
+            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * start / steps))
+    last = time.monotonic()
+    bar = tqdm(range(start, steps), desc=label, leave=False, initial=start, total=steps,
+               disable=None if progress is None else not progress)
     for step in bar:
         if not order:
             order = torch.randperm(items, generator=gen).tolist()
@@ -140,5 +160,24 @@ def train_steps(groups: list[dict], steps: int, items: int, loss_of: Callable[[i
         opt.step()
         for g, lr in zip(opt.param_groups, base, strict=True):
             g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * (step + 1) / steps))
+        if on_checkpoint is not None and (step + 1 == steps or time.monotonic() - last >= checkpoint_seconds):
+            on_checkpoint(step + 1, adam_state(opt))
+            last = time.monotonic()
         if step % every == 0:
             bar.set_postfix({postfix: f"{loss.item():.4g}"})
+
+
+def adam_state(opt: torch.optim.Adam) -> dict[str, torch.Tensor]:
+    """Adam's moments and step counts as flat tensors ``adam.{i}.{name}``, ``i`` a parameter's position over the
+    optimizer's groups (what :func:`load_adam_state` takes back into an optimizer over the same parameters)."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    return {f"adam.{i}.{k}": v.detach() for i, p in enumerate(params) for k, v in opt.state.get(p, {}).items()
+            if isinstance(v, torch.Tensor)}
+
+
+def load_adam_state(opt: torch.optim.Adam, flat: dict[str, torch.Tensor]) -> None:
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for key, v in flat.items():
+        _, i, k = key.split(".", 2)
+        p = params[int(i)]
+        opt.state[p][k] = v.to(p.device) if k != "step" else v

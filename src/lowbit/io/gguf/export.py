@@ -156,7 +156,7 @@ def export_gguf(model: nn.Module | str | os.PathLike, tokenizer: Any, path: str 
                 stats: dict[str, LayerStats] | None = None, progress: bool | None = None, *,
                 calib: torch.Tensor | None = None, method: str | None = None, pure: bool = False,
                 batch_size: int = 8, name: str | None = None, threads: int | None = None,
-                options: dict[str, Any] | None = None) -> ExportReport:
+                options: dict[str, Any] | None = None, resume_dir: str | os.PathLike | None = None) -> ExportReport:
     """Write ``model`` as a GGUF file llama.cpp loads; returns a per-tensor report.
 
     ``model``: a transformers model (float, or quantized by lowbit: its GGML-typed layers are written
@@ -170,7 +170,8 @@ def export_gguf(model: nn.Module | str | os.PathLike, tokenizer: Any, path: str 
     weighted by E[x²] with calibration; ``gptq``, ``awq``, ``awq+gptq`` …; ``search`` is rtn's old name),
     default :data:`DEFAULT_CALIBRATED` when ``calib`` windows ``(N, T)`` are given, else rtn. ``stats``:
     per-layer statistics (module name -> LayerStats) instead of calibration. ``options``: the method's
-    options. ``threads``: torch threads while quantizing and encoding (restored after).
+    options. ``threads``: torch threads while quantizing and encoding (restored after). ``resume_dir``: checkpoint
+    the calibrated quantization there (:mod:`lowbit.model.resume`); the same call after a crash resumes it.
 
     >>> report = export_gguf(model, tok, "tiny-q4km.gguf", "Q4_K_M", calib=windows)
     >>> report.method, round(report.bpw, 2)
@@ -215,7 +216,8 @@ def export_gguf(model: nn.Module | str | os.PathLike, tokenizer: Any, path: str 
             qplan = _to_ggml_plan(plan) if plan is not None else mix_plan(work, mix, method_used, cfg,
                                                                           has_imatrix=imatrix, pure=pure)
             try:
-                qrep = quantize_model(work, qplan, calib, batch_size=batch_size, progress=progress, stats=stats)
+                qrep = quantize_model(work, qplan, calib, batch_size=batch_size, progress=progress, stats=stats,
+                                      resume_dir=resume_dir)
             except GGUFExportError:
                 raise
             except LowbitError as e:

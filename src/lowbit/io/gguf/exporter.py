@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from lowbit.io.gguf.export import DEFAULT_CALIBRATED, export_gguf
 from lowbit.io.gguf.export import ExportReport as GGUFReport
 from lowbit.io.gguf.mixes import ALIASES, MIXES, resolve_mix
 from lowbit.methods.registry import MethodConfig, method_spec, option_items
+from lowbit.model.resume import folder_beside
 
 
 @dataclass(frozen=True)
@@ -161,9 +163,12 @@ class GGUFExporter(Exporter):
             if quantized:
                 raise LowbitError("--budget plans a float model's types; this model is already quantized")
             alloc = self._allocate(qmodel, tokenizer, calib, options, progress)
+        resume = None if calib is None or quantized else folder_beside(out)  # a rerun resumes the calibration
         report = export_gguf(qmodel, tokenizer, out, gtype, calib=calib, method=options.method,
                              progress=progress, threads=options.threads, plan=None if alloc is None else alloc.plan,
-                             options=options.method_config() or None)
+                             options=options.method_config() or None, resume_dir=resume)
+        if resume is not None:
+            shutil.rmtree(resume, ignore_errors=True)  # the file is written: nothing left to resume
         check = None
         if options.check:  # llama.cpp in a child process: a crash there is a one-line error, the file stays written
             check = llamacpp.check(out, threads=options.threads or 1)
