@@ -50,8 +50,30 @@ def test_export_then_eval_a_vision_model(capsys, tmp_path, weights, images):
     assert code == 2 and "exists" in err
 
 
+def test_export_a_vision_model_with_qat(capsys, tmp_path, weights, images):
+    out = tmp_path / "q.onnx"
+    code, stdout, err = run(capsys, "export", "onnx", weights, "--arch", "mobilenet_v2", "--calib-images", images,
+                            "--image-size", 32, "--method", "qat", "--option", "steps=2", "--option", "batch=2",
+                            "--option", "val_images=2", "--option", "init=rtn", "-o", out)
+    assert code == 0, err
+    assert "53 layers int8 per channel (qat from rtn)" in stdout and out.is_file()
+    assert "qat: 2 steps on 5 images (53 layers, 65 activation scales), held-out KL" in stdout
+    code, stdout, err = run(capsys, "export", "onnx", weights, "--arch", "mobilenet_v2", "--calib-images", images,
+                            "--image-size", 32, "--method", "qat", "--option", "steps=1", "--option", "batch=2",
+                            "-o", out, "--force", "--json")
+    assert code == 0, err
+    r = json.loads(stdout)
+    assert r["method"] == "qat" and r["qat"]["steps"] == 1
+    assert r["qat"]["train_images"] == 5  # one of the 6 held out (at most a quarter)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--arch", "resnet9"], "--arch resnet9: unknown (known: mobilenet_v2)"),
+    (["--arch", "mobilenet_v2", "--calib-images", "IMG", "--method", "qat", "--option", "stepz=3"],
+     "qat: unknown option(s) stepz"),
+    (["--arch", "mobilenet_v2", "--calib-images", "IMG", "--method", "qat", "--option", "init=hqq"],
+     "option 'init' must be gptq or rtn"),
+    (["--arch", "mobilenet_v2", "--calib-images", "IMG", "--option", "steps=3"], "--option steps=3: a vision"),
     (["--arch", "mobilenet_v2"], "--calib-images"),
     (["--arch", "mobilenet_v2", "--calib-images", "NOPE"], "NOPE: no such image folder"),
     (["--arch", "mobilenet_v2", "--calib-images", "IMG", "--method", "hqq"], "--method hqq"),

@@ -64,8 +64,9 @@ def test_killed_export_gguf_with_qat_resumes_to_the_same_file(tmp_path, capsys, 
     args = ["export", "gguf", tiny_llama_dir, "--type", "Q4_0", "--method", "qat", "--method-options",
             "block_epochs=1,init=rtn,steps=4,val_windows=2,e2e_lr=3e-3", "--calib", calib, "--calib-windows", "8",
             "--window-len", "32"]
-    code, _, err = run(capsys, *args, "-o", tmp_path / "ref.gguf")
+    code, stdout, err = run(capsys, *args, "-o", tmp_path / "ref.gguf")
     assert code == 0, err
+    assert "qat end-to-end: held-out KL(top-k)" in stdout and "4 steps" in stdout  # what the step did, as quantize
     monkeypatch.setattr(E, "CHECKPOINT_SECONDS", 0.0)
     real = E.train_steps
     seen: list[int] = []

@@ -19,7 +19,7 @@ from lowbit.io.images import ImagePrep, image_files, load_images
 from lowbit.io.onnx.exporter import OnnxOptions
 from lowbit.threads import torch_threads
 
-STATIC_METHODS = ("gptq", "rtn")
+STATIC_METHODS = ("gptq", "rtn", "qat")
 
 
 def _prep(size: int) -> ImagePrep:
@@ -34,13 +34,20 @@ def _spaced(files: list[Path], n: int) -> list[Path]:
 
 def export_vision(args: argparse.Namespace, exporter: Exporter, options: OnnxOptions, out: Console,
                   check_out) -> dict[str, Any] | None:
+    from lowbit.methods.registry import option_items
     from lowbit.model.static import quantize_static
     from lowbit.model.vision import load_vision
+    from lowbit.qat.static import StaticQatOptions, center, train_static
 
     method = args.method or "gptq"
     if method not in STATIC_METHODS:
         raise LowbitError(f"--method {method}: a vision model's weights are quantized with "
-                          f"{' or '.join(STATIC_METHODS)}")
+                          f"{', '.join(STATIC_METHODS[:-1])} or {STATIC_METHODS[-1]}")
+    raw = option_items(list(args.option))
+    if raw and method != "qat":
+        raise LowbitError(f"--option {args.option[0]}: a vision model's {method} takes no options (qat does: "
+                          f"steps, lr, scale_lr, batch, val_images, min_crop, seed, init)")
+    qat = StaticQatOptions.parse(raw) if method == "qat" else None  # checked before anything is loaded
     observer = args.act_observer or "percentile"
     if observer == "entropy":
         raise LowbitError("--act-observer entropy: not offered for the asymmetric activation ranges of the "
@@ -50,17 +57,32 @@ def export_vision(args: argparse.Namespace, exporter: Exporter, options: OnnxOpt
     check_out(args.out, args.force, args.model)
     files = _spaced(image_files(options.calib_images), options.calib_count)  # the folder is checked before loading
     model = load_vision(args.model, options.arch)
-    calib = load_images(files, _prep(options.image_size))
-    qmodel, rep = quantize_static(model, calib, observer=observer, method=method, act_dtype=options.act_dtype,
-                                  keep=args.keep, progress=None if not args.json else False)
+    size = options.image_size
+    if qat is None:
+        calib = load_images(files, _prep(size))
+    else:  # the eval transform's resized square, which training's random crops are cut from
+        side = _prep(size).resize
+        canvas = load_images(files, ImagePrep(resize=side, crop=side))
+        calib = center(canvas, size)  # = the eval transform's center crops
+    progress = None if not args.json else False
+    qmodel, rep = quantize_static(model, calib, observer=observer, method=method if qat is None else qat.init,
+                                  act_dtype=options.act_dtype, keep=args.keep, progress=progress)
+    qrep = None
+    if qat is not None:
+        with torch_threads(getattr(args, "threads", None)):
+            qmodel, qrep = train_static(qmodel, model, canvas, qat, size=size, progress=progress)
     report = exporter.export(qmodel, args.out, None, options, force=args.force)
     float_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     if args.json:
         return report.to_dict() | {"calib_images": len(files), "observer": observer, "method": method,
-                                   "folded_bn": rep.folded_bn, "float_param_bytes": float_bytes}
-    out.print(f"{len(rep.layers)} layers int8 per channel ({method}), {len(rep.points)} activation points "
+                                   "folded_bn": rep.folded_bn, "float_param_bytes": float_bytes,
+                                   "qat": None if qrep is None else qrep.to_dict()}
+    start = method if qat is None else f"qat from {qat.init}"
+    out.print(f"{len(rep.layers)} layers int8 per channel ({start}), {len(rep.points)} activation points "
               f"{options.act_dtype} per tensor ({observer}, {len(files)} calibration images), "
               f"{rep.folded_bn} BatchNorms folded" + (f"; kept in float: {', '.join(rep.kept)}" if rep.kept else ""))
+    if qrep is not None:
+        out.print(qrep.summary(), markup=False)
     for w in report.warnings:
         out.print(f"[yellow]warning[/]: {w}")
     out.print(f"wrote {report.path} ({report.bytes_written / 1e6:.2f} MB; float parameters "

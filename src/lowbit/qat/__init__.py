@@ -25,25 +25,30 @@ from lowbit.methods.registry import LayerStats, method_spec
 from lowbit.model.plan import Plan
 from lowbit.model.quantize import _set_module
 from lowbit.qat.block import BlockTraining, BlockTrainOptions, train_block
-from lowbit.qat.modules import QATLinear
+from lowbit.qat.modules import QATConv2d, QATLinear
+from lowbit.qat.static import StaticQatOptions, convert_static, prepare_static, train_static
 
-__all__ = ["BlockTrainOptions", "BlockTraining", "QATLinear", "convert", "prepare", "train_block"]
+__all__ = ["BlockTrainOptions", "BlockTraining", "QATConv2d", "QATLinear", "StaticQatOptions", "convert",
+           "convert_static", "prepare", "prepare_static", "train_block", "train_static"]
 
 
 def prepare(model: nn.Module, plan: Plan | str | Scheme | None = None) -> nn.Module:
-    """``model`` (in place) with its linear layers as :class:`QATLinear`.
+    """``model`` (in place) with its linear layers as :class:`QATLinear` (a quantized model's convs as
+    :class:`QATConv2d`).
 
     A float model needs ``plan`` (or a scheme: every linear layer at it): each planned layer's grid starts at
     its method's data-free result (RTN, HQQ …) and its latent weight at the float weight. A quantized model
     (``QLinear`` layers, from any method) needs no plan: each layer starts exactly at its stored weight and
     grid, so ``convert(prepare(qmodel))`` is ``qmodel`` again. Layers with quantized activations stay as they are.
     """
-    from lowbit.model.qmodules import QLinear
+    from lowbit.model.qmodules import QConv2d, QLinear
 
-    quantized = [(n, m) for n, m in model.named_modules() if isinstance(m, QLinear) and m.act_scheme is None]
+    quantized = [(n, m) for n, m in model.named_modules()
+                 if (isinstance(m, QLinear) and m.act_scheme is None) or isinstance(m, QConv2d)]
     if quantized:
         for n, m in quantized:
-            _set_module(model, n, QATLinear(m.qweight, m.qweight.dequantize(torch.float32), m.bias))
+            _set_module(model, n, QATConv2d.from_qconv(m) if isinstance(m, QConv2d)
+                        else QATLinear(m.qweight, m.qweight.dequantize(torch.float32), m.bias))
         return model
     if plan is None:
         raise LowbitError("qat.prepare: a float model needs a plan or a scheme (e.g. 'int4-g64')")
@@ -66,9 +71,14 @@ def prepare(model: nn.Module, plan: Plan | str | Scheme | None = None) -> nn.Mod
 
 
 def convert(model: nn.Module) -> nn.Module:
-    """``model`` (in place) with every :class:`QATLinear` stored as the ``QLinear`` of its trained weight."""
+    """``model`` (in place) with every :class:`QATLinear` stored as the ``QLinear`` of its trained weight (a
+    :class:`QATConv2d` as its ``QConv2d``)."""
     from lowbit.model.qmodules import QLinear
 
     for n, m in [(n, m) for n, m in model.named_modules() if isinstance(m, QATLinear)]:
-        _set_module(model, n, QLinear(m.to_qtensor(), m.bias))
+        if isinstance(m, QATConv2d):
+            _set_module(model, n, m.to_qconv())
+        else:
+            with torch.no_grad():
+                _set_module(model, n, QLinear(m.to_qtensor(), m.current_bias()))
     return model

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from lowbit.core.qtensor import QTensor
 from lowbit.layouts import layout_of
+from lowbit.model.qmodules import QConv2d
 
 
 class QATLinear(nn.Module):
@@ -56,11 +57,15 @@ class QATLinear(nn.Module):
             if bool(off.any()):
                 self.weight[off] = stored[off]
         self.start_weight = self.weight.detach().clone()  # not a buffer: what training started from
+        # the bias the forward adds, from the bias parameter: None adds it as it is; the full-integer scheme puts
+        # it on its accumulator's grid (lowbit.qat.static), whose scale moves with the trained grids
+        self.bias_grid: Callable[[QATLinear], torch.Tensor] | None = None
 
     def grid_params(self) -> list[nn.Parameter]:
         return [p for n, p in self.named_parameters() if n.startswith("grid_")]
 
-    def _params(self) -> dict[str, torch.Tensor]:
+    def grid_values(self) -> dict[str, torch.Tensor]:
+        """The grid's parameters as they are now (trained), before rounding to their stored precision."""
         out = {}
         for k in self._grid:
             p0 = getattr(self, f"start_{k}")
@@ -74,24 +79,72 @@ class QATLinear(nn.Module):
         return out
 
     def fake_weight(self) -> torch.Tensor:
-        return self.layout.learned_fake(self.weight, self.template, self._params())
+        return self.layout.learned_fake(self.weight, self.template, self.grid_values())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def current_bias(self) -> torch.Tensor | None:
+        if self.bias is None or self.bias_grid is None:
+            return self.bias
+        return self.bias_grid(self)
+
+    def current_weight(self) -> torch.Tensor:
+        """The fake weight, (out, in), for this forward."""
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
             # the fake weight's intermediates (several weight-sized tensors per layer) are recomputed in the
             # backward pass instead of kept: end-to-end training holds every layer's at once otherwise
-            w = checkpoint(self.fake_weight, use_reentrant=False)
-        else:
-            w = self.fake_weight()
-        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+            return checkpoint(self.fake_weight, use_reentrant=False)
+        return self.fake_weight()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.current_bias()
+        return F.linear(x, self.current_weight().to(x.dtype), None if b is None else b.to(x.dtype))
 
     @torch.no_grad()
     def to_qtensor(self) -> QTensor:
         """The trained weight as its layout stores it."""
-        return self.layout.learned_qtensor(self.weight, self.template, self._params())
+        return self.layout.learned_qtensor(self.weight, self.template, self.grid_values())
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.template.scheme.name}"
+
+
+class QATConv2d(QATLinear):
+    """A :class:`~lowbit.model.qmodules.QConv2d` in training: its weight matrix (out, in / groups × kh × kw) is a
+    :class:`QATLinear`'s, fake-quantized on the same grid; the forward is the conv's.
+
+    >>> conv = QConv2d.from_float(torch.nn.Conv2d(4, 8, 3), lowbit.quantize_tensor(torch.randn(8, 36), "int8"))
+    >>> layer = QATConv2d.from_qconv(conv)
+    >>> x = torch.randn(1, 4, 6, 6)
+    >>> torch.equal(layer(x), conv(x)), type(layer.to_qconv()).__name__
+    (True, 'QConv2d')
+    """
+
+    def __init__(self, q: QTensor, weight: torch.Tensor, bias: torch.Tensor | None, *, kernel_size, stride, padding,
+                 dilation, groups: int):
+        super().__init__(q, weight, bias)
+        self.kernel_size, self.stride, self.padding = tuple(kernel_size), tuple(stride), padding
+        self.dilation, self.groups = tuple(dilation), groups
+        self.in_channels = q.shape[1] // (self.kernel_size[0] * self.kernel_size[1]) * groups
+
+    @classmethod
+    def from_qconv(cls, m: QConv2d) -> QATConv2d:
+        return cls(m.qweight, m.qweight.dequantize(torch.float32), m.bias, kernel_size=m.kernel_size,
+                   stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.current_weight().reshape(self.out_features, self.in_channels // self.groups, *self.kernel_size)
+        b = self.current_bias()
+        return F.conv2d(x, w.to(x.dtype), None if b is None else b.to(x.dtype), self.stride, self.padding,
+                        self.dilation, self.groups)
+
+    @torch.no_grad()
+    def to_qconv(self) -> QConv2d:
+        """The trained layer as the QConv2d every method produces."""
+        return QConv2d(self.to_qtensor(), self.kernel_size, None if self.bias is None else self.current_bias(),
+                       stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_features}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"groups={self.groups}, scheme={self.template.scheme.name}")
 
 
 @contextlib.contextmanager

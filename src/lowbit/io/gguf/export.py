@@ -82,6 +82,7 @@ class ExportReport:
     method: str = ""  # the quantization method used ("" when nothing was quantized here)
     tensors: list[TensorReport] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what whole-model steps of the quantization did (qat's e2e)
     seconds: float = 0.0
     file_bytes: int = 0
 
@@ -223,6 +224,7 @@ def export_gguf(model: nn.Module | str | os.PathLike, tokenizer: Any, path: str 
             except LowbitError as e:
                 raise GGUFExportError(str(e)) from None
             report.warnings += qrep.warnings
+            report.notes += qrep.notes
             if plan is not None:  # say where a grouped scheme became another format
                 orig = plan.resolve(model if isinstance(model, nn.Module) else work)
                 for r in qrep.layers:

@@ -194,6 +194,7 @@ class GGUFExporter(Exporter):
                    " (the default with calibration text: the best measured in bench/RESULTS.md)" if o.calib else
                    " (the block search; with --calib a calibrated method is the default)")
             lines.append(f"quantized with method {d.gguf.method}{why}")
+            lines += d.gguf.notes
         if d.allocation is not None:
             from lowbit.cli.budget import budget_line
 
