@@ -169,8 +169,10 @@ def quantize(model: nn.Module, tokenizer: Any = None, scheme: str = "int4-g128",
     Any other model (a CNN, any traceable module) with ``act="int8-static"``: the full-integer scheme of edge
     runtimes (see :mod:`lowbit.model.static`), calibrated on ``calib`` inputs: a tensor (N, C, H, W), an iterable of
     batches, or a callable that runs the model on them; ``observer`` picks the activation ranges (percentile, mse,
-    minmax), ``method`` the weight rounding (``gptq``, the default here, or ``rtn``); ``keep`` globs stay float.
-    The report is a :class:`~lowbit.model.static.StaticReport`.
+    minmax), ``method`` the weight rounding (``gptq``, the default here, or ``rtn``; ``qat``: GPTQ, then
+    quantization-aware training on crops of the calib images, options from ``config.options`` as
+    :class:`~lowbit.qat.static.StaticQatOptions`, resumable with ``resume_dir``); ``keep`` globs stay float.
+    The report is a :class:`~lowbit.model.static.StaticReport` (``.qat``: what training did).
 
     >>> qcnn, rep = lowbit.quantize(cnn, calib=images, scheme="int8", act="int8-static")
     >>> type(qcnn.get_submodule("features.0.0")).__name__, rep.folded_bn
@@ -186,6 +188,17 @@ def quantize(model: nn.Module, tokenizer: Any = None, scheme: str = "int4-g128",
             raise LowbitError("act='int8-static' needs calibration inputs (calib=images)")
         if inplace:
             raise LowbitError("inplace=True: a full-integer model is a new (traced) module; the source is kept")
+        if method == "qat":  # PTQ, then training against the float model on crops of the calibration images
+            from lowbit.qat.static import StaticQatOptions, train_static
+
+            if not isinstance(calib, torch.Tensor):
+                raise LowbitError("method='qat' on a full-integer model trains on calib images: a tensor (N, C, H, W)")
+            opts = StaticQatOptions.parse(dict(config.options) if config is not None else {})
+            qgm, rep = quantize_static(model, calib, observer=observer, method=opts.init, act_dtype=act_dtype,
+                                       keep=keep, batch_size=batch_size, progress=progress)
+            qgm, rep.qat = train_static(qgm, model, calib, opts, progress=progress, resume_dir=resume_dir)
+            rep.method = "qat"
+            return qgm, rep
         return quantize_static(model, calib, observer=observer, method=method or "gptq", act_dtype=act_dtype,
                                keep=keep, batch_size=batch_size, progress=progress)
     if act is None and (callable(calib) or (isinstance(calib, torch.Tensor) and calib.is_floating_point())):

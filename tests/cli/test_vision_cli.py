@@ -57,6 +57,7 @@ def test_export_a_vision_model_with_qat(capsys, tmp_path, weights, images):
                             "--option", "val_images=2", "--option", "init=rtn", "-o", out)
     assert code == 0, err
     assert "53 layers int8 per channel (qat from rtn)" in stdout and out.is_file()
+    assert not (tmp_path / ".q.onnx.resume").exists()  # the training checkpoints go once the file is written
     assert "qat: 2 steps on 5 images (53 layers, 65 activation scales), held-out KL" in stdout
     code, stdout, err = run(capsys, "export", "onnx", weights, "--arch", "mobilenet_v2", "--calib-images", images,
                             "--image-size", 32, "--method", "qat", "--option", "steps=1", "--option", "batch=2",

@@ -100,8 +100,13 @@ def test_training_lowers_the_kl_and_is_deterministic(tiny):
 
 def test_training_that_hurts_the_held_out_images_returns_the_start(tiny):
     m, qm, canvas = tiny
-    out, r = train_static(qm, m, canvas, StaticQatOptions(steps=6, batch=4, lr=3.0, scale_lr=3.0), size=12,
-                          progress=False)
+    m.train()
+    try:
+        out, r = train_static(qm, m, canvas, StaticQatOptions(steps=6, batch=4, lr=3.0, scale_lr=3.0), size=12,
+                              progress=False)
+        assert m.training  # the teacher ran in eval mode, and the caller's model is left as it was
+    finally:
+        m.eval()
     assert not r.kept and out is qm and "post-training model kept" in r.summary()
 
 
@@ -153,3 +158,57 @@ def test_the_trained_model_exports_to_onnx_and_runs_there(tiny, tmp_path):
         ours = out(x).numpy()
     step = float([mm for mm in out.modules() if isinstance(mm, ActQuant)][-1].scale)
     assert np.abs(got - ours).max() <= 1.01 * step  # DQ -> float op -> Q: lowbit's arithmetic
+
+
+def test_a_killed_run_resumes_to_the_same_bits(tiny, tmp_path, monkeypatch):
+    from lowbit.qat import static as S
+
+    m, qm, canvas = tiny
+    opts = StaticQatOptions(steps=8, batch=4, lr=1e-4, scale_lr=1e-2, val_images=4)
+    ref, rr = train_static(qm, m, canvas, opts, size=12, progress=False)
+    assert rr.kept  # the trained model, not the start
+    monkeypatch.setattr(S, "CHECKPOINT_SECONDS", 0.0)  # a checkpoint after every step
+    real = S.train_steps
+    calls = []
+
+    def killed(groups, steps, items, loss_of, **kw):
+        def counted(i):
+            calls.append(i)
+            if len(calls) == 6:
+                raise KeyboardInterrupt  # killed during step 6
+            return loss_of(i)
+        return real(groups, steps, items, counted, **kw)
+
+    monkeypatch.setattr(S, "train_steps", killed)
+    folder = tmp_path / "resume"
+    with pytest.raises(KeyboardInterrupt):
+        train_static(qm, m, canvas, opts, size=12, progress=False, resume_dir=folder)
+    assert (folder / "e2e.safetensors").exists()
+    calls.clear()
+    def counting(groups, steps, items, loss_of, **kw):
+        return real(groups, steps, items, lambda i: calls.append(i) or loss_of(i), **kw)
+
+    monkeypatch.setattr(S, "train_steps", counting)
+    out, r = train_static(qm, m, canvas, opts, size=12, progress=False, resume_dir=folder)
+    assert r.resumed_at == 5 and len(calls) == 3 and "resumed at step 5" in r.summary()  # only steps 6-8 trained
+    x = canvas[:, :, 1:13, 1:13]
+    with torch.no_grad():
+        assert torch.equal(out(x), ref(x))
+    (folder / "e2e.safetensors").write_bytes(b"\x00" * 16)  # damaged: a one-line error naming it
+    with pytest.raises(LowbitError, match="e2e.safetensors is unreadable"):
+        train_static(qm, m, canvas, opts, size=12, progress=False, resume_dir=folder)
+
+
+def test_lowbit_quantize_takes_method_qat_for_a_cnn(tiny):
+    from lowbit.methods.registry import MethodConfig
+
+    m, qm, canvas = tiny
+    x = canvas[:, :, 1:13, 1:13]
+    q, rep = lowbit.quantize(m, calib=x, scheme="int8", act="int8-static", method="qat", observer="minmax",
+                             config=MethodConfig(options={"steps": 3, "batch": 4, "val_images": 0}), progress=False)
+    assert rep.method == "qat" and rep.qat.steps == 3 and rep.qat.kept and rep.to_dict()["qat"]["steps"] == 3
+    assert any(isinstance(mm, QConv2d) for mm in q.modules()) and not any(isinstance(mm, QATLinear)
+                                                                         for mm in q.modules())
+    with pytest.raises(LowbitError, match="unknown option"):
+        lowbit.quantize(m, calib=x, scheme="int8", act="int8-static", method="qat",
+                        config=MethodConfig(options={"stepz": 3}))

@@ -5,6 +5,7 @@ and speed against the float model, in onnxruntime)."""
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from lowbit.errors import LowbitError
 from lowbit.io.exporters import Exporter, disk_bytes
 from lowbit.io.images import ImagePrep, image_files, load_images
 from lowbit.io.onnx.exporter import OnnxOptions
+from lowbit.model.resume import folder_beside
 from lowbit.threads import torch_threads
 
 STATIC_METHODS = ("gptq", "rtn", "qat")
@@ -67,11 +69,14 @@ def export_vision(args: argparse.Namespace, exporter: Exporter, options: OnnxOpt
     progress = None if not args.json else False
     qmodel, rep = quantize_static(model, calib, observer=observer, method=method if qat is None else qat.init,
                                   act_dtype=options.act_dtype, keep=args.keep, progress=progress)
-    qrep = None
-    if qat is not None:
+    qrep, resume = None, None
+    if qat is not None:  # a killed run's training state waits beside the output; a rerun continues from it
+        resume = folder_beside(args.out)
         with torch_threads(getattr(args, "threads", None)):
-            qmodel, qrep = train_static(qmodel, model, canvas, qat, size=size, progress=progress)
+            qmodel, qrep = train_static(qmodel, model, canvas, qat, size=size, progress=progress, resume_dir=resume)
     report = exporter.export(qmodel, args.out, None, options, force=args.force)
+    if resume is not None:
+        shutil.rmtree(resume, ignore_errors=True)  # the file is written: nothing left to resume
     float_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     if args.json:
         return report.to_dict() | {"calib_images": len(files), "observer": observer, "method": method,

@@ -120,6 +120,7 @@ class StaticReport:
     method: str = "gptq"
     act_dtype: str = "uint8"
     seconds: float = 0.0
+    qat: Any = None  # a lowbit.qat.static.StaticQatReport when the model was trained after quantizing
 
     @property
     def nbytes(self) -> int:

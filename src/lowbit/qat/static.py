@@ -23,7 +23,9 @@ the post-training model is returned.
 from __future__ import annotations
 
 import copy
+import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -40,6 +42,7 @@ from lowbit.primitives.quant import cast_ste, round_ste
 from lowbit.qat.modules import QATConv2d, QATLinear, train_steps
 
 INIT_METHODS = ("gptq", "rtn")
+CHECKPOINT_SECONDS = 300.0  # how often a resumable run saves its training state
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,7 @@ class StaticQatReport:
     layers: int = 0
     points: int = 0
     seconds: float = 0.0
+    resumed_at: int = 0  # the step a killed earlier run had checkpointed (0: trained from the start)
     note: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -97,7 +101,8 @@ class StaticQatReport:
         judged = (f"held-out KL {self.val_kl_start:.4f} -> {self.val_kl_end:.4f} ({self.val_images} images)"
                   if self.val_kl_start is not None else "no held-out images")
         verdict = "trained model kept" if self.kept else "post-training model kept (training raised it)"
-        return (f"qat: {self.steps} steps on {self.train_images} images ({self.layers} layers, {self.points} "
+        resumed = f" (resumed at step {self.resumed_at})" if self.resumed_at else ""
+        return (f"qat: {self.steps} steps{resumed} on {self.train_images} images ({self.layers} layers, {self.points} "
                 f"activation scales), {judged}: {verdict}; {self.seconds:.0f} s")
 
 
@@ -253,14 +258,34 @@ def _val_split(n: int, k: int) -> list[int]:
     return sorted({(i * n) // k + n // (2 * k) for i in range(k)})
 
 
+def _trained(gm: nn.Module) -> dict[str, torch.Tensor]:
+    return {f"param.{n}": p.detach() for n, p in gm.named_parameters() if p.requires_grad}
+
+
+def _restore(gm: nn.Module, saved: dict[str, torch.Tensor], where: str) -> None:
+    with torch.no_grad():
+        for n, p in gm.named_parameters():
+            if not p.requires_grad:
+                continue
+            v = saved.get(f"param.{n}")
+            if v is None or v.shape != p.shape:
+                raise LowbitError(f"resume: {where} lacks {n} (or holds another shape); delete it to start over")
+            p.copy_(v)
+
+
 def train_static(qgm: fx.GraphModule, teacher: nn.Module, canvas: torch.Tensor,
                  opts: StaticQatOptions = StaticQatOptions(), *, size: int | None = None,  # noqa: B008
-                 progress: bool | None = None) -> tuple[fx.GraphModule, StaticQatReport]:
+                 progress: bool | None = None, resume_dir: str | os.PathLike | None = None
+                 ) -> tuple[fx.GraphModule, StaticQatReport]:
     """``qgm`` (a :func:`quantize_static` model; not changed) trained against the float ``teacher``.
 
     ``canvas``: the calibration images (N, 3, H, W), at least ``size`` (default: H) on each side, which random
     crops are cut from; ``opts.val_images`` of them (evenly spaced) are held out and judge the result on their
-    center crops. Returns the model in ``quantize_static``'s form and a :class:`StaticQatReport`."""
+    center crops. Returns the model in ``quantize_static``'s form and a :class:`StaticQatReport`.
+
+    ``resume_dir``: the training state (trained tensors, Adam's moments, the step) is saved there every
+    :data:`CHECKPOINT_SECONDS` and after the last step, and a rerun of the same job (same model, images and
+    options) continues from it to the same bits; the caller removes the folder once the model is written."""
     t0 = time.perf_counter()
     size = size or canvas.shape[-1]
     center(canvas, size)  # the size check, before any work
@@ -269,7 +294,17 @@ def train_static(qgm: fx.GraphModule, teacher: nn.Module, canvas: torch.Tensor,
     report = StaticQatReport(steps=opts.steps, train_images=len(train_idx), val_images=len(val_idx))
     if opts.steps == 0:
         return qgm, report
-    teacher = teacher.eval()
+    was_training = teacher.training
+    teacher.eval()
+    try:
+        return _train(qgm, teacher, canvas, opts, size, progress, resume_dir, report, val_idx, train_idx, t0)
+    finally:
+        teacher.train(was_training)  # the caller's model as it was
+
+
+def _train(qgm: fx.GraphModule, teacher: nn.Module, canvas: torch.Tensor, opts: StaticQatOptions, size: int,
+           progress: bool | None, resume_dir: str | os.PathLike | None, report: StaticQatReport, val_idx: list[int],
+           train_idx: list[int], t0: float) -> tuple[fx.GraphModule, StaticQatReport]:
     gm = prepare_static(qgm).eval()  # eval: no dropout; BatchNorm was folded into the convs
     layers = [m for m in gm.modules() if isinstance(m, QATLinear)]
     acts = [m for m in gm.modules() if isinstance(m, LearnedActQuant)]
@@ -290,8 +325,25 @@ def train_static(qgm: fx.GraphModule, teacher: nn.Module, canvas: torch.Tensor,
 
     weights = [m.weight for m in layers] + [m.bias for m in layers if m.bias is not None]
     scales = [p for m in layers for p in m.grid_params()] + [m.grid_s for m in acts]
+    start, adam, save = 0, None, None
+    if resume_dir is not None:
+        from lowbit.model.resume import BlockCheckpoints, fingerprint
+
+        ck = BlockCheckpoints(resume_dir, fingerprint(qgm, json.dumps(asdict(opts), sort_keys=True), canvas,
+                                                      {"job": "qat.static", "size": size}))
+        done = ck.e2e()
+        if done is not None:
+            start, saved = done
+            _restore(gm, saved, str(ck.folder / "e2e.safetensors"))
+            adam = {k: v for k, v in saved.items() if k.startswith("adam.")}
+            report.resumed_at = start
+
+        def save(step: int, adam_state: dict[str, torch.Tensor]) -> None:
+            ck.save_e2e(step, {**_trained(gm), **adam_state})
+
     train_steps([{"params": weights, "lr": opts.lr}, {"params": scales, "lr": opts.scale_lr}], opts.steps,
-                opts.steps, loss_of, seed=opts.seed, label="qat", progress=progress, postfix="KL")
+                opts.steps, loss_of, seed=opts.seed, label="qat", progress=progress, postfix="KL",
+                start=min(start, opts.steps), adam=adam, on_checkpoint=save, checkpoint_seconds=CHECKPOINT_SECONDS)
     out = convert_static(gm)
     if val_x is not None:
         with torch.no_grad():
